@@ -1,0 +1,304 @@
+"""The official ViT Masked Autoencoder, in Flax linen.
+
+Module and parameter names mirror the official PyTorch keys (`blocks_3/attn/qkv/kernel`
+for `blocks.3.attn.qkv.weight`), so importing a checkpoint is a rename table plus
+transposes (see `maeday_jax.checkpoints`).
+
+Parameters are always float32; `dtype` only sets the compute precision (bfloat16 on
+accelerators). LayerNorm statistics, the softmax and the outputs stay float32.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maeday_jax.models import masking, patches, pos_embed
+
+Dtype = Any
+
+# Official initialisers: xavier-uniform Linear weights with zero bias, N(0, 0.02) tokens.
+_dense_init = nn.initializers.xavier_uniform()
+_token_init = nn.initializers.normal(stddev=0.02)
+
+
+# LayerNorm (eps 1e-6, official) computes its statistics in float32 whatever the compute
+# dtype; callers cast the result back to their compute dtype.
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=jnp.float32)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection (official layout).
+
+  Attributes:
+    num_heads: number of heads; the width must be divisible by it.
+    dtype: compute dtype.
+  """
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, tokens, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"Width {width} is not divisible by num_heads={self.num_heads}.")
+    head_dim = width // self.num_heads
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_dense_init)
+    qkv = dense(3 * width, name="qkv")(x)
+    # The official reshape is (B, N, 3, heads, head_dim): q, k, v are contiguous thirds.
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)
+    return dense(width, name="proj")(out.reshape(batch, tokens, width))
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP with exact (erf) GELU."""
+
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_dense_init)
+    width = x.shape[-1]
+    x = nn.gelu(dense(self.hidden_dim, name="fc1")(x), approximate=False)
+    return dense(width, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block (timm `Block` without layer scale or drop-path)."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    y = LayerNorm(name="norm1")(x).astype(self.dtype)
+    x = x + Attention(self.num_heads, self.dtype, name="attn")(y)
+    y = LayerNorm(name="norm2")(x).astype(self.dtype)
+    return x + Mlp(int(width * self.mlp_ratio), self.dtype, name="mlp")(y)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches -> tokens, through one strided convolution."""
+
+  patch_size: int
+  embed_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p = self.patch_size
+    # The official code initialises the conv like a Linear layer (xavier on the flat view).
+    x = nn.Conv(
+      self.embed_dim,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1),
+      name="proj",
+    )(images)
+    batch, h, w, width = x.shape
+    return x.reshape(batch, h * w, width)
+
+
+def _fixed_pos_embed(width: int, grid: int):
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.asarray(pos_embed.sincos_2d(width, grid)[None], dtype).reshape(shape)
+
+  return init
+
+
+class MaskedAutoencoder(nn.Module):
+  """ViT-MAE: encoder on the visible patches + cls token, light decoder on all patches.
+
+  `model.apply({"params": params}, images, noise=noise)` returns the decoder output
+  (B, L, p*p*3) for every patch, masked and visible alike, equal to the official
+  `forward_decoder`. Give either `noise` (B, L) or `key`; with neither, the `masking`
+  RNG stream is used.
+
+  Attributes:
+    img_size: input height and width in pixels.
+    patch_size: patch side p.
+    embed_dim, depth, num_heads: encoder width, number of blocks, attention heads.
+    decoder_embed_dim, decoder_depth, decoder_num_heads: the same for the decoder.
+    mlp_ratio: MLP hidden width / model width.
+    in_chans: input channels (3).
+    mask_ratio: default fraction of patches removed.
+    dtype: compute dtype (parameters stay float32).
+  """
+
+  img_size: int = 224
+  patch_size: int = 16
+  embed_dim: int = 1024
+  depth: int = 24
+  num_heads: int = 16
+  decoder_embed_dim: int = 512
+  decoder_depth: int = 8
+  decoder_num_heads: int = 16
+  mlp_ratio: float = 4.0
+  in_chans: int = 3
+  mask_ratio: float = 0.75
+  dtype: Dtype = jnp.float32
+
+  @property
+  def grid_size(self) -> int:
+    return self.img_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size**2 * self.in_chans
+
+  def setup(self):
+    if self.img_size % self.patch_size:
+      raise ValueError(
+        f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}."
+      )
+    grid, length = self.grid_size, self.num_patches + 1
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_dense_init)
+    self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
+    self.cls_token = self.param("cls_token", _token_init, (1, 1, self.embed_dim))
+    self.pos_embed = self.param(
+      "pos_embed", _fixed_pos_embed(self.embed_dim, grid), (1, length, self.embed_dim)
+    )
+    self.blocks = [
+      Block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")
+      for i in range(self.depth)
+    ]
+    self.norm = LayerNorm()
+    self.decoder_embed = dense(self.decoder_embed_dim)
+    self.mask_token = self.param("mask_token", _token_init, (1, 1, self.decoder_embed_dim))
+    self.decoder_pos_embed = self.param(
+      "decoder_pos_embed",
+      _fixed_pos_embed(self.decoder_embed_dim, grid),
+      (1, length, self.decoder_embed_dim),
+    )
+    self.decoder_blocks = [
+      Block(self.decoder_num_heads, self.mlp_ratio, self.dtype, name=f"decoder_blocks_{i}")
+      for i in range(self.decoder_depth)
+    ]
+    self.decoder_norm = LayerNorm()
+    self.decoder_pred = dense(self.patch_dim)
+
+  def encode(self, images: jax.Array, ids_keep: jax.Array) -> jax.Array:
+    """Encodes the visible patches: (B, H, W, C), (B, K) -> (B, 1 + K, D)."""
+    # Position tables are fixed in MAE: never let an optimiser move them.
+    pos = jax.lax.stop_gradient(self.pos_embed).astype(self.dtype)
+    x = self.patch_embed(images.astype(self.dtype)) + pos[:, 1:]
+    x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+    cls = jnp.broadcast_to(
+      self.cls_token.astype(self.dtype) + pos[:, :1], (x.shape[0], 1, x.shape[-1])
+    )
+    x = jnp.concatenate([cls, x], axis=1)
+    for block in self.blocks:
+      x = block(x)
+    return self.norm(x).astype(self.dtype)
+
+  def decode(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    """Predicts every patch from the latent tokens: (B, 1 + K, D) -> (B, L, p*p*C)."""
+    x = self.decoder_embed(latent)
+    batch, visible, width = x.shape
+    num_masked = ids_restore.shape[1] + 1 - visible
+    mask_tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype), (batch, num_masked, width))
+    shuffled = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
+    unshuffled = jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
+    x = jnp.concatenate([x[:, :1], unshuffled], axis=1)
+    x = x + jax.lax.stop_gradient(self.decoder_pos_embed).astype(self.dtype)
+    for block in self.decoder_blocks:
+      x = block(x)
+    x = self.decoder_pred(self.decoder_norm(x).astype(self.dtype))
+    return x[:, 1:].astype(jnp.float32)
+
+  def __call__(
+    self,
+    images: jax.Array,
+    noise: jax.Array | None = None,
+    key: jax.Array | None = None,
+    mask_ratio: float | None = None,
+  ) -> jax.Array:
+    """Reconstructs (B, H, W, C) normalised images; returns (B, L, p*p*C) predictions."""
+    ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+    if noise is None:
+      if key is None:
+        key = self.make_rng("masking")
+      noise = masking.random_noise(key, images.shape[:1], self.num_patches)
+    if noise.shape != (images.shape[0], self.num_patches):
+      raise ValueError(
+        f"noise must have shape (batch, num_patches) = ({images.shape[0]}, "
+        f"{self.num_patches}), got {noise.shape}."
+      )
+    m = masking.from_noise(noise, ratio)
+    return self.decode(self.encode(images, m.ids_keep), m.ids_restore)
+
+  # Conveniences shared by scoring and training code.
+  def patchify(self, images: jax.Array) -> jax.Array:
+    return patches.patchify(images, self.patch_size)
+
+  def unpatchify(self, pred: jax.Array) -> jax.Array:
+    return patches.unpatchify(pred, self.patch_size, self.in_chans)
+
+
+# Official architectures (spec: base 16/768/12/12, large 16/1024/24/16, huge 14/1280/32/16;
+# every decoder 512/8/16), and small ones for tests and CPU experiments.
+VARIANTS: dict[str, dict[str, int]] = {
+  "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+  "large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+  "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+  # ~6M parameters at 224 px: fast enough to train and score on a laptop CPU.
+  "small": dict(
+    patch_size=16,
+    embed_dim=256,
+    depth=6,
+    num_heads=4,
+    decoder_embed_dim=128,
+    decoder_depth=2,
+    decoder_num_heads=4,
+  ),
+  # Tiny models for unit tests: compile and run in about a second on a CPU.
+  "test": dict(
+    img_size=32,
+    patch_size=8,
+    embed_dim=64,
+    depth=2,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+  ),
+}
+
+
+def create(variant: str = "large", **overrides) -> MaskedAutoencoder:
+  """Builds a model of a named variant, e.g. `create("base", dtype=jnp.bfloat16)`."""
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown MAE variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+  return MaskedAutoencoder(**{**VARIANTS[variant], **overrides})
+
+
+def init_params(model: MaskedAutoencoder, key: jax.Array) -> dict:
+  """Random (official-style) initial parameters for `model`."""
+  images = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
+  noise = jnp.zeros((1, model.num_patches), jnp.float32)
+  return model.init(key, images, noise=noise)["params"]
+
+
+def param_shapes(model: MaskedAutoencoder) -> dict:
+  """The parameter tree of `model` as `jax.ShapeDtypeStruct`s, without allocating."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+
+def num_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

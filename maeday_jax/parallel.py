@@ -1,0 +1,58 @@
+"""Data parallelism over every device of every host with one 1-D `Mesh`.
+
+Each process feeds its own slice of the global batch; `jax.jit` with `NamedSharding`
+splits it over the local devices and replicates parameters. Results come back to each
+process for its own examples only.
+"""
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data axis, other axes whole."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """This process's share of the global batch; checks it divides over the devices."""
+  devices = mesh.devices.size
+  if global_batch_size % devices:
+    raise ValueError(
+      f"batch_size={global_batch_size} must be a multiple of the number of devices "
+      f"({devices}); set --config.batch_size to a multiple of {devices}."
+    )
+  return global_batch_size // jax.process_count()
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a parameter tree on every device of `mesh`."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(tree, mesh: Mesh):
+  """Assembles global arrays from each process's local batch (leading axis)."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+
+
+def to_local_numpy(tree, mesh: Mesh):
+  """The rows of batch-sharded global arrays that belong to this process, as NumPy."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  local = multihost_utils.global_array_to_host_local_array(tree, mesh, PartitionSpec(DATA_AXIS))
+  return jax.tree.map(np.asarray, local)
