@@ -1,0 +1,209 @@
+"""Reports: per-category evaluation, group means, seeds, JSON / Markdown / CSV files."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from maeday_jax import metrics, paper_numbers, reports, thresholds
+
+
+def _result(category, rng, n=12, size=16, seed=None, anomalous=True):
+  labels = (np.arange(n) < n // 2).astype(int) if anomalous else np.zeros(n, dtype=int)
+  masks = np.zeros((n, size, size), dtype=bool)
+  masks[labels == 1, 4:9, 5:10] = True
+  maps = rng.normal(size=masks.shape) + masks
+  return reports.CategoryResult(
+    category=category,
+    file_names=[f"{category}/test/{i:03d}.png" for i in range(n)],
+    labels=labels,
+    scores=maps.max(axis=(1, 2)),
+    maps=maps,
+    masks=masks,
+    seed=seed,
+  )
+
+
+def _mvtec_per_category(rng, categories=paper_numbers.MVTEC_CATEGORIES):
+  return {c: reports.evaluate_category(_result(c, rng)) for c in categories}
+
+
+def test_evaluate_category_matches_metrics():
+  result = _result("bottle", np.random.default_rng(0))
+  out = reports.evaluate_category(result)
+  assert out["image_auroc"] == metrics.image_auroc(result.scores, result.labels)
+  assert out["image_ap"] == metrics.image_ap(result.scores, result.labels)
+  assert out["image_f1_max"] == metrics.f1_max(result.scores, result.labels)
+  assert out["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(result.maps, result.masks))
+  assert out["pixel_ap"] == pytest.approx(metrics.pixel_ap(result.maps, result.masks))
+  assert out["pixel_f1_max"] == pytest.approx(metrics.pixel_f1_max(result.maps, result.masks))
+  assert out["aupro"] == pytest.approx(metrics.aupro(result.maps, result.masks))
+  assert (out["num_images"], out["num_normal"], out["num_anomalous"]) == (12, 6, 6)
+  assert out["notes"] == {}
+
+
+def test_accumulator_input_equals_arrays():
+  result = _result("bottle", np.random.default_rng(1))
+  accumulator = metrics.PixelMetricAccumulator()
+  for i in range(0, 12, 5):
+    accumulator.add(result.maps[i : i + 5], result.masks[i : i + 5])
+  streamed = reports.CategoryResult(
+    "bottle", result.file_names, result.labels, result.scores, pixels=accumulator
+  )
+  assert reports.evaluate_category(streamed)["aupro"] == pytest.approx(
+    reports.evaluate_category(result)["aupro"], abs=1e-12
+  )
+
+
+def test_undefined_metrics_are_none_with_reasons():
+  out = reports.evaluate_category(_result("bottle", np.random.default_rng(2), anomalous=False))
+  assert all(out[name] is None for name in metrics.METRIC_NAMES)
+  assert "no anomalous images" in out["notes"]["image_auroc"]
+  assert "no ground-truth anomaly region" in out["notes"]["aupro"]
+
+
+def test_missing_masks_and_disabled_pixels():
+  result = _result("bottle", np.random.default_rng(3))
+  result.masks = None
+  out = reports.evaluate_category(result)
+  assert out["image_auroc"] is not None and out["pixel_auroc"] is None
+  assert "no ground-truth masks" in out["notes"]["pixel_auroc"]
+  out = reports.evaluate_category(_result("bottle", np.random.default_rng(3)), pixel=False)
+  assert out["aupro"] is None and "not requested" in out["notes"]["aupro"]
+
+
+def test_mismatched_lengths_raise():
+  with pytest.raises(ValueError, match="same N"):
+    reports.CategoryResult("bottle", ["a.png"], np.array([0, 1]), np.array([0.1, 0.2]))
+
+
+def test_summarize_mvtec_groups_and_undefined_categories():
+  per_category = _mvtec_per_category(np.random.default_rng(4))
+  per_category["screw"] = dict(per_category["screw"], image_auroc=None)
+  summary = reports.summarize(per_category, "MVTec-AD")
+  assert summary["dataset"] == "mvtec_ad"
+  assert list(summary["groups"]) == ["objects", "textures", "all"]
+  assert list(summary["per_category"]) == list(paper_numbers.MVTEC_CATEGORIES)
+  textures = [per_category[c]["pixel_auroc"] for c in paper_numbers.MVTEC_TEXTURES]
+  assert summary["groups"]["textures"]["mean"]["pixel_auroc"] == pytest.approx(np.mean(textures))
+  objects = [per_category[c]["image_auroc"] for c in paper_numbers.MVTEC_OBJECTS if c != "screw"]
+  assert summary["groups"]["objects"]["mean"]["image_auroc"] == pytest.approx(np.mean(objects))
+  assert "9 of 10" in summary["groups"]["objects"]["notes"]["image_auroc"]
+  assert "screw" in summary["groups"]["all"]["notes"]["image_auroc"]
+
+
+def test_summarize_other_datasets():
+  rng = np.random.default_rng(5)
+  visa = reports.summarize(
+    {c: reports.evaluate_category(_result(c, rng)) for c in ("pcb1", "candle", "cashew")}, "visa"
+  )
+  assert list(visa["groups"]) == [
+    "complex_structure",
+    "multiple_instances",
+    "single_instance",
+    "all",
+  ]
+  own = reports.summarize({"tiles": reports.evaluate_category(_result("tiles", rng))}, "folder")
+  assert list(own["groups"]) == ["all"]
+
+
+def test_summarize_seeds_mean_std():
+  rng = np.random.default_rng(6)
+  runs = [
+    reports.summarize(_mvtec_per_category(rng, ("bottle", "grid")), "mvtec_ad", seed=s)
+    for s in range(3)
+  ]
+  combined = reports.summarize_seeds(runs)
+  values = [r["per_category"]["bottle"]["image_auroc"] for r in runs]
+  cell = combined["per_category"]["bottle"]["image_auroc"]
+  assert cell["mean"] == pytest.approx(np.mean(values))
+  assert cell["std"] == pytest.approx(np.std(values))
+  assert cell["values"] == values and combined["seeds"] == [0, 1, 2]
+  group_values = [r["groups"]["all"]["mean"]["aupro"] for r in runs]
+  assert combined["groups"]["all"]["mean"]["aupro"]["mean"] == pytest.approx(np.mean(group_values))
+  assert len(combined["runs"]) == 3
+
+
+def test_metrics_json_is_strict_with_nulls(tmp_path):
+  per_category = _mvtec_per_category(np.random.default_rng(7), ("bottle", "carpet"))
+  per_category["carpet"] = reports.evaluate_category(
+    _result("carpet", np.random.default_rng(7), anomalous=False)
+  )
+  per_category["bottle"]["extra"] = np.float32(np.nan)  # anything non-finite becomes null
+  path = reports.write_metrics_json(
+    tmp_path / "out" / "metrics.json", reports.summarize(per_category, "mvtec_ad")
+  )
+  loaded = json.loads(path.read_text())  # json.loads would accept NaN; the writer refuses it
+  assert "NaN" not in path.read_text()
+  assert loaded["per_category"]["carpet"]["image_auroc"] is None
+  assert "no anomalous" in loaded["per_category"]["carpet"]["notes"]["image_auroc"]
+  assert loaded["per_category"]["bottle"]["extra"] is None
+  assert loaded["groups"]["all"]["mean"]["image_auroc"] == pytest.approx(
+    per_category["bottle"]["image_auroc"]
+  )
+
+
+def test_markdown_table_with_paper_numbers(tmp_path):
+  summary = reports.summarize(_mvtec_per_category(np.random.default_rng(8)), "mvtec_ad")
+  text = reports.write_markdown_table(tmp_path / "table.md", summary, "mvtec_ad").read_text()
+  assert "Image AUROC (paper)" in text and "Pixel AUROC (paper)" in text
+  bottle = next(line for line in text.splitlines() if line.startswith("| bottle"))
+  assert "74.3" in bottle
+  all_row = next(line for line in text.splitlines() if "mean (all)" in line)
+  assert "74.5" in all_row and "69.4" in all_row
+  assert "MAEDAY 0-shot" in text
+  few = reports.markdown_table(summary, "mvtec_ad", setting="few_shot", shots=4)
+  assert "76.0" in few and "4 shots" in few
+  ensemble = reports.markdown_table(summary, "mvtec_ad", "few_shot", "maeday_patchcore_ensemble")
+  assert "85.3" in ensemble
+  with pytest.raises(ValueError, match="setting"):
+    reports.markdown_table(summary, "mvtec_ad", setting="one_shot")
+
+
+def test_markdown_table_other_dataset_and_seeds():
+  rng = np.random.default_rng(9)
+  runs = [
+    reports.summarize({"pcb1": reports.evaluate_category(_result("pcb1", rng))}, "visa")
+    for _ in range(3)
+  ]
+  text = reports.markdown_table(reports.summarize_seeds(runs), "visa", setting="few_shot")
+  assert "paper" not in text and "±" in text and "over 3 seeds" in text
+
+
+def test_format_summary_table():
+  summary = reports.summarize(_mvtec_per_category(np.random.default_rng(10), ("bottle",)), "mvtec")
+  text = reports.format_summary_table(summary)
+  assert "bottle" in text and "mean (all, 1 of 15)" in text and "AUPRO@0.3" in text
+  value = summary["per_category"]["bottle"]["image_auroc"]
+  assert f"{100 * value:.1f}" in text
+
+
+def test_scores_csv(tmp_path):
+  rng = np.random.default_rng(11)
+  results = [_result("bottle", rng, n=4), _result("grid", rng, n=4)]
+  path = reports.write_scores_csv(tmp_path / "scores.csv", results)
+  rows = list(csv.DictReader(path.open()))
+  assert list(rows[0]) == ["file", "category", "label", "score"]
+  assert len(rows) == 8 and rows[0]["file"] == "bottle/test/000.png"
+  assert float(rows[5]["score"]) == results[1].scores[1]
+
+  per_category = {"bottle": thresholds.fixed_threshold(results[0].scores[2])}
+  path = reports.write_scores_csv(tmp_path / "thr.csv", results, threshold=per_category)
+  rows = list(csv.DictReader(path.open()))
+  expected = (results[0].scores >= results[0].scores[2]).astype(int)
+  assert [int(r["predicted_label"]) for r in rows[:4]] == expected.tolist()
+  assert all(r["predicted_label"] == "" for r in rows[4:])  # no threshold for grid
+
+  results[0].seed = 2
+  rows = list(csv.DictReader(reports.write_scores_csv(tmp_path / "s.csv", results, 0.0).open()))
+  assert rows[0]["seed"] == "2" and rows[0]["predicted_label"] in ("0", "1")
+
+
+def test_paper_numbers_are_consistent():
+  row = paper_numbers.SUMMARY_ROWS["maeday_zero_shot"]
+  per = paper_numbers.ZERO_SHOT_IMAGE_AUROC
+  assert set(per) == set(paper_numbers.MVTEC_CATEGORIES)
+  assert np.mean([per[c] for c in paper_numbers.MVTEC_OBJECTS]) == pytest.approx(67.3, abs=0.05)
+  assert np.mean([per[c] for c in paper_numbers.MVTEC_TEXTURES]) == pytest.approx(88.9, abs=0.05)
+  assert np.mean(list(per.values())) == pytest.approx(row.image_auroc, abs=0.05)
