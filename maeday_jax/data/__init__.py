@@ -1,0 +1,57 @@
+"""The data layer: tfds builders (no TensorFlow), prepared splits, batches, few-shot choice.
+
+Typical use:
+
+  categories = data.resolve_categories(config.data)
+  test = data.load_split(config.data, categories[0], "test")
+  for batch in data.batches(test, batch_size=8, image_size=224):
+    ...  # batch["image"], batch["valid"], ...
+  train = data.load_split(config.data, categories[0], "train")
+  shots = data.select_shots(train, k=1, seed=0)
+"""
+
+from maeday_jax.data.config import get_data_config
+from maeday_jax.data.errors import DataError, DownloadError
+from maeday_jax.data.images import decode_image, decode_mask, read_image, read_mask
+from maeday_jax.data.pipeline import batches, batches_per_shard, load_example, shard_bounds
+from maeday_jax.data.prepare import DATASETS, data_dir, prepare, resolve_categories
+from maeday_jax.data.preprocess import (
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  denormalize,
+  normalize,
+  preprocess_image,
+  resize_image,
+  resize_mask,
+)
+from maeday_jax.data.shots import select_shots
+from maeday_jax.data.split import Split, load_split, skipped_summary
+
+__all__ = [
+  "DATASETS",
+  "IMAGENET_MEAN",
+  "IMAGENET_STD",
+  "DataError",
+  "DownloadError",
+  "Split",
+  "batches",
+  "batches_per_shard",
+  "data_dir",
+  "decode_image",
+  "decode_mask",
+  "denormalize",
+  "get_data_config",
+  "load_example",
+  "load_split",
+  "normalize",
+  "prepare",
+  "preprocess_image",
+  "read_image",
+  "read_mask",
+  "resize_image",
+  "resize_mask",
+  "resolve_categories",
+  "select_shots",
+  "shard_bounds",
+  "skipped_summary",
+]

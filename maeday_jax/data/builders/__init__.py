@@ -1,0 +1,9 @@
+"""tfds builders of the project's datasets (array_record, no TensorFlow needed)."""
+
+from maeday_jax.data.builders.base import ImageBuilder
+from maeday_jax.data.builders.folder import Folder
+from maeday_jax.data.builders.magnetic_tile import MagneticTile
+from maeday_jax.data.builders.mvtec_ad import MvtecAd
+from maeday_jax.data.builders.visa import Visa
+
+__all__ = ["Folder", "ImageBuilder", "MagneticTile", "MvtecAd", "Visa"]

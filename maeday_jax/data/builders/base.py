@@ -1,0 +1,242 @@
+"""What every builder shares: the features, the example records and the skip report.
+
+Images are stored as their original encoded file bytes (decoded with Pillow when read),
+masks as a PNG of the binarised mask, or empty bytes for an all-zero mask. No tfds
+feature that needs TensorFlow to encode or decode is used, so building and reading work
+with TensorFlow absent.
+
+A subclass lists what to store (`_plan`); the base decodes every image and mask once to
+validate it, skips what is unreadable or inconsistent, logs each skipped file by path with
+the reason, and keeps the list in the dataset's metadata (`metadata.json` beside the
+array_record files) so it is still known when the prepared data is reused. The
+metadata also lists the file names in record order.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import inspect
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from maeday_jax.data import images
+from maeday_jax.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+GOOD = "good"
+# File name suffixes tried as images; anything else in an image folder is reported.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One file to store, as a builder's `_plan` lists it.
+
+  Attributes:
+    file_name: the relative path that identifies the example, unique within its split.
+    image_path: the image file.
+    mask_path: its mask file, None when there is none (the mask is then all zero).
+    label: 0 good, 1 anomalous, -1 unknown; None derives it from the mask (1 when the
+      mask has a non-zero pixel, else 0).
+    defect_type: None derives 'good' / 'anomaly' / 'unknown' from the label.
+    error: a reason to skip the file, found while listing (e.g. a missing mask).
+  """
+
+  file_name: str
+  image_path: pathlib.Path
+  mask_path: pathlib.Path | None = None
+  label: int | None = 0
+  defect_type: str | None = None
+  error: str | None = None
+
+
+def features() -> tfds.features.FeaturesDict:
+  """The features of every dataset of this project."""
+  return tfds.features.FeaturesDict(
+    {
+      "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # encoded file bytes
+      "mask": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG {0,1} or b""
+      "label": tfds.features.Scalar(dtype=np.int64),
+      "defect_type": tfds.features.Text(),
+      "file_name": tfds.features.Text(),
+    }
+  )
+
+
+def _defect_type_of(label: int) -> str:
+  return {0: GOOD, 1: "anomaly"}.get(label, "unknown")
+
+
+def make_example(item: Item) -> dict:
+  """Reads and validates an item's files; returns the record to store.
+
+  Raises:
+    DataError: naming the file and the reason when the image or mask cannot be used.
+  """
+  if item.error:
+    raise DataError.for_file(item.image_path, item.error)
+  try:
+    data = item.image_path.read_bytes()
+  except OSError as e:
+    raise DataError.for_file(item.image_path, f"cannot read file ({e.strerror or e})") from None
+  image = images.decode_image(data, str(item.image_path))
+  mask = None
+  if item.mask_path is not None:
+    mask = images.read_mask(item.mask_path, expected_hw=image.shape[:2])
+  label = item.label
+  if label is None:
+    label = int(mask is not None and bool(mask.any()))
+  return {
+    "image": data,
+    "mask": images.encode_png(mask) if mask is not None and mask.any() else b"",
+    "label": label,
+    "defect_type": item.defect_type or _defect_type_of(label),
+    "file_name": item.file_name,
+  }
+
+
+def list_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """Files under `directory` (recursively), sorted, hidden files and folders left out."""
+  found = []
+  for parent, dirs, files in os.walk(directory):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found.extend(pathlib.Path(parent) / f for f in files if not f.startswith("."))
+  return sorted(found)
+
+
+def is_image_name(path: pathlib.Path) -> bool:
+  """Whether the file name has an image suffix (any case)."""
+  return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def fingerprint(*directories: pathlib.Path | None) -> str:
+  """A cheap digest of the files under folders: names, sizes and modification times.
+
+  It changes when a file is added, removed, replaced or edited, so a prepared copy of a
+  user's folder is rebuilt then; contents are not read.
+  """
+  digest = hashlib.sha256()
+  for directory in directories:
+    digest.update(f"\0{directory}\0".encode())
+    if directory is None or not directory.is_dir():
+      continue
+    for path in list_files(directory):
+      stat = path.stat()
+      digest.update(f"{path.relative_to(directory)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+  return digest.hexdigest()
+
+
+def path_config_name(label: str, *paths: pathlib.Path | None) -> str:
+  """A builder config name for path-defined data: readable slug + hash of the paths.
+
+  Two different folders never share a cache entry, even when their names are equal.
+  """
+  slug = re.sub(r"[^A-Za-z0-9_]+", "_", label).strip("_").lower() or "data"
+  key = "\0".join(str(p.resolve()) if p else "" for p in paths)
+  return f"{slug[:40]}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base builder: image / mask / label / defect_type / file_name records.
+
+  Subclasses implement `_plan` and set `DESCRIPTION`; `raw_path` is the user's raw copy
+  (`config.data.path`); when it is not given, the tfds manual directory is used if set.
+  Project builders are not registered in the global tfds registry; `prepare.py` holds
+  the list.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  DESCRIPTION = ""
+  HOMEPAGE = ""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path | None:
+    """The builder's source file.
+
+    tfds's own lookup imports `importlib_resources`, which tfds does not install on
+    Python >= 3.9; the file is all tfds needs (to look for a checksums file beside it).
+    """
+    return epath.Path(inspect.getfile(cls))
+
+  def __init__(self, *, raw_path: str | os.PathLike | None = None, **kwargs):
+    self.raw_path = pathlib.Path(raw_path).expanduser() if raw_path else None
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.DESCRIPTION,
+      features=features(),
+      homepage=self.HOMEPAGE or None,
+      # Examples keep the sorted order `_plan` gives: stable file order for outputs.
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
+    )
+
+  def source_fingerprint(self) -> str | None:
+    """Digest of the raw files for path-defined data (rebuilt when it changes), else None."""
+    return None
+
+  def source_path(self, dl_manager: tfds.download.DownloadManager) -> pathlib.Path | None:
+    """The raw copy: `raw_path`, else the tfds manual directory if one exists, else None."""
+    if self.raw_path is not None:
+      return self.raw_path
+    try:
+      return pathlib.Path(dl_manager.manual_dir)
+    except (AssertionError, ValueError):  # No manual directory configured or it is empty.
+      return None
+
+  @abc.abstractmethod
+  def _plan(self, dl_manager: tfds.download.DownloadManager) -> dict[str, list[Item]]:
+    """Lists the items of every split, sorted; raises DataError for unusable sources."""
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    plan = self._plan(dl_manager)
+    # The same dicts are filled while the splits are generated; tfds writes the metadata
+    # after generation, so the lists are complete in metadata.json.
+    self.info.metadata["skipped"] = {split: [] for split in plan}
+    # File names in record order, so they can be listed without reading the records.
+    self.info.metadata["file_names"] = {split: [] for split in plan}
+    if (digest := self.source_fingerprint()) is not None:
+      self.info.metadata["fingerprint"] = digest
+    return {split: self._generate_examples(split, items) for split, items in plan.items()}
+
+  def _generate_examples(self, split: str, items: list[Item]) -> Iterator[tuple[str, dict]]:
+    skipped = self.info.metadata["skipped"][split]
+    file_names = self.info.metadata["file_names"][split]
+    seen = set()
+    for item in items:
+      if item.file_name in seen and not item.error:
+        item = dataclasses.replace(item, error=f"listed twice as {item.file_name}")
+      try:
+        example = make_example(item)
+      except DataError as e:
+        # A problem with the mask names the mask in the reason; the path is the image's.
+        reason = e.reason if e.path in (None, str(item.image_path)) else str(e)
+        logger.warning("Skipping %s: %s", item.image_path, reason)
+        skipped.append([str(item.image_path), reason])
+        continue
+      seen.add(item.file_name)
+      file_names.append(item.file_name)
+      yield item.file_name, example
+    if skipped:
+      logger.warning(
+        "%s/%s %s: skipped %d file(s):\n%s",
+        self.name,
+        self.builder_config.name if self.builder_config else "",
+        split,
+        len(skipped),
+        "\n".join(f"  {path}: {reason}" for path, reason in skipped),
+      )

@@ -1,0 +1,214 @@
+"""From `config.data` to a prepared tfds builder: dataset names, categories, cache folder.
+
+Prepared data lives in `config.data.data_dir` (default ~/.cache/maeday_jax/tfds) as
+`<dataset>/<config>/<version>/` array_record files, where `<config>` is the category for
+MVTec AD and VisA, and for `magnetic_tile` and `folder` the folder name plus a hash of the
+resolved path(s). It is prepared once and reused; a new builder version is a new folder,
+so it is rebuilt then; path-defined data is also rebuilt when the files change (a
+fingerprint of names, sizes and modification times is kept in the metadata). Downloads
+and extracted archives are kept in `<data_dir>/downloads` (delete them once every
+category is prepared to save space).
+
+Several processes sharing one `data_dir` should let one of them prepare the data first
+(e.g. process 0, then a barrier): tfds writes into a temporary folder and renames it,
+but two processes building the same dataset at once both do the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import logging
+import pathlib
+import shutil
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from maeday_jax.data.builders import (
+  Folder,
+  ImageBuilder,
+  MagneticTile,
+  MvtecAd,
+  Visa,
+  magnetic_tile,
+  mvtec_ad,
+  visa,
+)
+from maeday_jax.data.builders import folder as folder_lib
+from maeday_jax.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetKind:
+  """A dataset this project reads.
+
+  Attributes:
+    builder: its tfds builder class.
+    categories: its categories; None when one pseudo-category is defined by the path.
+  """
+
+  builder: type[ImageBuilder]
+  categories: tuple[str, ...] | None
+
+
+_KINDS = {
+  "mvtec_ad": DatasetKind(MvtecAd, mvtec_ad.CATEGORIES),
+  "visa": DatasetKind(Visa, visa.CATEGORIES),
+  "magnetic_tile": DatasetKind(MagneticTile, None),
+  "folder": DatasetKind(Folder, None),
+}
+DATASETS = tuple(_KINDS)
+
+
+def _did_you_mean(value: str, choices: Sequence[str]) -> str:
+  close = difflib.get_close_matches(value, choices, n=1)
+  return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def dataset_kind(data_config: ml_collections.ConfigDict) -> DatasetKind:
+  """The dataset `config.data.name` selects; DataError listing the choices if unknown."""
+  name = data_config.name
+  if name not in _KINDS:
+    raise DataError(
+      f"Unknown dataset config.data.name='{name}'; choose one of {', '.join(DATASETS)}."
+      + _did_you_mean(str(name), DATASETS)
+    )
+  return _KINDS[name]
+
+
+def optional_path(value: str | None, field: str) -> pathlib.Path | None:
+  """`config.data.<field>` as an expanded path, None when empty; DataError if missing."""
+  if not value:
+    return None
+  path = pathlib.Path(str(value)).expanduser()
+  if not path.exists():
+    raise DataError(f"config.data.{field}={value} does not exist (check the spelling)")
+  return path
+
+
+def raw_path(data_config: ml_collections.ConfigDict) -> pathlib.Path | None:
+  """`config.data.path`, required for path-defined datasets."""
+  kind = dataset_kind(data_config)
+  path = optional_path(data_config.path, "path")
+  if path is None and kind.categories is None:
+    raise DataError(
+      f"config.data.path is empty: the {data_config.name} dataset is read from a folder; "
+      "set config.data.path to it."
+    )
+  return path
+
+
+def data_dir(data_config: ml_collections.ConfigDict) -> pathlib.Path:
+  """The folder of the prepared array_record files (`config.data.data_dir`, expanded)."""
+  return pathlib.Path(str(data_config.data_dir)).expanduser()
+
+
+def valid_categories(data_config: ml_collections.ConfigDict) -> list[str]:
+  """Every category of the selected dataset (one pseudo-category for path-defined data)."""
+  kind = dataset_kind(data_config)
+  if kind.categories is not None:
+    return list(kind.categories)
+  if data_config.name == "magnetic_tile":
+    return [magnetic_tile.CATEGORY]
+  return [folder_lib.category_name(raw_path(data_config))]
+
+
+def resolve_categories(data_config: ml_collections.ConfigDict) -> list[str]:
+  """The categories `config.data.categories` selects, in the dataset's order.
+
+  'all' selects every category; a comma-separated string or a list selects some.
+  `magnetic_tile` and `folder` have one pseudo-category: 'magnetic_tile' and the folder's
+  name.
+
+  Raises:
+    DataError: naming an unknown category and listing the valid ones.
+  """
+  valid = valid_categories(data_config)
+  requested = data_config.categories
+  if isinstance(requested, str):
+    requested = requested.split(",")
+  requested = [str(c).strip() for c in (requested or [])]
+  requested = [c for c in requested if c]
+  if not requested:
+    raise DataError(f"config.data.categories is empty; use 'all' or some of: {', '.join(valid)}")
+  if requested == ["all"]:
+    return valid
+  for category in requested:
+    if category not in valid:
+      raise DataError(
+        f"Unknown {data_config.name} category '{category}' in config.data.categories; "
+        f"valid: all, {', '.join(valid)}." + _did_you_mean(category, valid)
+      )
+  return [c for c in valid if c in requested]
+
+
+class _DropCustomConfigWarning(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_custom_config() -> Iterator[None]:
+  """Silences tfds's warning for configs outside BUILDER_CONFIGS, expected for paths."""
+  absl_logger, drop = logging.getLogger("absl"), _DropCustomConfigWarning()
+  absl_logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(drop)
+
+
+def make_builder(data_config: ml_collections.ConfigDict, category: str) -> ImageBuilder:
+  """The tfds builder of one category (not prepared yet)."""
+  kind = dataset_kind(data_config)
+  valid = valid_categories(data_config)
+  if category not in valid:
+    raise DataError(
+      f"Unknown {data_config.name} category '{category}'; valid: {', '.join(valid)}."
+      + _did_you_mean(category, valid)
+    )
+  source = raw_path(data_config)
+  common = {"data_dir": data_dir(data_config), "raw_path": source, "file_format": "array_record"}
+  if data_config.name == "folder":
+    normal = optional_path(data_config.get("normal_path"), "normal_path")
+    masks = optional_path(data_config.get("mask_path"), "mask_path")
+    with _quiet_custom_config():
+      return Folder(config=Folder.config_for(source, normal, masks), **common)
+  if data_config.name == "magnetic_tile":
+    with _quiet_custom_config():
+      return MagneticTile(config=MagneticTile.config_for(source), **common)
+  for field in ("normal_path", "mask_path"):
+    if data_config.get(field):
+      logger.warning("config.data.%s is only read by the folder dataset; ignored", field)
+  return kind.builder(config=category, **common)
+
+
+def _is_stale(builder: ImageBuilder) -> bool:
+  """Whether prepared path-defined data no longer matches the files it was built from."""
+  expected = builder.source_fingerprint()
+  return expected is not None and builder.info.metadata.get("fingerprint") != expected
+
+
+def prepare(data_config: ml_collections.ConfigDict, category: str) -> ImageBuilder:
+  """Returns the builder of one category with its data prepared (built now if needed)."""
+  builder = make_builder(data_config, category)
+  if builder.data_path.exists():
+    if not _is_stale(builder):
+      return builder
+    logger.info("The files under %s changed since they were prepared; rebuilding", builder.raw_path)
+    # A builder whose info was read from disk cannot regenerate it: remove, start afresh.
+    shutil.rmtree(builder.data_path)
+    builder = make_builder(data_config, category)
+  source = builder.raw_path
+  download_config = tfds.download.DownloadConfig(
+    manual_dir=str(source) if source is not None and source.is_dir() else None,
+    compute_stats=tfds.download.ComputeStatsMode.SKIP,
+  )
+  builder.download_and_prepare(file_format="array_record", download_config=download_config)
+  # A fresh builder reads back what was written, metadata included.
+  return make_builder(data_config, category)
