@@ -125,3 +125,25 @@ def make_scorer(
 
   data, whole = parallel.batch_sharded(mesh), parallel.replicated(mesh)
   return jax.jit(score, in_shardings=(whole, data, data, whole), out_shardings=(data, data))
+
+
+def reconstructions(
+  model: MaskedAutoencoder,
+  params: Any,
+  images: jax.Array,
+  noise: jax.Array,
+  mask_ratio: float = DEFAULT_MASK_RATIO,
+) -> tuple[jax.Array, jax.Array]:
+  """Reconstructed images (B, N, H, W, 3) and pixel masks (B, N, H, W) (1 = hidden).
+
+  For pictures: what the MAE "thinks" the image looks like under each of N masks.
+  """
+
+  def one_mask(noise_b):
+    pred = model.apply({"params": params}, images, noise=noise_b, mask_ratio=mask_ratio)
+    patch_mask = masking.from_noise(noise_b, mask_ratio).mask  # (B, L)
+    hidden = jnp.repeat(patch_mask[..., None], model.patch_dim, axis=-1)
+    return model.unpatchify(pred), model.unpatchify(hidden)[..., 0]
+
+  recon, hidden = jax.vmap(one_mask, in_axes=1, out_axes=1)(noise)
+  return recon, hidden

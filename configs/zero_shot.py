@@ -1,0 +1,71 @@
+"""Zero-shot MAEDAY: score images by MAE reconstruction error under 32 random masks.
+
+The default reproduces the paper's zero-shot MVTec AD run (all 15 categories, ViT-L,
+32 masks, mask ratio 0.75):
+
+  python -m maeday_jax.main --config configs/zero_shot.py --workdir runs/zero_shot
+
+Your own folder of images (optionally with normal references and masks):
+
+  python -m maeday_jax.main --config configs/zero_shot.py --workdir runs/line3 \
+    --config.data.name=folder --config.data.path=/photos/line3 \
+    --config.data.mask_path=/photos/line3_masks
+
+Other useful overrides: --config.model.checkpoint=/path/mae_visualize_vit_large.pth,
+--config.data.categories=bottle,carpet, --config.num_masks=16, --config.batch_size=32,
+--config.model.dtype=bfloat16 (accelerators).
+
+`configs/zero_shot.py:runlocal` shrinks everything for a quick check on a CPU: the tiny
+random-weight `test` model (maps are meaningless), 4 masks, small batches.
+
+Threshold (for predicted labels/masks in scores.csv and the panels), `threshold.method`:
+  auto       F1-optimal on the test labels when both classes are labelled; else the
+             percentile of scores on normal references when `data.normal_path` is set;
+             else none.
+  f1         F1-optimal on the labelled test images (the field's F1-max operating point).
+  percentile `threshold.percentile` (default 99) of the scores of the normal references
+             (the dataset's `train` split, or `data.normal_path` for folders).
+  fixed      `threshold.value`.
+  none       scores and maps only.
+"""
+
+import ml_collections
+
+from maeday_jax.data import get_data_config
+from maeday_jax.jobs.common import model_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.job = "zero_shot"
+  config.seed = 0  # Masks are fold_in(seed, image index): runs are reproducible.
+
+  config.model = model_config()
+  config.data = get_data_config()
+
+  config.num_masks = 32
+  config.mask_ratio = 0.75
+  config.batch_size = 8  # Global batch (images); a multiple of the device count.
+  config.mask_batch_size = 0  # Reconstruct this many masks at a time (0 = all 32 at once).
+  config.eval_size = 0  # Pixel-metric resolution (0 = the model's input size, 224).
+
+  config.threshold = ml_collections.ConfigDict(dict(method="auto", percentile=99.0, value=0.0))
+  config.outputs = ml_collections.ConfigDict(
+    dict(
+      overlays=True,  # A heatmap overlay PNG for every image.
+      panels=16,  # Image | ground truth | heatmap | predicted mask, per category (-1: all).
+      reconstructions=2,  # Masked inputs and reconstructions for this many images.
+      roc=True,  # ROC curve per category (labelled data).
+    )
+  )
+
+  if arg == "runlocal":
+    config.model.checkpoint = "random"
+    config.model.variant = "test"
+    config.num_masks = 4
+    config.batch_size = 8
+    config.outputs.panels = 4
+    config.outputs.reconstructions = 1
+  elif arg:
+    raise ValueError(f"Unknown config argument {arg!r}; the only one is 'runlocal'.")
+  return config

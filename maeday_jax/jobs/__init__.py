@@ -1,0 +1,1 @@
+"""The jobs behind `python -m maeday_jax.main`: each is `run(config, workdir) -> summary`."""

@@ -1,0 +1,295 @@
+"""The zero-shot job: score every test image of every category, then evaluate and report.
+
+    python -m maeday_jax.main --config configs/zero_shot.py --workdir runs/zero_shot
+
+Outputs under the work directory:
+  scores.csv                 file, category, label, score (and predicted label)
+  maps/<category>/...npz     pixel maps at each image's own resolution (key `map`)
+  overlays/<category>/...png heatmap overlays; panels/<category>/...png for a sample
+  reconstructions/<category>/...png  masked inputs and their reconstructions
+  roc/<category>.png         image ROC curves (labelled data)
+  metrics.json, metrics.md   metrics per category and means (when labels exist)
+  config.json                the resolved configuration
+"""
+
+import dataclasses
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from maeday_jax import data, metrics, parallel, pictures, reports, thresholds, zero_shot
+from maeday_jax.jobs import common
+from maeday_jax.jobs.outputs import OutputWriter, save_overlay_and_panel
+
+log = logging.getLogger("maeday_jax")
+
+_MIN_TILE = 160  # Pixels: the smallest tile drawn in reconstruction panels.
+
+
+@dataclasses.dataclass
+class ScoredSplit:
+  """What scoring one split produced (this process's examples only)."""
+
+  result: reports.CategoryResult
+  indices: np.ndarray  # Split index of each scored example.
+  seconds: float
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the scoring settings before any long work starts."""
+  common.require(config.num_masks >= 1, "num_masks", f"must be >= 1, got {config.num_masks}.")
+  common.require(
+    0.0 <= config.mask_ratio < 1.0, "mask_ratio", f"must be in [0, 1), got {config.mask_ratio}."
+  )
+  common.require(config.batch_size >= 1, "batch_size", f"must be >= 1, got {config.batch_size}.")
+  common.require(
+    config.threshold.method in ("auto", "f1", "percentile", "fixed", "none"),
+    "threshold.method",
+    f"{config.threshold.method!r} is not one of auto, f1, percentile, fixed, none.",
+  )
+
+
+def score_split(
+  model,
+  params,
+  split: data.Split,
+  config: ml_collections.ConfigDict,
+  scorer,
+  mesh,
+  key: jax.Array,
+  writer: OutputWriter | None = None,
+  pixel_metrics: bool = True,
+  desc: str = "",
+) -> ScoredSplit:
+  """Scores every example of this process's shard of `split` in fixed-size batches."""
+  local_batch = parallel.local_batch_size(config.batch_size, mesh)
+  accumulator = metrics.PixelMetricAccumulator(resolution=config.eval_size or None)
+  names, labels, scores, indices, has_mask = [], [], [], [], False
+  start = time.perf_counter()
+  with tqdm(total=len(split), desc=desc or str(split), unit="img", dynamic_ncols=True) as bar:
+    for batch in data.batches(
+      split,
+      local_batch,
+      model.img_size,
+      num_workers=config.data.num_workers,
+      prefetch=config.data.prefetch,
+    ):
+      images, index = parallel.shard_batch((batch["image"], batch["index"]), mesh)
+      maps, batch_scores = parallel.to_local_numpy(scorer(params, images, index, key), mesh)
+      valid = batch["valid"]
+      for i in np.flatnonzero(valid):
+        names.append(batch["file_name"][i])
+        labels.append(int(batch["label"][i]))
+        scores.append(float(batch_scores[i]))
+        indices.append(int(batch["index"][i]))
+        if writer is not None:
+          writer.save_map(batch["file_name"][i], maps[i], batch["original_size"][i])
+      labelled = valid & (batch["label"] >= 0)
+      if pixel_metrics and labelled.any():
+        has_mask |= bool(batch["mask"][labelled].any())
+        accumulator.add(maps[labelled], batch["mask"][labelled])
+      bar.update(int(valid.sum()))
+  seconds = time.perf_counter() - start
+  result = reports.CategoryResult(
+    category=split.category,
+    file_names=names,
+    labels=np.asarray(labels, np.int64),
+    scores=np.asarray(scores, np.float64),
+    pixels=accumulator if has_mask else None,
+  )
+  return ScoredSplit(result, np.asarray(indices, np.int64), seconds)
+
+
+def choose_threshold(
+  config, scored: ScoredSplit, score_normals
+) -> tuple[thresholds.Threshold | None, str]:
+  """The decision threshold for one category, and why (see configs/zero_shot.py)."""
+  method, labels = config.threshold.method, scored.result.labels
+  both_classes = (labels == 0).any() and (labels == 1).any()
+  if method == "auto":
+    method = "f1" if both_classes else ("percentile" if config.data.normal_path else "none")
+  if method == "none":
+    return None, "no threshold (no labelled anomalies and no normal references)"
+  if method == "fixed":
+    return thresholds.fixed_threshold(config.threshold.value), "fixed by the configuration"
+  if method == "f1":
+    if not both_classes:
+      return None, "threshold.method=f1 needs normal and anomalous labelled images"
+    return thresholds.f1_threshold(scored.result.scores, labels), "F1-optimal on the test labels"
+  normal_scores = score_normals()
+  return (
+    thresholds.percentile_threshold(normal_scores, config.threshold.percentile),
+    f"{config.threshold.percentile:g}th percentile of normal reference scores",
+  )
+
+
+def _color_range(scores: np.ndarray, threshold) -> tuple[float, float]:
+  # One colour scale per category: the threshold sits mid-scale when there is one.
+  if threshold is not None:
+    return 0.0, 2.0 * float(threshold.value)
+  return 0.0, float(np.percentile(scores, 99)) if scores.size else 1.0
+
+
+def showcase_order(result: reports.CategoryResult) -> np.ndarray:
+  """Positions to illustrate first: anomalous images, then by decreasing score."""
+  return np.lexsort((-result.scores, (result.labels != 1).astype(int)))
+
+
+def write_pictures(writer, split, scored, threshold, config) -> None:
+  """Overlays for every image and panels for a sample, on one colour scale."""
+  out = config.outputs
+  vmin, vmax = _color_range(scored.result.scores, threshold)
+  panel_budget = len(scored.indices) if out.panels < 0 else out.panels
+  order = showcase_order(scored.result)
+  panel_set = set(order[:panel_budget].tolist())
+  for position, index in enumerate(scored.indices):
+    want_panel = position in panel_set
+    if not (out.overlays or want_panel):
+      continue
+
+    def render(index=int(index), position=position, want_panel=want_panel):
+      example = split[index]
+      anomaly_map = writer.load_map(example["file_name"])
+      save_overlay_and_panel(
+        writer,
+        example,
+        anomaly_map,
+        float(scored.result.scores[position]),
+        vmin,
+        vmax,
+        out.overlays,
+        want_panel,
+        threshold,
+      )
+
+    writer.submit(split.file_name(int(index)), render)
+  writer.wait()
+
+
+def write_reconstructions(model, params, split, scored, config, key, workdir) -> None:
+  """Masked inputs and reconstructions for a few images: what the MAE 'expects'."""
+  count = min(config.outputs.reconstructions, len(scored.indices))
+  if count <= 0:
+    return
+  order = showcase_order(scored.result)[:count]
+  num_masks = 3
+  for position in order:
+    index = int(scored.indices[position])
+    example = data.load_example(split, index, model.img_size)
+    image = jnp.asarray(example["image"])[None]
+    keys = zero_shot.example_keys(key, jnp.asarray([index]))
+    noise = zero_shot.image_noise(keys, num_masks, model.num_patches)
+    recon, hidden = zero_shot.reconstructions(model, params, image, noise, config.mask_ratio)
+    # Small models get their tiles enlarged (nearest) so captions stay readable.
+    zoom = -(-_MIN_TILE // model.img_size)
+
+    def enlarge(x, zoom=zoom):
+      return np.repeat(np.repeat(np.asarray(x), zoom, axis=0), zoom, axis=1)
+
+    original = enlarge(data.denormalize(np.asarray(image[0])))
+    recon_u8 = [enlarge(data.denormalize(np.asarray(r))) for r in recon[0]]
+    masked = [
+      np.where(enlarge(h)[..., None] > 0, 127, original).astype(np.uint8) for h in hidden[0]
+    ]
+    error = enlarge(jnp.sum((image[0] - recon[0]) ** 2, axis=-1).mean(axis=0))
+    name = pathlib.PurePosixPath(example["file_name"])
+    path = workdir / "reconstructions" / split.category / name.with_suffix(".png")
+    pictures.save_reconstruction_panel(path, original, masked, recon_u8, error, title=str(name))
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Runs zero-shot scoring for every configured category; returns the summary dict."""
+  validate(config)
+  model, params = common.load_model(config.model, config.seed)
+  categories = data.resolve_categories(config.data)  # Early error for a bad path/category.
+  workdir = common.prepare_workdir(workdir, config)
+  mesh = parallel.data_mesh()
+  parallel.local_batch_size(config.batch_size, mesh)  # Early error for a bad batch size.
+  log.info(
+    "Model: %dpx, patch %d, encoder %dx%d, decoder %dx%d; %d devices; categories: %s",
+    model.img_size,
+    model.patch_size,
+    model.embed_dim,
+    model.depth,
+    model.decoder_embed_dim,
+    model.decoder_depth,
+    mesh.devices.size,
+    ", ".join(categories),
+  )
+  scorer = zero_shot.make_scorer(
+    model, mesh, config.num_masks, config.mask_ratio, config.mask_batch_size or None
+  )
+  replicated = parallel.replicate(params, mesh)
+  key = jax.random.key(config.seed)
+
+  results, per_category, notes, splits, timings = [], {}, {}, [], {}
+  threshold_by_category = {}
+  for category in categories:
+    split = data.load_split(config.data, category, "test")
+    splits.append(split)
+    writer = OutputWriter(workdir, category)
+    scored = score_split(model, replicated, split, config, scorer, mesh, key, writer, desc=category)
+    writer.wait()
+
+    def score_normals(category=category):
+      normals = data.load_split(config.data, category, "train")
+      splits.append(normals)
+      return score_split(
+        model,
+        replicated,
+        normals,
+        config,
+        scorer,
+        mesh,
+        key,
+        pixel_metrics=False,
+        desc=f"{category} (normal references)",
+      ).result.scores
+
+    threshold, why = choose_threshold(config, scored, score_normals)
+    if threshold is not None:
+      threshold_by_category[category] = threshold
+    notes[category] = {"threshold": why, **({"value": threshold.value} if threshold else {})}
+    write_pictures(writer, split, scored, threshold, config)  # Each process: its own images.
+    if jax.process_index() == 0:
+      write_reconstructions(model, params, split, scored, config, key, workdir)
+      if config.outputs.roc and (scored.result.labels >= 0).any():
+        pictures.save_roc_curve(
+          workdir / "roc" / f"{category}.png", scored.result.scores, scored.result.labels, category
+        )
+    writer.close()
+    if writer.failures:
+      notes[category]["output_failures"] = writer.failures
+    results.append(scored.result)
+    per_category[category] = reports.evaluate_category(scored.result)
+    timings[category] = {
+      "images": len(scored.indices),
+      "seconds": scored.seconds,
+      "images_per_second": len(scored.indices) / max(scored.seconds, 1e-9),
+    }
+
+  summary = reports.summarize(per_category, config.data.name)
+  summary["thresholds"] = notes
+  summary["timing"] = timings
+  summary["skipped"] = [
+    {"split": str(s), "path": p, "reason": r} for s in splits for p, r in s.skipped
+  ]
+  if jax.process_index() == 0:
+    reports.write_scores_csv(workdir / "scores.csv", results, threshold=threshold_by_category)
+    reports.write_metrics_json(workdir / "metrics.json", summary)
+    reports.write_markdown_table(workdir / "metrics.md", summary, config.data.name, "zero_shot")
+    print(reports.format_summary_table(summary))
+    skipped = data.skipped_summary(splits)
+    if skipped:
+      print("\nSkipped files (see metrics.json):\n" + skipped)
+    total = sum(t["images"] for t in timings.values())
+    seconds = sum(t["seconds"] for t in timings.values())
+    print(f"\nScored {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.2f} img/s).")
+    print(f"Outputs in {workdir}")
+  return summary

@@ -1,0 +1,50 @@
+"""Command line: `python -m maeday_jax.main --config configs/<job>.py --workdir DIR`.
+
+Every job is an importable `run(config, workdir)` function; this file only parses flags.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from maeday_jax.checkpoints import CheckpointError
+from maeday_jax.data import DataError
+from maeday_jax.jobs.common import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Job configuration file.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/latest", "Directory for all outputs.")
+
+
+def _job(name: str):
+  if name == "zero_shot":
+    from maeday_jax.jobs import zero_shot as job
+  elif name == "few_shot":
+    from maeday_jax.jobs import few_shot as job
+  elif name == "pretrain":
+    from maeday_jax import pretrain as job
+  else:
+    raise ConfigError(f"--config.job: unknown job {name!r} (zero_shot, few_shot, pretrain).")
+  return job
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # tfds logs every prepared file through absl at INFO; keep the console for our progress.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  config = _CONFIG.value
+  try:
+    _job(config.job).run(config, _WORKDIR.value)
+  except (CheckpointError, DataError, ConfigError) as e:
+    # Input problems get their message, not a traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
