@@ -1,0 +1,132 @@
+"""The zero-shot job end to end: a folder of images in, every promised output out."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maeday_jax.data import testing
+from maeday_jax.jobs import zero_shot as zero_shot_job
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))
+from configs import zero_shot as zero_shot_config  # noqa: E402
+
+
+def _config(fixtures_dir, tmp_path, **data):
+  config = zero_shot_config.get_config("runlocal")
+  config.model.checkpoint = str(fixtures_dir / "mae_ref_a.pth")  # 32 px, patch 8.
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.num_workers = 2
+  config.outputs.panels = -1
+  for key, value in data.items():
+    config.data[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def folder_run(fixtures_dir, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("folder_run")
+  fake = testing.make_folder(tmp / "raw")
+  config = _config(
+    fixtures_dir,
+    tmp,
+    name="folder",
+    path=str(fake.root / "images"),
+    mask_path=str(fake.root / "masks"),
+    normal_path=str(fake.root / "normal"),
+  )
+  summary = zero_shot_job.run(config, tmp / "work")
+  return fake, tmp / "work", summary
+
+
+def test_scores_csv_has_every_good_image_once(folder_run):
+  fake, workdir, _ = folder_run
+  with open(workdir / "scores.csv") as f:
+    rows = list(csv.DictReader(f))
+  expected = fake.examples[""]["test"]
+  assert sorted(r["file"] for r in rows) == sorted(expected)
+  for row in rows:
+    assert int(row["label"]) == expected[row["file"]].label
+    assert np.isfinite(float(row["score"])) and float(row["score"]) > 0
+    assert row["predicted_label"] in ("0", "1")  # Labelled data: an F1 threshold exists.
+
+
+def test_maps_are_saved_at_each_images_own_resolution(folder_run):
+  fake, workdir, _ = folder_run
+  for name, expected in fake.examples[""]["test"].items():
+    stem = name.rsplit(".", 1)[0]
+    with np.load(workdir / "maps" / "images" / f"{stem}.npz") as f:
+      assert f["map"].shape == expected.image.shape[:2], name
+      assert f["map"].dtype == np.float32 and np.all(f["map"] >= 0)
+    overlay = Image.open(workdir / "overlays" / "images" / f"{stem}.png")
+    assert overlay.size == (expected.image.shape[1], expected.image.shape[0])
+    assert (workdir / "panels" / "images" / f"{stem}.png").is_file()
+
+
+def test_reports_and_pictures(folder_run):
+  _, workdir, summary = folder_run
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  category = metrics["per_category"]["images"]
+  assert 0.0 <= category["image_auroc"] <= 1.0
+  assert 0.0 <= category["pixel_auroc"] <= 1.0
+  assert (workdir / "metrics.md").read_text().count("|") > 10
+  assert (workdir / "roc" / "images.png").is_file()
+  assert list((workdir / "reconstructions").rglob("*.png"))
+  assert json.loads((workdir / "config.json").read_text())["num_masks"] == 4
+  skipped = {item["path"].rsplit("/", 1)[-1] for item in summary["skipped"]}
+  assert {"e.png", "readme.txt", "f.png"} <= skipped
+
+
+def test_real_magnetic_tiles_end_to_end(fixtures_dir, mt_sample_dir, tmp_path):
+  config = _config(fixtures_dir, tmp_path, name="magnetic_tile", path=str(mt_sample_dir))
+  config.outputs.update(overlays=False, panels=2, reconstructions=0)
+  zero_shot_job.run(config, tmp_path / "work")
+  with open(tmp_path / "work" / "scores.csv") as f:
+    rows = list(csv.DictReader(f))
+  per_class = {}
+  for row in rows:
+    per_class.setdefault(row["file"].split("/")[0], []).append(int(row["label"]))
+  assert {k: len(v) for k, v in per_class.items()} == {
+    "MT_Free": 24,
+    "MT_Blowhole": 8,
+    "MT_Break": 8,
+    "MT_Crack": 8,
+    "MT_Fray": 8,
+    "MT_Uneven": 8,
+  }
+  assert set(per_class.pop("MT_Free")) == {0}
+  assert all(set(v) == {1} for v in per_class.values())
+
+
+def _main(*args, cwd=REPO_ROOT):
+  return subprocess.run(
+    [sys.executable, "-m", "maeday_jax.main", "--config", "configs/zero_shot.py", *args],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_cli_missing_checkpoint_fails_early_and_clearly(tmp_path):
+  result = _main(f"--workdir={tmp_path}", "--config.model.checkpoint=/nowhere/mae.pth")
+  assert result.returncode == 2
+  assert "/nowhere/mae.pth" in result.stderr and "--config.model.checkpoint" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_data_fails_early_and_clearly(tmp_path):
+  result = _main(
+    f"--workdir={tmp_path}",
+    "--config.model.checkpoint=random",
+    "--config.data.name=folder",
+    "--config.data.path=/nowhere/images",
+  )
+  assert result.returncode == 2
+  assert "/nowhere/images" in result.stderr
+  assert "Traceback" not in result.stderr
