@@ -10,6 +10,7 @@ averaging the per-mask errors before blurring gives the same maps as blurring ea
 (up to float rounding) at 1/N of the cost.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -53,6 +54,7 @@ def squared_errors(
   return jnp.swapaxes(per_mask, 0, 1)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "mask_ratio", "mask_batch_size"))
 def anomaly_maps_from_noise(
   model: MaskedAutoencoder,
   params: Any,
@@ -80,6 +82,7 @@ def example_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "num_masks", "mask_ratio", "mask_batch_size"))
 def anomaly_maps(
   model: MaskedAutoencoder,
   params: Any,
@@ -91,7 +94,8 @@ def anomaly_maps(
 ) -> jax.Array:
   """Pixel anomaly maps (B, H, W) of `images` (B, H, W, 3) under `num_masks` random masks.
 
-  Image b uses the key `fold_in(key, b)`; see `image_noise`.
+  Image b uses the key `fold_in(key, b)`; see `image_noise`. Compiled once per model,
+  shape and setting (the model is a static, hashable argument).
   """
   keys = example_keys(key, jnp.arange(images.shape[0]))
   noise = image_noise(keys, num_masks, model.num_patches)

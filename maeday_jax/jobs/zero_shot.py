@@ -206,8 +206,8 @@ def write_reconstructions(model, params, split, scored, config, key, workdir) ->
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Runs zero-shot scoring for every configured category; returns the summary dict."""
   validate(config)
-  model, params = common.load_model(config.model, config.seed)
   categories = data.resolve_categories(config.data)  # Early error for a bad path/category.
+  model, params = common.load_model(config.model, config.seed)
   workdir = common.prepare_workdir(workdir, config)
   mesh = parallel.data_mesh()
   parallel.local_batch_size(config.batch_size, mesh)  # Early error for a bad batch size.
