@@ -203,14 +203,104 @@ def write_reconstructions(model, params, split, scored, config, key, workdir) ->
     pictures.save_reconstruction_panel(path, original, masked, recon_u8, error, title=str(name))
 
 
-def run(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Runs zero-shot scoring for every configured category; returns the summary dict."""
-  validate(config)
-  categories = data.resolve_categories(config.data)  # Early error for a bad path/category.
-  model, params = common.load_model(config.model, config.seed)
-  workdir = common.prepare_workdir(workdir, config)
+@dataclasses.dataclass
+class CategoryOutcome:
+  """Everything one category's evaluation produced."""
+
+  result: reports.CategoryResult
+  metrics: dict
+  threshold: thresholds.Threshold | None
+  notes: dict
+  timing: dict
+  splits: list
+
+
+def evaluate_category(
+  model, params, replicated, category: str, config, scorer, mesh, key, workdir, seed=None
+) -> CategoryOutcome:
+  """Scores a category's test split, chooses its threshold, writes its pictures."""
+  split = data.load_split(config.data, category, "test")
+  splits = [split]
+  writer = OutputWriter(workdir, category)
+  scored = score_split(model, replicated, split, config, scorer, mesh, key, writer, desc=category)
+  scored.result.seed = seed
+  writer.wait()
+
+  def score_normals():
+    normals = data.load_split(config.data, category, "train")
+    splits.append(normals)
+    desc = f"{category} (normal references)"
+    scored_normals = score_split(
+      model, replicated, normals, config, scorer, mesh, key, pixel_metrics=False, desc=desc
+    )
+    return scored_normals.result.scores
+
+  threshold, why = choose_threshold(config, scored, score_normals)
+  notes = {"threshold": why, **({"value": threshold.value} if threshold else {})}
+  write_pictures(writer, split, scored, threshold, config)  # Each process: its own images.
+  if jax.process_index() == 0:
+    write_reconstructions(model, params, split, scored, config, key, workdir)
+    if config.outputs.roc and (scored.result.labels >= 0).any():
+      pictures.save_roc_curve(
+        workdir / "roc" / f"{category}.png", scored.result.scores, scored.result.labels, category
+      )
+  writer.close()
+  if writer.failures:
+    notes["output_failures"] = writer.failures
+  timing = {
+    "images": len(scored.indices),
+    "seconds": scored.seconds,
+    "images_per_second": len(scored.indices) / max(scored.seconds, 1e-9),
+  }
+  metrics_ = reports.evaluate_category(scored.result)
+  return CategoryOutcome(scored.result, metrics_, threshold, notes, timing, splits)
+
+
+def make_model_scorer(model, config):
+  """The mesh and the compiled scorer for `model` under `config` (checks the batch size)."""
   mesh = parallel.data_mesh()
   parallel.local_batch_size(config.batch_size, mesh)  # Early error for a bad batch size.
+  scorer = zero_shot.make_scorer(
+    model, mesh, config.num_masks, config.mask_ratio, config.mask_batch_size or None
+  )
+  return mesh, scorer
+
+
+def summarize_outcomes(outcomes: dict[str, CategoryOutcome], dataset: str, seed=None) -> dict:
+  """The report summary of per-category outcomes, with thresholds, timing and skips."""
+  summary = reports.summarize({c: o.metrics for c, o in outcomes.items()}, dataset, seed=seed)
+  summary["thresholds"] = {c: o.notes for c, o in outcomes.items()}
+  summary["timing"] = {c: o.timing for c, o in outcomes.items()}
+  summary["skipped"] = [
+    {"split": str(s), "path": p, "reason": r}
+    for o in outcomes.values()
+    for s in o.splits
+    for p, r in s.skipped
+  ]
+  return summary
+
+
+def write_category_reports(workdir, outcomes: dict[str, CategoryOutcome]) -> None:
+  """scores.csv with predicted labels where a category has a threshold."""
+  reports.write_scores_csv(
+    workdir / "scores.csv",
+    [o.result for o in outcomes.values()],
+    threshold={c: o.threshold for c, o in outcomes.items() if o.threshold is not None},
+  )
+
+
+def print_closing_summary(summary: dict, outcomes: dict[str, CategoryOutcome], workdir) -> None:
+  print(reports.format_summary_table(summary))
+  skipped = data.skipped_summary([s for o in outcomes.values() for s in o.splits])
+  if skipped:
+    print("\nSkipped files (see metrics.json):\n" + skipped)
+  total = sum(o.timing["images"] for o in outcomes.values())
+  seconds = sum(o.timing["seconds"] for o in outcomes.values())
+  print(f"\nScored {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.2f} img/s).")
+  print(f"Outputs in {workdir}")
+
+
+def describe_model(model, mesh, categories) -> None:
   log.info(
     "Model: %dpx, patch %d, encoder %dx%d, decoder %dx%d; %d devices; categories: %s",
     model.img_size,
@@ -222,74 +312,29 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     mesh.devices.size,
     ", ".join(categories),
   )
-  scorer = zero_shot.make_scorer(
-    model, mesh, config.num_masks, config.mask_ratio, config.mask_batch_size or None
-  )
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Runs zero-shot scoring for every configured category; returns the summary dict."""
+  validate(config)
+  categories = data.resolve_categories(config.data)  # Early error for a bad path/category.
+  model, params = common.load_model(config.model, config.seed)
+  mesh, scorer = make_model_scorer(model, config)
+  workdir = common.prepare_workdir(workdir, config)
+  describe_model(model, mesh, categories)
   replicated = parallel.replicate(params, mesh)
   key = jax.random.key(config.seed)
 
-  results, per_category, notes, splits, timings = [], {}, {}, [], {}
-  threshold_by_category = {}
-  for category in categories:
-    split = data.load_split(config.data, category, "test")
-    splits.append(split)
-    writer = OutputWriter(workdir, category)
-    scored = score_split(model, replicated, split, config, scorer, mesh, key, writer, desc=category)
-    writer.wait()
-
-    def score_normals(category=category):
-      normals = data.load_split(config.data, category, "train")
-      splits.append(normals)
-      return score_split(
-        model,
-        replicated,
-        normals,
-        config,
-        scorer,
-        mesh,
-        key,
-        pixel_metrics=False,
-        desc=f"{category} (normal references)",
-      ).result.scores
-
-    threshold, why = choose_threshold(config, scored, score_normals)
-    if threshold is not None:
-      threshold_by_category[category] = threshold
-    notes[category] = {"threshold": why, **({"value": threshold.value} if threshold else {})}
-    write_pictures(writer, split, scored, threshold, config)  # Each process: its own images.
-    if jax.process_index() == 0:
-      write_reconstructions(model, params, split, scored, config, key, workdir)
-      if config.outputs.roc and (scored.result.labels >= 0).any():
-        pictures.save_roc_curve(
-          workdir / "roc" / f"{category}.png", scored.result.scores, scored.result.labels, category
-        )
-    writer.close()
-    if writer.failures:
-      notes[category]["output_failures"] = writer.failures
-    results.append(scored.result)
-    per_category[category] = reports.evaluate_category(scored.result)
-    timings[category] = {
-      "images": len(scored.indices),
-      "seconds": scored.seconds,
-      "images_per_second": len(scored.indices) / max(scored.seconds, 1e-9),
-    }
-
-  summary = reports.summarize(per_category, config.data.name)
-  summary["thresholds"] = notes
-  summary["timing"] = timings
-  summary["skipped"] = [
-    {"split": str(s), "path": p, "reason": r} for s in splits for p, r in s.skipped
-  ]
+  outcomes = {
+    category: evaluate_category(
+      model, params, replicated, category, config, scorer, mesh, key, workdir
+    )
+    for category in categories
+  }
+  summary = summarize_outcomes(outcomes, config.data.name)
   if jax.process_index() == 0:
-    reports.write_scores_csv(workdir / "scores.csv", results, threshold=threshold_by_category)
+    write_category_reports(workdir, outcomes)
     reports.write_metrics_json(workdir / "metrics.json", summary)
     reports.write_markdown_table(workdir / "metrics.md", summary, config.data.name, "zero_shot")
-    print(reports.format_summary_table(summary))
-    skipped = data.skipped_summary(splits)
-    if skipped:
-      print("\nSkipped files (see metrics.json):\n" + skipped)
-    total = sum(t["images"] for t in timings.values())
-    seconds = sum(t["seconds"] for t in timings.values())
-    print(f"\nScored {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.2f} img/s).")
-    print(f"Outputs in {workdir}")
+    print_closing_summary(summary, outcomes, workdir)
   return summary
