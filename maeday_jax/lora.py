@@ -1,0 +1,201 @@
+"""Low-rank adaptation (LoRA) over plain parameter trees.
+
+A LoRA tree mirrors the model's parameter tree, but only at the targeted kernels, and
+holds a pair of matrices there instead of the kernel::
+
+  params["blocks_0"]["attn"]["qkv"]["kernel"]          (D, 3D)
+  lora["blocks_0"]["attn"]["qkv"]["kernel"]["A"]       (D, r)
+  lora["blocks_0"]["attn"]["qkv"]["kernel"]["B"]       (r, 3D)
+
+The effective kernel is `W + (alpha / r) * A @ B`. Kernels with more than two axes are
+seen as matrices (prod(all but last axis), last axis): the patch-embedding convolution
+(p, p, 3, D) becomes (p*p*3, D), whose row order (row in patch, column, channel) is the
+`patchify` order, so the update is a Dense layer on flattened patches.
+
+The tree holds arrays only, so it can be optimised, sharded and checkpointed like any
+parameter tree. The rank is read from the shapes; `alpha` is a hyperparameter passed to
+`apply` and `merge` (the training config keeps it). `alpha=None` means `alpha = rank`,
+i.e. scale 1: the LoRA paper sets alpha to the first rank tried and does not tune it, and
+with scale 1 the learning rate acts on A @ B as on an ordinary weight.
+
+    delta = lora.init(key, params, rank=32)          # B = 0: the model is unchanged
+    loss = loss_fn(lora.apply(params, delta))        # differentiate w.r.t. `delta`
+    merged = lora.merge(params, delta)               # plain parameters for inference
+"""
+
+import functools
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+DEFAULT_RANK = 32
+
+# Every weight matrix of the MAE (spec §1): the patch-embedding projection, and in encoder
+# and decoder blocks alike the attention qkv/out projections and the MLP layers, plus the
+# decoder's input and output projections. Patterns must match the whole '/'-joined path.
+# Biases, LayerNorms, tokens and the (fixed) position tables are not adapted.
+DEFAULT_TARGETS: tuple[str, ...] = (
+  r"patch_embed/proj/kernel",
+  r"(decoder_)?blocks_\d+/attn/(qkv|proj)/kernel",
+  r"(decoder_)?blocks_\d+/mlp/fc[12]/kernel",
+  r"decoder_embed/kernel",
+  r"decoder_pred/kernel",
+)
+
+
+def _path_str(path: tuple[str, ...]) -> str:
+  return "/".join(path)
+
+
+def _as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+  return int(np.prod(shape[:-1])), int(shape[-1])
+
+
+def target_paths(params, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
+  """The '/'-joined paths of the leaves of `params` that `targets` select, sorted.
+
+  Raises:
+    ValueError: a pattern selects nothing (a typo would otherwise silently train nothing),
+      or selects a leaf that is not at least a matrix.
+  """
+  flat = traverse_util.flatten_dict(params)
+  paths = sorted(_path_str(p) for p in flat)
+  compiled = [re.compile(t) for t in targets]
+  selected = []
+  for pattern in compiled:
+    hits = [p for p in paths if pattern.fullmatch(p)]
+    if not hits:
+      raise ValueError(
+        f"LoRA target pattern {pattern.pattern!r} matches no parameter. Patterns must match "
+        f"a whole path such as {paths[0]!r}; available paths include {paths[:6]}."
+      )
+    selected.extend(hits)
+  selected = sorted(set(selected))
+  shapes = {_path_str(p): np.shape(v) for p, v in flat.items()}
+  for path in selected:
+    if len(shapes[path]) < 2:
+      raise ValueError(f"LoRA target {path!r} has shape {shapes[path]}; only matrices qualify.")
+  return selected
+
+
+def init(
+  key: jax.Array,
+  params,
+  rank: int = DEFAULT_RANK,
+  targets: Sequence[str] = DEFAULT_TARGETS,
+) -> dict:
+  """Creates LoRA pairs {A, B} for the kernels of `params` selected by `targets`.
+
+  A (fan_in, rank) is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the Kaiming-uniform
+  initialisation of the reference `loralib`), so `x @ A` has the scale of the layer's
+  input; B (rank, fan_out) is zero, so the adapted model starts equal to the base model.
+
+  Args:
+    key: PRNG key.
+    params: the model's parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+    rank: inner dimension r of the update.
+    targets: regular expressions, each matching whole '/'-joined parameter paths.
+
+  Returns:
+    A nested dict of float32 arrays with `A` and `B` under each targeted path.
+  """
+  if rank < 1:
+    raise ValueError(f"LoRA rank must be a positive integer, got {rank}.")
+  flat = {_path_str(p): v for p, v in traverse_util.flatten_dict(params).items()}
+  paths = target_paths(params, targets)
+  shapes = tuple(_as_matrix_shape(np.shape(flat[path])) for path in paths)
+  pairs = _init_pairs(key, shapes, rank)
+  lora = {}
+  for path, (a, b) in zip(paths, pairs, strict=True):
+    lora[(*path.split("/"), "A")] = a
+    lora[(*path.split("/"), "B")] = b
+  return traverse_util.unflatten_dict(lora)
+
+
+# One compiled call and one random draw for all pairs: drawn op by op (or one draw per
+# shape), every distinct shape would compile its own random-bits program.
+@functools.partial(jax.jit, static_argnames=("shapes", "rank"))
+def _init_pairs(key, shapes, rank):
+  sizes = [fan_in * rank for fan_in, _ in shapes]
+  unit = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+  offsets = np.cumsum([0, *sizes])
+  pairs = []
+  for (fan_in, fan_out), lo, hi in zip(shapes, offsets[:-1], offsets[1:], strict=True):
+    a = unit[lo:hi].reshape(fan_in, rank) / np.sqrt(fan_in)
+    pairs.append((a, jnp.zeros((rank, fan_out), jnp.float32)))
+  return pairs
+
+
+def _pairs(lora) -> dict[tuple[str, ...], tuple[jax.Array, jax.Array]]:
+  flat = traverse_util.flatten_dict(lora)
+  paths = {p[:-1] for p in flat}
+  pairs = {}
+  for path in sorted(paths):
+    if (*path, "A") not in flat or (*path, "B") not in flat or len(path) == 0:
+      raise ValueError(f"LoRA tree entry {_path_str(path)!r} must hold exactly 'A' and 'B'.")
+    pairs[path] = (flat[(*path, "A")], flat[(*path, "B")])
+  if len(flat) != 2 * len(pairs):
+    raise ValueError("A LoRA tree holds only {'A', 'B'} pairs under parameter paths.")
+  return pairs
+
+
+def scale(rank: int, alpha: float | None) -> float:
+  """The factor alpha / rank in front of A @ B (1 when `alpha` is None)."""
+  return 1.0 if alpha is None else float(alpha) / rank
+
+
+def apply(params, lora, alpha: float | None = None):
+  """The effective parameters `W + (alpha / r) * A @ B` at every LoRA path.
+
+  A pure function, differentiable with respect to both trees; other leaves are passed
+  through untouched. Use it inside the loss; use `merge` once after training.
+
+  Args:
+    params: the base parameter tree.
+    lora: a tree from `init` (or a trained one).
+    alpha: LoRA alpha; None means alpha = rank (scale 1).
+  """
+  flat = traverse_util.flatten_dict(params)
+  out = dict(flat)
+  for path, (a, b) in _pairs(lora).items():
+    if path not in flat:
+      raise ValueError(
+        f"LoRA entry {_path_str(path)!r} has no parameter in the model; the LoRA tree was "
+        "made for a different model."
+      )
+    w = flat[path]
+    fan_in, fan_out = _as_matrix_shape(w.shape)
+    if a.shape[0] != fan_in or b.shape[1] != fan_out or a.shape[1] != b.shape[0]:
+      raise ValueError(
+        f"LoRA pair at {_path_str(path)!r} has A {a.shape} and B {b.shape}, which do not "
+        f"fit the kernel {w.shape} (viewed as ({fan_in}, {fan_out}))."
+      )
+    # HIGHEST: accelerators would otherwise round this float32 product to bf16/tf32 inputs,
+    # and the merged weights would then differ from the trained ones.
+    delta = jnp.matmul(
+      a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    update = scale(a.shape[1], alpha) * delta.reshape(w.shape)
+    out[path] = (w.astype(jnp.float32) + update).astype(w.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+_merge = jax.jit(apply, static_argnames="alpha")
+
+
+def merge(params, lora, alpha: float | None = None):
+  """Folds the LoRA updates into the base weights: plain parameters for inference.
+
+  Same values as `apply`, computed once in one compiled call; the result has the model's
+  own parameter tree, so scoring code needs no LoRA support and pays nothing extra.
+  """
+  return _merge(params, lora, alpha=alpha)
+
+
+def num_params(lora) -> int:
+  """Number of trainable LoRA values: sum of rank * (fan_in + fan_out)."""
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(lora)))
