@@ -13,10 +13,25 @@ Overrides: --config.shots=4, --config.seeds=0,1,2, --config.lora.rank=16,
 `configs/few_shot.py:runlocal` is a smoke test on the tiny random-weight model.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
-from configs import zero_shot
 from maeday_jax import few_shot
+
+
+def _sibling(name: str):
+  """Loads configs/<name>.py by path, so this file works from any working directory."""
+  spec = importlib.util.spec_from_file_location(
+    name, pathlib.Path(__file__).with_name(f"{name}.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+zero_shot = _sibling("zero_shot")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
