@@ -1,0 +1,116 @@
+"""Training images for MAE pre-training: read once, kept in memory, batched by step.
+
+Anomaly-detection training sets are small (MVTec AD: 3,629 normal images, all 15
+categories; VisA: ~8,700), so every process reads the whole selection once, resized to
+`load_size` and kept as uint8 (150 KB per image at 224 px), and builds each global batch
+from a permutation that depends only on the seed and the epoch. Batch t is therefore a
+pure function of (seed, t): a resumed run sees exactly the batches an uninterrupted one
+would, and each process feeds its own rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from maeday_jax import data
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One split of one category of one dataset."""
+
+  data_config: ml_collections.ConfigDict
+  category: str
+  split: str
+
+  def __str__(self) -> str:
+    return f"{self.data_config.name}:{self.data_config.path or ''}/{self.category}/{self.split}"
+
+
+def _split_names(value) -> list[str]:
+  names = value.split(",") if isinstance(value, str) else list(value)
+  names = [str(n).strip() for n in names if str(n).strip()]
+  if not names:
+    raise ValueError("A training data source needs at least one split in `splits`.")
+  return names
+
+
+def training_sources(data_configs: Iterable[ml_collections.ConfigDict]) -> list[Source]:
+  """Every (dataset, category, split) the data configs select.
+
+  Each config is a `data.get_data_config()` with an extra `splits` field ('train',
+  'train,test', ...; default 'train'); `categories` selects categories as usual, so
+  `categories='all'` trains one unified model on every category of the dataset.
+  """
+  sources = []
+  for data_config in data_configs:
+    for category in data.resolve_categories(data_config):
+      for split in _split_names(data_config.get("splits", "train")):
+        sources.append(Source(data_config, category, split))
+  return sources
+
+
+def load_images(
+  sources: Sequence[Source], image_size: int, normal_only: bool = True, num_workers: int = 4
+) -> tuple[np.ndarray, list[str]]:
+  """Reads the images of `sources` as uint8 (N, S, S, 3), with their names.
+
+  Args:
+    sources: what to read.
+    image_size: S; images are resized as the input pipeline does (bilinear, square).
+    normal_only: drop images labelled anomalous (a test split may contribute its normal
+      images; unlabelled images, label -1, are kept).
+    num_workers: decoding threads.
+  """
+  chunks, names = [], []
+  for source in sources:
+    split = data.load_split(source.data_config, source.category, source.split)
+    kept = 0
+    for batch in data.batches(
+      split, 32, image_size, shard_index=0, shard_count=1, num_workers=num_workers
+    ):
+      keep = batch["valid"] & ((batch["label"] != 1) if normal_only else True)
+      if keep.any():
+        chunks.append(data.denormalize(batch["image"][keep]))
+        names.extend(f"{source}/{n}" for n, k in zip(batch["file_name"], keep, strict=True) if k)
+        kept += int(keep.sum())
+    logger.info("%s: %d of %d images used for training", source, kept, len(split))
+    if split.skipped:
+      logger.warning("%s", data.skipped_summary([split]))
+  if not chunks:
+    raise data.DataError(
+      "No training images: the selected sources "
+      f"({', '.join(str(s) for s in sources)}) hold no usable normal images."
+    )
+  return np.concatenate(chunks), names
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per pass over the data (the remainder waits for the next epoch's
+  shuffle); at least 1, a set smaller than the batch is repeated to fill it."""
+  return max(1, num_examples // batch_size)
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Indices of the global batch of step `step`: a pure function of (seed, step)."""
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  epoch, position = divmod(int(step), per_epoch)
+  order = np.random.default_rng([int(seed), epoch]).permutation(num_examples)
+  if num_examples < batch_size:
+    order = np.resize(order, batch_size)  # Tiny sets: repeat the shuffled set.
+  return order[position * batch_size : (position + 1) * batch_size]
+
+
+def local_rows(global_batch_size: int) -> slice:
+  """This process's rows of a global batch (process-contiguous, as the mesh expects)."""
+  per_process = global_batch_size // jax.process_count()
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
