@@ -50,6 +50,10 @@ def squared_errors(
     recon = model.unpatchify(pred)
     return jnp.sum((images.astype(jnp.float32) - recon) ** 2, axis=-1)
 
+  if mask_batch_size is None or mask_batch_size >= noise.shape[1]:
+    # All masks in one vmapped pass: images x masks form one large batch.
+    return jax.vmap(one_mask, in_axes=1, out_axes=1)(noise)
+  # Chunks of `mask_batch_size` vmapped masks, looped over: bounded activation memory.
   per_mask = jax.lax.map(one_mask, jnp.swapaxes(noise, 0, 1), batch_size=mask_batch_size)
   return jnp.swapaxes(per_mask, 0, 1)
 
