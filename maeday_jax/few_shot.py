@@ -39,7 +39,7 @@ from ml_collections import config_dict
 from maeday_jax import augment, lora, parallel
 from maeday_jax.checkpoints import orbax_format
 from maeday_jax.data.preprocess import normalize
-from maeday_jax.models import MaskedAutoencoder, masking, num_params
+from maeday_jax.models import MaskedAutoencoder, architecture, masking, num_params
 
 logger = logging.getLogger(__name__)
 
@@ -52,19 +52,6 @@ DEFAULT_LEARNING_RATES = {"lora": 1e-2, "full": 1e-4}
 FROZEN_IN_FULL_FINETUNE = (r"pos_embed", r"decoder_pos_embed")
 CHECKPOINT_DIR = "checkpoints"
 MERGED_DIR = "merged"
-# The architecture fields written next to the merged parameters (`checkpoints.load_mae`).
-_ARCH_FIELDS = (
-  "img_size",
-  "patch_size",
-  "in_chans",
-  "embed_dim",
-  "depth",
-  "num_heads",
-  "decoder_embed_dim",
-  "decoder_depth",
-  "decoder_num_heads",
-  "mlp_ratio",
-)
 
 
 def get_train_config() -> config_dict.ConfigDict:
@@ -426,7 +413,7 @@ def _save_merged(directory: pathlib.Path, model: MaskedAutoencoder, params, sour
     if not orbax_format.is_converted(directory):
       raise FileExistsError(f"{directory} exists and is not a merged model; move it away.")
     shutil.rmtree(directory)  # Our own output of an earlier (identical) run.
-  arch = {f: getattr(model, f) for f in _ARCH_FIELDS}
+  arch = architecture(model)
   orbax_format.save(directory, arch, params, source=source)
 
 

@@ -2,8 +2,10 @@
 
 from maeday_jax.models import masking, patches, pos_embed
 from maeday_jax.models.vit_mae import (
+  ARCH_FIELDS,
   VARIANTS,
   MaskedAutoencoder,
+  architecture,
   create,
   init_params,
   num_params,
@@ -11,8 +13,10 @@ from maeday_jax.models.vit_mae import (
 )
 
 __all__ = [
+  "ARCH_FIELDS",
   "VARIANTS",
   "MaskedAutoencoder",
+  "architecture",
   "create",
   "init_params",
   "masking",

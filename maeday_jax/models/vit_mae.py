@@ -281,6 +281,26 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 
+# The fields that define an architecture (what a converted checkpoint's config records).
+ARCH_FIELDS = (
+  "img_size",
+  "patch_size",
+  "in_chans",
+  "embed_dim",
+  "depth",
+  "num_heads",
+  "decoder_embed_dim",
+  "decoder_depth",
+  "decoder_num_heads",
+  "mlp_ratio",
+)
+
+
+def architecture(model: MaskedAutoencoder) -> dict:
+  """The model's architecture fields, e.g. to save next to its parameters."""
+  return {field: getattr(model, field) for field in ARCH_FIELDS}
+
+
 def create(variant: str = "large", **overrides) -> MaskedAutoencoder:
   """Builds a model of a named variant, e.g. `create("base", dtype=jnp.bfloat16)`."""
   if variant not in VARIANTS:

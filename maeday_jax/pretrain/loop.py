@@ -34,29 +34,16 @@ from maeday_jax.pretrain import step as step_lib
 
 logger = logging.getLogger(__name__)
 
-# The MaskedAutoencoder fields that define an architecture (what `mae_config.json` holds).
-ARCH_FIELDS = (
-  "img_size",
-  "patch_size",
-  "in_chans",
-  "embed_dim",
-  "depth",
-  "num_heads",
-  "decoder_embed_dim",
-  "decoder_depth",
-  "decoder_num_heads",
-  "mlp_ratio",
-)
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 
 
 def architecture(model: models.MaskedAutoencoder) -> dict:
-  return {field: getattr(model, field) for field in ARCH_FIELDS}
+  return models.architecture(model)
 
 
 def _overrides(model_config: ml_collections.ConfigDict) -> dict:
-  return {f: model_config.get(f) for f in ARCH_FIELDS if model_config.get(f) is not None}
+  return {f: model_config.get(f) for f in models.ARCH_FIELDS if model_config.get(f) is not None}
 
 
 # Compiled (once per architecture): op-by-op initialisation is many small dispatches.
