@@ -17,8 +17,12 @@ two may live in different virtual environments. `--no-torch` skips it.
 
 CPU (what the repository's own numbers were measured with):
 
-    python tools/benchmark.py --arch base --batch 8 --steps 3 --warmup 1 \\
+    python tools/benchmark.py --arch base --batch 8 --steps 3 --warmup 1 --interleave \\
         --torch-python /work/venv-torch/bin/python --json runs/bench_base_cpu.json
+
+By default PyTorch runs all its steps first, then JAX. `--interleave` keeps both alive
+and alternates single steps (the order flipping every round), so that a shared machine's
+changing load hits both sides alike: use it whenever others use the machine.
 
 GPU: install a CUDA jaxlib (`pip install -U "jax[cuda12]"`) and a CUDA build of torch in
 the PyTorch environment, then run the same command with `--torch-device cuda`; on
@@ -26,19 +30,23 @@ accelerators use `--dtype bfloat16` as well (parameters stay float32, matmuls in
 bfloat16; PyTorch uses `torch.autocast` to the same effect). In float32 on a GPU the
 worker enables TF32 matmuls, as JAX uses them by default there (set
 `JAX_DEFAULT_MATMUL_PRECISION=highest` in the environment for full float32 on the JAX
-side instead, and compare with care). TPU: `pip install -U
-"jax[tpu]"` and the same command (there is no PyTorch side on TPU: `--no-torch`). JAX
-splits the batch over all local devices (`--batch` must be a multiple of their number).
-The PyTorch worker runs first, so that JAX's GPU memory preallocation cannot starve it.
+side instead, and compare with care). TPU: `pip install -U "jax[tpu]"` and the same
+command with `--no-torch` (there is no PyTorch side on TPU). JAX splits the batch over
+all local devices (`--batch` must be a multiple of their number).
+Without `--interleave` the PyTorch worker runs first, so that JAX's GPU memory
+preallocation cannot starve it; with it, JAX preallocation is turned off
+(`XLA_PYTHON_CLIENT_PREALLOCATE=false`) for `--torch-device cuda`.
 
-JAX options worth trying: `--mask-batch-size` (masks reconstructed together per step of
-the loop over masks; `maeday_jax.zero_shot` default None = all masks in one vmapped pass) and XLA
-flags through the environment (`XLA_FLAGS=...`). PyTorch tries fused
-(`F.scaled_dot_product_attention`) and unfused (explicit softmax) attention and reports
-the faster one unless `--torch-attention` picks one.
+JAX options worth trying: `--mask-batch-size` (None, the `maeday_jax.zero_shot` default:
+all masks in one vmapped pass, B x N reconstructions at once like the PyTorch side; k: a
+loop over chunks of k masks, which bounds memory) and XLA flags through the environment
+(`XLA_FLAGS=...`). PyTorch tries fused (`F.scaled_dot_product_attention`) and unfused
+(explicit softmax) attention and reports the faster one unless `--torch-attention` picks
+one.
 
 Timings on shared machines are noisy: the report includes the load average at the start
-and every step time, and the medians are what the ratio uses.
+and the end, every step's wall and process CPU time, and the medians are what the ratio
+uses.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -725,7 +734,7 @@ def parse_args(argv=None):
     "--mask-batch-size",
     type=int,
     default=None,
-    help="masks reconstructed together (zero_shot default: None = one at a time)",
+    help="masks reconstructed together (zero_shot default None: all at once)",
   )
   g.add_argument("--no-jax", action="store_true", help="PyTorch only")
   g = parser.add_argument_group("PyTorch (optional)")
@@ -781,6 +790,8 @@ def main(argv=None) -> int:
   python = None
   if not args.no_torch:
     python = args.torch_python
+    if python and not (shutil.which(python) or os.access(python, os.X_OK)):
+      raise SystemExit(f"--torch-python {python}: no such executable.")
     if python is None and _torch_importable():
       python = sys.executable
     if python is None:
