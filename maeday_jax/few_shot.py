@@ -44,6 +44,10 @@ from maeday_jax.models import MaskedAutoencoder, architecture, masking, num_para
 logger = logging.getLogger(__name__)
 
 FINETUNE_MODES = ("lora", "full")
+# How a LoRA step computes the adapted model (see `maeday_jax.lora.on_activations`):
+# "activations" (frozen layer + (x A) B, no frozen-kernel gradients; the default) or
+# "weights" (the model run on W + A B; the same values, more backward work at ViT widths).
+LORA_COMPUTE_MODES = ("activations", "weights")
 # Paper: 1e-2 for LoRA, 1e-4 for full fine-tuning (Table 4).
 DEFAULT_LEARNING_RATES = {"lora": 1e-2, "full": 1e-4}
 # Never trained in full fine-tuning: MAE's position tables are fixed sin-cos (the official
@@ -66,6 +70,8 @@ def get_train_config() -> config_dict.ConfigDict:
     mask_ratio: fraction of patches masked in each copy.
     lora.rank, lora.alpha, lora.targets: LoRA rank, alpha (None = rank, i.e. scale 1) and
       regular expressions over '/'-joined parameter paths (see `maeday_jax.lora`).
+    lora.compute: 'activations' (default) or 'weights', how the step computes the adapted
+      model (`LORA_COMPUTE_MODES`); the results agree, the speed differs.
     augment.max_rotation_deg, augment.min_crop_scale, augment.max_crop_scale,
       augment.fill_mode: see `maeday_jax.augment`.
     checkpoint_every: save a resumable checkpoint every this many steps when a workdir is
@@ -81,7 +87,12 @@ def get_train_config() -> config_dict.ConfigDict:
   config.weight_decay = 0.05
   config.mask_ratio = 0.75
   config.lora = config_dict.ConfigDict(
-    dict(rank=lora.DEFAULT_RANK, alpha=config_dict.placeholder(float), targets=lora.DEFAULT_TARGETS)
+    dict(
+      rank=lora.DEFAULT_RANK,
+      alpha=config_dict.placeholder(float),
+      targets=lora.DEFAULT_TARGETS,
+      compute="activations",
+    )
   )
   config.augment = config_dict.ConfigDict(
     dict(
@@ -139,6 +150,7 @@ class StepSettings(NamedTuple):
   batch_size: int
   mask_ratio: float
   lora_alpha: float | None
+  lora_compute: str
   max_rotation_deg: float
   crop_scale: tuple[float, float]
   fill_mode: str
@@ -148,11 +160,15 @@ class StepSettings(NamedTuple):
     if isinstance(config, cls):
       return config
     aug = config.augment
+    compute = config.lora.get("compute", "activations")
+    if compute not in LORA_COMPUTE_MODES:
+      raise ValueError(f"lora.compute must be one of {LORA_COMPUTE_MODES}, got {compute!r}.")
     return cls(
       finetune=_check_mode(config),
       batch_size=int(config.batch_size),
       mask_ratio=float(config.mask_ratio),
       lora_alpha=None if config.lora.alpha is None else float(config.lora.alpha),
+      lora_compute=str(compute),
       max_rotation_deg=float(aug.max_rotation_deg),
       crop_scale=(float(aug.min_crop_scale), float(aug.max_crop_scale)),
       fill_mode=str(aug.fill_mode),
@@ -298,6 +314,24 @@ def effective_params(base, trainable, config):
   return traverse_util.unflatten_dict(flat)
 
 
+def training_loss(
+  model: MaskedAutoencoder, base, trainable, images: jax.Array, noise: jax.Array, config
+) -> jax.Array:
+  """`reconstruction_loss` of the model that `trainable` on top of `base` stands for.
+
+  Differentiable with respect to `trainable`. In LoRA mode with `lora.compute =
+  'activations'` the low-rank updates act on the layers' inputs (`lora.on_activations`),
+  otherwise the model runs on `effective_params`; both give the same loss and gradients.
+  `config`: the training config or its `StepSettings`.
+  """
+  settings = StepSettings.from_config(config)
+  if settings.finetune == "lora" and settings.lora_compute == "activations":
+    with lora.on_activations(trainable, settings.lora_alpha):
+      return reconstruction_loss(model, base, images, noise, settings.mask_ratio)
+  params = effective_params(base, trainable, settings)
+  return reconstruction_loss(model, params, images, noise, settings.mask_ratio)
+
+
 def merge_params(base, trainable, config):
   """Plain model parameters for inference (LoRA folded into the weights)."""
   settings = StepSettings.from_config(config)
@@ -337,8 +371,7 @@ def _train_step(state, base, shots, key, *, model, optimizer, mesh, settings):
   )
 
   def loss_fn(trainable):
-    params = effective_params(base, trainable, settings)
-    return reconstruction_loss(model, params, images, noise, settings.mask_ratio)
+    return training_loss(model, base, trainable, images, noise, settings)
 
   loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
@@ -366,6 +399,18 @@ def make_train_step(
   same settings), mesh and step settings share one compilation.
   """
   return functools.partial(_train_step, **_step_statics(model, optimizer, mesh, config))
+
+
+def lower_train_step(
+  model: MaskedAutoencoder, optimizer: optax.GradientTransformation, mesh, config, *inputs
+) -> jax.stages.Lowered:
+  """`make_train_step`, traced and lowered for `inputs` = (state, base, shots, key).
+
+  `.compile()` gives the step compiled ahead of time, called like the step with arguments
+  of the same shapes and shardings; lowering and compiling apart lets callers (`adapt`,
+  benchmarks) time them apart from the steps.
+  """
+  return _train_step.lower(*inputs, **_step_statics(model, optimizer, mesh, config))
 
 
 def _step_statics(model, optimizer, mesh, config) -> dict:
@@ -487,8 +532,8 @@ def adapt(
 
   t0 = time.perf_counter()
   if start_step < config.steps:  # A finished run only needs merging.
-    statics = _step_statics(model, optimizer, mesh, config)
-    compiled = _train_step.lower(state, base, shots, run_key, **statics).compile()
+    lowered = lower_train_step(model, optimizer, mesh, config, state, base, shots, run_key)
+    compiled = lowered.compile()
   history = {
     "step": [],
     "loss": [],

@@ -58,6 +58,11 @@ def test_defaults_follow_the_paper():
   config.finetune = "partial"
   with pytest.raises(ValueError, match="finetune must be one of"):
     few_shot.make_optimizer(config)
+  config.finetune = "lora"
+  assert few_shot.StepSettings.from_config(config).lora_compute == "activations"
+  config.lora.compute = "kernels"
+  with pytest.raises(ValueError, match=r"lora.compute must be one of \('activations', 'weights'\)"):
+    few_shot.StepSettings.from_config(config)
 
 
 def test_optimizer_matches_pytorch_sgd():

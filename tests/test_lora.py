@@ -183,3 +183,59 @@ def test_only_lora_leaves_receive_updates(params):
   # The caller's parameters are alive and untouched (never donated to the step).
   assert not any(x.is_deleted() for x in jax.tree.leaves(placed))
   jax.tree.map(np.testing.assert_array_equal, placed, params)
+
+
+def _loss_with_lora(on_activations: bool, alpha: float):
+  """Reconstruction MSE as a function of (delta, params, images, noise), with the LoRA
+  update either folded into the weights (`apply`) or run on the activations."""
+
+  def loss(delta, p, x, n):
+    if on_activations:
+      with lora.on_activations(delta, alpha):
+        out = MODEL.apply({"params": p}, x, noise=n)
+    else:
+      out = MODEL.apply({"params": lora.apply(p, delta, alpha)}, x, noise=n)
+    return jnp.mean((out - MODEL.patchify(x)) ** 2)
+
+  return loss
+
+
+def test_on_activations_gives_the_values_and_gradients_of_apply(params):
+  """x (W + s A B) and x W + s (x A) B: same loss, same gradients for every A and B
+  (Dense layers and the patch-embedding convolution), and less work for the gradient."""
+  delta = _random_b(lora.init(jax.random.key(1), params, rank=RANK))
+  images, noise = _inputs(3)
+  alpha = 2.0 * RANK  # scale 2, so that a missing scale would show
+  grad_fns = {
+    mode: jax.jit(jax.value_and_grad(_loss_with_lora(mode, alpha))) for mode in (False, True)
+  }
+  (want, want_grads), (got, got_grads) = (
+    fn(delta, params, images, noise) for fn in grad_fns.values()
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  flat_want, flat_got = (traverse_util.flatten_dict(g) for g in (want_grads, got_grads))
+  assert flat_got.keys() == flat_want.keys()
+  for path, value in flat_want.items():
+    assert np.any(value), path  # every factor of every layer gets a gradient
+    np.testing.assert_allclose(flat_got[path], value, rtol=2e-4, atol=1e-6, err_msg=str(path))
+  # No gradient of the frozen kernels is formed: fewer FLOPs for the same result.
+  cost = {
+    mode: fn.lower(delta, params, images, noise).cost_analysis() for mode, fn in grad_fns.items()
+  }
+  if all(cost.values()):
+    assert cost[True]["flops"] < 0.8 * cost[False]["flops"]
+
+
+def test_on_activations_rejects_trees_it_cannot_apply(params):
+  images, noise = _inputs()
+  pair = {"A": jnp.zeros((64, 2)), "B": jnp.zeros((2, 64))}
+
+  def trace(delta):  # Traces the model without running it.
+    with lora.on_activations(delta):
+      return jax.eval_shape(lambda: MODEL.apply({"params": params}, images, noise=noise))
+
+  # A kernel path of no layer the model calls: the update would silently be missing.
+  with pytest.raises(ValueError, match=r"\['head/kernel'\] were never called"):
+    trace({"head": {"kernel": pair}})
+  with pytest.raises(ValueError, match="not a layer kernel"):
+    trace({"cls_token": pair})

@@ -1,0 +1,552 @@
+"""What both sides of `tools/benchmark.py` share: the work, the weights, the timing.
+
+NumPy and the standard library only: the PyTorch worker imports this, and it must import
+neither JAX nor `maeday_jax`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
+BENCHMARK_SCRIPT = os.path.join(TOOLS_DIR, "benchmark.py")
+# The worker's single JSON result line starts with this, so that library chatter on
+# stdout cannot be mistaken for it.
+RESULT_PREFIX = "MAEDAY_BENCHMARK_RESULT "
+
+# The architectures of `maeday_jax.models.VARIANTS`, spelled out here because the PyTorch
+# worker must not import `maeday_jax`; the JAX side checks that the two agree.
+_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+ARCHS: dict[str, dict[str, int]] = {
+  "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DECODER),
+  "large": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DECODER),
+  "huge": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER),
+  "small": dict(
+    img_size=224,
+    patch_size=16,
+    embed_dim=256,
+    depth=6,
+    num_heads=4,
+    decoder_embed_dim=128,
+    decoder_depth=2,
+    decoder_num_heads=4,
+  ),
+  "test": dict(
+    img_size=32,
+    patch_size=8,
+    embed_dim=64,
+    depth=2,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+  ),
+}
+MLP_RATIO = 4
+
+
+# ----------------------------------------------------------------------------------------
+# Work description shared by both sides (NumPy only).
+# ----------------------------------------------------------------------------------------
+
+
+def num_patches(arch: dict) -> int:
+  return (arch["img_size"] // arch["patch_size"]) ** 2
+
+
+def num_visible(arch: dict, mask_ratio: float) -> int:
+  """`int(L * (1 - ratio))` visible patches, as the official `random_masking`."""
+  return int(num_patches(arch) * (1 - mask_ratio))
+
+
+def block_flops(tokens: int, width: int, mlp_ratio: int = MLP_RATIO) -> dict[str, int]:
+  """Matmul FLOPs (2 per multiply-add) of one pre-norm transformer block on `tokens`."""
+  t, d, h = tokens, width, mlp_ratio * width
+  return {
+    "qkv": 2 * t * d * 3 * d,
+    "attn_scores": 2 * t * t * d,  # q k^T over all heads: heads * T * T * head_dim MACs
+    "attn_values": 2 * t * t * d,
+    "proj": 2 * t * d * d,
+    "fc1": 2 * t * d * h,
+    "fc2": 2 * t * h * d,
+  }
+
+
+def flops_per_mask(arch: dict, mask_ratio: float = 0.75) -> dict[str, int]:
+  """Analytic FLOPs of one MAE reconstruction (one image, one mask).
+
+  Counted: every matmul, as 2 FLOPs per multiply-add, with the token counts the official
+  model (and this port) really compute with. The patch embedding runs on all L patches
+  (masking comes after it); the encoder sees K visible patches + cls; `decoder_embed`
+  maps those K + 1 tokens; the decoder and `decoder_pred` run on L + 1 tokens (the cls
+  prediction is dropped afterwards). Not counted: LayerNorm, softmax, GELU, biases, the
+  masking gathers, the error map and blur (together well under 1 % for ViT-B).
+  """
+  d, dd, p = arch["embed_dim"], arch["decoder_embed_dim"], arch["patch_size"]
+  length = num_patches(arch)
+  enc_tokens = num_visible(arch, mask_ratio) + 1
+  dec_tokens = length + 1
+  patch_dim = p * p * 3
+  encoder_block = sum(block_flops(enc_tokens, d).values())
+  decoder_block = sum(block_flops(dec_tokens, dd).values())
+  parts = {
+    "patch_embed": 2 * length * patch_dim * d,
+    "encoder_blocks": arch["depth"] * encoder_block,
+    "decoder_embed": 2 * enc_tokens * d * dd,
+    "decoder_blocks": arch["decoder_depth"] * decoder_block,
+    "decoder_pred": 2 * dec_tokens * dd * patch_dim,
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def make_inputs(arch: dict, batch: int, num_masks: int, seed: int):
+  """Seeded images (B, H, W, 3) ~ N(0, 1) (normalised pixel space) and noise (B, N, L)."""
+  rng = np.random.default_rng([seed, 1])
+  size = arch["img_size"]
+  images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
+  noise = rng.random((batch, num_masks, num_patches(arch)), dtype=np.float32)
+  return images, noise
+
+
+def _sincos_2d(width: int, grid: int) -> np.ndarray:
+  """Official fixed 2-D sin-cos table with the zero cls row: (1 + grid**2, width)."""
+  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4.0))
+
+  def one_axis(pos):
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  coords = np.arange(grid, dtype=np.float64)
+  w, h = np.meshgrid(coords, coords)  # official order: the column coordinate goes first
+  table = np.concatenate([one_axis(w), one_axis(h)], axis=1)
+  return np.concatenate([np.zeros((1, width)), table], axis=0).astype(np.float32)
+
+
+def random_state_dict(arch: dict, seed: int) -> dict[str, np.ndarray]:
+  """Random weights in the official MAE state-dict layout (PyTorch shapes), NumPy only.
+
+  Both sides load these, so their outputs can be compared. Scales keep activations of
+  order one (weights ~ N(0, 1/fan_in), LayerNorm scales near 1): zeros or huge values
+  could hit fast or slow paths (e.g. denormals) that real checkpoints do not.
+  """
+  rng = np.random.default_rng([seed, 2])
+  d, dd, p = arch["embed_dim"], arch["decoder_embed_dim"], arch["patch_size"]
+  grid = arch["img_size"] // p
+  state: dict[str, np.ndarray] = {}
+
+  def normal(shape, std):
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+  def uniform(shape, low, high):
+    return rng.uniform(low, high, size=shape).astype(np.float32)
+
+  def linear(name, fan_out, fan_in):
+    state[f"{name}.weight"] = normal((fan_out, fan_in), fan_in**-0.5)
+    state[f"{name}.bias"] = uniform((fan_out,), -0.1, 0.1)
+
+  def norm(name, width):
+    state[f"{name}.weight"] = uniform((width,), 0.8, 1.2)
+    state[f"{name}.bias"] = uniform((width,), -0.1, 0.1)
+
+  def blocks(prefix, count, width):
+    for i in range(count):
+      b = f"{prefix}.{i}"
+      norm(f"{b}.norm1", width)
+      linear(f"{b}.attn.qkv", 3 * width, width)
+      linear(f"{b}.attn.proj", width, width)
+      norm(f"{b}.norm2", width)
+      linear(f"{b}.mlp.fc1", MLP_RATIO * width, width)
+      linear(f"{b}.mlp.fc2", width, MLP_RATIO * width)
+
+  state["cls_token"] = normal((1, 1, d), 0.5)
+  state["pos_embed"] = _sincos_2d(d, grid)[None]
+  state["patch_embed.proj.weight"] = normal((d, 3, p, p), (3 * p * p) ** -0.5)
+  state["patch_embed.proj.bias"] = uniform((d,), -0.1, 0.1)
+  blocks("blocks", arch["depth"], d)
+  norm("norm", d)
+  linear("decoder_embed", dd, d)
+  state["mask_token"] = normal((1, 1, dd), 0.5)
+  state["decoder_pos_embed"] = _sincos_2d(dd, grid)[None]
+  blocks("decoder_blocks", arch["decoder_depth"], dd)
+  norm("decoder_norm", dd)
+  linear("decoder_pred", p * p * 3, dd)
+  return state
+
+
+def inputs_digest(images: np.ndarray, noise: np.ndarray) -> str:
+  """Short hash proving both processes generated the same inputs."""
+  h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+  h.update(np.ascontiguousarray(noise).tobytes())
+  return h.hexdigest()[:16]
+
+
+def timed(run) -> tuple[float, float]:
+  """Wall-clock and process CPU seconds of one call of `run` (which must block)."""
+  w0, c0 = time.perf_counter(), time.process_time()
+  run()
+  return time.perf_counter() - w0, time.process_time() - c0
+
+
+def step_stats(wall: list[float], cpu: list[float], batch: int, flops_per_image: float) -> dict:
+  """Median-based throughput figures of the timed steps.
+
+  The process CPU time is kept because the wall time of a step on a shared machine
+  depends on what else runs; CPU seconds per step much below wall seconds x threads
+  means the process did not get its cores (spin-waiting threads count as busy).
+  """
+  median = statistics.median(wall)
+  return {
+    "step_times_s": wall,
+    "step_cpu_times_s": cpu,
+    "step_median_s": median,
+    "step_min_s": min(wall),
+    "step_cpu_median_s": statistics.median(cpu),
+    "images_per_s": batch / median,
+    "gflops_per_s": batch * flops_per_image / median / 1e9,
+  }
+
+
+def machine_info() -> dict:
+  """CPU model, cores, load: enough to tell later which machine a figure came from."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  info = {
+    "cpu_model": cpu,
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "numpy": np.__version__,
+  }
+  if hasattr(os, "sched_getaffinity"):
+    info["cpus_usable"] = len(os.sched_getaffinity(0))
+  if hasattr(os, "getloadavg"):
+    info["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+  return info
+
+
+def log(msg: str) -> None:
+  # Progress goes to stderr: stdout of the worker carries the result lines.
+  print(msg, file=sys.stderr, flush=True)
+
+
+def emit(payload: dict) -> None:
+  print(RESULT_PREFIX + json.dumps(payload), flush=True)
+
+
+def torch_importable() -> bool:
+  return all(importlib.util.find_spec(m) is not None for m in ("torch", "timm", "safetensors"))
+
+
+class TorchProcess:
+  """`benchmark.py --torch-worker` under another interpreter, read line by line.
+
+  `forward` lists the argument names (attributes of `args`) the worker needs.
+  """
+
+  def __init__(self, args, python: str, serve: bool, forward: tuple[str, ...]):
+    flags = []
+    for name in forward:
+      flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    cmd = [python, BENCHMARK_SCRIPT, "--torch-worker", *flags]
+    if serve:
+      cmd.append("--torch-serve")
+    log(f"[torch] {' '.join(cmd)}")
+    # stderr (progress) goes straight through; stdout carries the result lines.
+    self.proc = subprocess.Popen(
+      cmd, stdin=subprocess.PIPE if serve else subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+    )
+    self.chatter: list[str] = []
+
+  def read(self) -> dict:
+    """The next result line of the worker."""
+    for line in self.proc.stdout:
+      if line.startswith(RESULT_PREFIX):
+        return json.loads(line[len(RESULT_PREFIX) :])
+      self.chatter.append(line)
+    code = self.proc.wait()
+    tail = "".join(self.chatter[-20:])
+    raise RuntimeError(f"PyTorch worker ended (exit {code}) without a result; stdout:\n{tail}")
+
+  def command(self, text: str) -> dict | None:
+    self.proc.stdin.write(text + "\n")
+    self.proc.stdin.flush()
+    return None if text == "done" else self.read()
+
+  def finish(self) -> dict:
+    result = self.read()
+    if self.proc.stdin:
+      self.proc.stdin.close()
+    self.proc.wait()
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# Report lines shared by the tasks.
+# ----------------------------------------------------------------------------------------
+
+
+PLURALS = {"copy": "copies"}
+
+
+def timing_words(cfg: dict) -> str:
+  return f"{cfg['steps']} timed steps after {cfg['warmup']} warm-up" + (
+    ", sides interleaved step by step" if cfg["interleave"] else ""
+  )
+
+
+def jax_header(jx: dict) -> str:
+  return f"JAX {jx['jax']} (jaxlib {jx['jaxlib']}, flax {jx['flax']}) on {jx['devices']}" + (
+    f", XLA_FLAGS={jx['xla_flags']!r}" if jx["xla_flags"] else ""
+  )
+
+
+def torch_header(pt: dict, how: str) -> str:
+  dev = pt["device"] + (f" ({pt['device_name']})" if pt.get("device_name") else "")
+  return (
+    f"PyTorch {pt['torch']} (timm {pt.get('timm', '?')}) on {dev}, {pt['threads']} threads, "
+    f"{how}, {pt['attention']} attention (the faster of {'/'.join(pt['attention_runs'])})"
+  )
+
+
+def run_line(label: str, run: dict, unit: str) -> str:
+  """One side's step statistics; `unit` names what `images_per_s` counts."""
+  first = ""
+  if "first_iteration_s" in run:
+    first = f"; first iteration {run['first_iteration_s']:.2f} s"
+  return (
+    f"  {label + ': ' if label else ''}step {run['step_median_s']:.3f} s (median; min "
+    f"{run['step_min_s']:.3f}) -> {run['images_per_s']:.3f} {PLURALS.get(unit, unit + 's')}/s "
+    f"({1 / run['images_per_s']:.4g} s/{unit}), {run['gflops_per_s']:.1f} GFLOP/s; "
+    f"CPU {run['step_cpu_median_s']:.3g} s/step{first}"
+  )
+
+
+def compile_line(jx: dict) -> str:
+  return (
+    f"  compile: trace+lower {jx['lower_s']:.2f} s + compile {jx['compile_s']:.2f} s; "
+    f"first call incl. compile {jx['first_call_s']:.2f} s"
+  )
+
+
+def ratio_line(result: dict) -> str:
+  r = result["ratio_jax_over_torch"]
+  return (
+    f"ratio JAX / PyTorch (throughput): {r:.3f} ({'JAX' if r >= 1 else 'PyTorch'} faster); "
+    f"CPU seconds per step PyTorch / JAX: {result['cpu_time_ratio_torch_over_jax']:.3f}"
+  )
+
+
+# ----------------------------------------------------------------------------------------
+# The two sides' common machinery. Subclasses set up the work and implement `_run`.
+# ----------------------------------------------------------------------------------------
+
+
+class TorchSide:
+  """The PyTorch reference model on the benchmark weights; `step(mode)` times one step.
+
+  `mode` is the attention path of every block: "fused" (`F.scaled_dot_product_attention`)
+  or "unfused" (explicit softmax(q k^T) v, what the MAE release ran). Subclasses set up
+  their inputs, implement `_run(mode)` (one blocking step) and may add `extra_summary()`.
+  """
+
+  def __init__(self, args, arch: dict, flops_per_item: float):
+    import torch
+    import torch_mae_reference as ref
+
+    self.torch, self.args, self.arch = torch, args, arch
+    self.flops_per_item = flops_per_item
+    threads = args.torch_threads or (
+      len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    )
+    torch.set_num_threads(threads)
+    self.device = torch.device(args.torch_device)
+    self.cuda = self.device.type == "cuda"
+    if self.cuda and not torch.cuda.is_available():
+      raise SystemExit("--torch-device cuda: this torch build sees no CUDA device.")
+    if self.cuda:
+      # JAX's default float32 matmul precision on GPUs is TF32; PyTorch's is full float32.
+      # Match JAX, or the float32 comparison measures two different arithmetics.
+      torch.backends.cuda.matmul.allow_tf32 = True
+      torch.backends.cudnn.allow_tf32 = True
+    model = ref.build_reference(**arch)
+    state = {k: torch.from_numpy(v) for k, v in random_state_dict(arch, args.seed).items()}
+    model.load_state_dict(state, strict=True)
+    self.model = model.to(self.device).eval()
+    self.autocast = lambda: torch.autocast(
+      self.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"
+    )
+    self.modes = ["unfused", "fused"] if args.torch_attention == "both" else [args.torch_attention]
+    self.first: dict[str, float] = {}
+    self.times: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in self.modes}
+
+  def set_attention(self, mode: str) -> None:
+    for blk in list(self.model.blocks) + list(self.model.decoder_blocks):
+      blk.attn.fused_attn = mode == "fused"
+
+  def _run(self, mode: str) -> None:
+    raise NotImplementedError
+
+  def _blocking_run(self, mode: str) -> None:
+    self.set_attention(mode)
+    self._run(mode)
+    if self.cuda:
+      self.torch.cuda.synchronize()
+
+  def prepare(self, mode: str) -> None:
+    """First iteration (timed apart: one-time allocations) and the warm-up steps."""
+    wall, _ = timed(lambda: self._blocking_run(mode))
+    self.first[mode] = wall
+    log(f"[torch {mode}] first iteration {wall:.2f} s")
+    for i in range(self.args.warmup):
+      wall, _ = timed(lambda: self._blocking_run(mode))
+      log(f"[torch {mode}] warmup {i + 1}/{self.args.warmup}: {wall:.2f} s")
+
+  def step(self, mode: str) -> tuple[float, float]:
+    wall, cpu = timed(lambda: self._blocking_run(mode))
+    walls, cpus = self.times[mode]
+    walls.append(wall)
+    cpus.append(cpu)
+    log(f"[torch {mode}] step {len(walls)}/{self.args.steps}: {wall:.2f} s (CPU {cpu:.2f} s)")
+    return wall, cpu
+
+  def extra_summary(self) -> dict:
+    return {}
+
+  def summary(self) -> dict:
+    torch, args = self.torch, self.args
+    runs = {
+      mode: {
+        "first_iteration_s": self.first[mode],
+        **step_stats(*self.times[mode], args.batch, self.flops_per_item),
+      }
+      for mode in self.modes
+    }
+    best = min(runs, key=lambda k: runs[k]["step_median_s"])
+    result = {
+      "side": "pytorch",
+      "torch": torch.__version__,
+      "threads": torch.get_num_threads(),
+      "device": args.torch_device,
+      "device_name": torch.cuda.get_device_name(self.device) if self.cuda else None,
+      "tf32": self.cuda,
+      "dtype": args.dtype,
+      "attention": best,
+      "attention_runs": runs,
+      **runs[best],
+      **self.extra_summary(),
+      "machine": machine_info(),
+    }
+    try:
+      import timm
+
+      result["timm"] = timm.__version__
+    except ImportError:
+      pass
+    return result
+
+
+class JaxSide:
+  """`maeday_jax`'s model on the benchmark weights; subclasses compile and time a step.
+
+  A subclass builds its inputs, compiles its step with `compile`, sets `_run` (one blocking
+  step) and calls `warm_up`; `step()` then times one `_run`.
+  """
+
+  def __init__(self, args, arch: dict, flops_per_item: float):
+    import jax
+    import jax.numpy as jnp
+
+    from maeday_jax import models, parallel
+    from maeday_jax.checkpoints import state_dict
+
+    self.jax, self.args, self.arch = jax, args, arch
+    self.flops_per_item = flops_per_item
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    self.model = models.create(args.arch, dtype=dtype, mask_ratio=args.mask_ratio)
+    mismatched = {
+      k: (getattr(self.model, k), v) for k, v in arch.items() if getattr(self.model, k) != v
+    }
+    if mismatched or self.model.mlp_ratio != MLP_RATIO:
+      raise RuntimeError(f"ARCHS[{args.arch!r}] disagrees with maeday_jax: {mismatched}")
+    self.mesh = parallel.data_mesh()
+    devices = self.mesh.devices.size
+    if args.batch % devices:
+      raise SystemExit(f"--batch {args.batch} must be a multiple of the {devices} JAX devices.")
+    state = random_state_dict(arch, args.seed)
+    params = state_dict.to_params(state, models.param_shapes(self.model), "benchmark weights")
+    self.params = parallel.replicate(params, self.mesh)
+    self.compile_times: dict[str, float] = {}
+    self.wall: list[float] = []
+    self.cpu: list[float] = []
+
+  def compile(self, lower):
+    """`lower()` (returns a `jax.stages.Lowered`), compiled; both parts timed apart."""
+    t0 = time.perf_counter()
+    lowered = lower()
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    self.compile_times = {"lower_s": t1 - t0, "compile_s": t2 - t1}
+    log(f"[jax] trace+lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s")
+    return compiled
+
+  def _run(self) -> None:
+    """One blocking step; set by the subclass."""
+    raise NotImplementedError
+
+  def warm_up(self) -> None:
+    """The first run (timed apart) and the untimed warm-up steps."""
+    wall, _ = timed(self._run)
+    self.compile_times["first_run_s"] = wall
+    self.compile_times["first_call_s"] = sum(self.compile_times.values())
+    log(f"[jax] first run {wall:.2f} s")
+    for i in range(self.args.warmup):
+      wall, _ = timed(self._run)
+      log(f"[jax] warmup {i + 1}/{self.args.warmup}: {wall:.2f} s")
+
+  def step(self) -> tuple[float, float]:
+    wall, cpu = timed(self._run)
+    self.wall.append(wall)
+    self.cpu.append(cpu)
+    log(f"[jax] step {len(self.wall)}/{self.args.steps}: {wall:.2f} s (CPU {cpu:.2f} s)")
+    return wall, cpu
+
+  def extra_summary(self) -> dict:
+    return {}
+
+  def summary(self) -> dict:
+    import flax
+    import jaxlib
+
+    jax = self.jax
+    return {
+      "side": "jax",
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__,
+      "devices": [str(d) for d in jax.devices()],
+      "device_kind": jax.devices()[0].device_kind,
+      "dtype": self.args.dtype,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      **self.compile_times,
+      **step_stats(self.wall, self.cpu, self.args.batch, self.flops_per_item),
+      **self.extra_summary(),
+    }
