@@ -16,6 +16,13 @@ from maeday_jax.jobs.common import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/latest", "Directory for all outputs.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Several hosts (TPU pod slices, Slurm, Open MPI): call jax.distributed.initialize() "
+  "first, which finds the other processes from the environment. Run the same command "
+  "on every host.",
+)
 
 
 def _job(name: str):
@@ -37,6 +44,10 @@ def main(argv) -> None:
   # tfds logs every prepared file through absl at INFO; keep the console for our progress.
   absl_logging.set_verbosity(absl_logging.WARNING)
   config = _CONFIG.value
+  if _DISTRIBUTED.value:
+    import jax
+
+    jax.distributed.initialize()
   try:
     _job(config.job).run(config, _WORKDIR.value)
   except (CheckpointError, DataError, ConfigError) as e:

@@ -437,6 +437,51 @@ class PixelMetricAccumulator:
     self._sums = np.add.reduceat(self._sums, starts, axis=1)
     self.shift += lo
 
+  def merge(self, other: PixelMetricAccumulator) -> None:
+    """Adds the pixels pooled by `other` (e.g. another host's shard) to this accumulator.
+
+    The merged table equals the one a single accumulator would hold after seeing both
+    inputs, binned at the coarser of the two bin widths (exact when both are exact).
+    """
+    if other.resolution != self.resolution:
+      raise ValueError(
+        f"Cannot merge accumulators evaluating at {self.resolution} and {other.resolution}."
+      )
+    self._flush()
+    other._flush()
+    shift = max(self.shift, other.shift)
+    keys = np.concatenate(
+      [self._keys >> np.uint64(shift - self.shift), other._keys >> np.uint64(shift - other.shift)]
+    )
+    self._keys, self._sums = _sum_by_key(keys, np.concatenate([self._sums, other._sums], axis=1))
+    self.shift = shift
+    self.num_images += other.num_images
+    self.num_regions += other.num_regions
+    if self._keys.size > self.max_distinct:
+      self._coarsen()
+
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    """The accumulator's state as NumPy arrays (to send to other processes or save)."""
+    self._flush()
+    resolution = () if self.resolution is None else self.resolution
+    return {
+      "keys": self._keys,
+      "sums": self._sums,
+      "header": np.asarray([self.shift, self.num_images, self.num_regions, self.max_distinct]),
+      "resolution": np.asarray(resolution, np.int64),
+    }
+
+  @classmethod
+  def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PixelMetricAccumulator:
+    """The accumulator whose `to_arrays()` gave `arrays`."""
+    shift, num_images, num_regions, max_distinct = (int(x) for x in arrays["header"])
+    resolution = tuple(int(x) for x in arrays["resolution"]) or None
+    acc = cls(resolution=resolution, max_distinct=max_distinct)
+    acc.shift, acc.num_images, acc.num_regions = shift, num_images, num_regions
+    acc._keys = np.asarray(arrays["keys"], np.uint64)
+    acc._sums = np.asarray(arrays["sums"], np.float64).reshape(3, -1)
+    return acc
+
   def counts(self) -> ThresholdCounts:
     """The table, highest threshold first."""
     self._flush()

@@ -2,8 +2,11 @@
 
 Each process feeds its own slice of the global batch; `jax.jit` with `NamedSharding`
 splits it over the local devices and replicates parameters. Results come back to each
-process for its own examples only.
+process for its own examples only; `allgather_arrays` then pools what every process
+found (scores, metric tables) where a report needs all of them.
 """
+
+import io
 
 import jax
 import numpy as np
@@ -56,3 +59,27 @@ def to_local_numpy(tree, mesh: Mesh):
     return jax.tree.map(np.asarray, tree)
   local = multihost_utils.global_array_to_host_local_array(tree, mesh, PartitionSpec(DATA_AXIS))
   return jax.tree.map(np.asarray, local)
+
+
+def allgather_arrays(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+  """Every process's `arrays`, one dict per process in process order, on every process.
+
+  Arrays may differ in shape and dtype between processes (ragged results such as one
+  shard's scores, 64-bit keys, or strings), so they travel as one `.npz` payload per
+  process, padded to the longest; nothing is pickled. A collective: every process must
+  call it. With a single process it returns `[arrays]` without communicating.
+  """
+  if jax.process_count() == 1:
+    return [dict(arrays)]
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  payload = np.frombuffer(buffer.getvalue(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int32)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: payload.size] = payload
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  gathered = []
+  for row, size in zip(rows, sizes.reshape(-1), strict=True):
+    with np.load(io.BytesIO(row[:size].tobytes()), allow_pickle=False) as npz:
+      gathered.append({name: npz[name] for name in npz.files})
+  return gathered

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -80,6 +82,76 @@ def test_reports_and_pictures(folder_run):
   assert json.loads((workdir / "config.json").read_text())["num_masks"] == 4
   skipped = {item["path"].rsplit("/", 1)[-1] for item in summary["skipped"]}
   assert {"e.png", "readme.txt", "f.png"} <= skipped
+
+
+# One process of a two-process run (`jax.distributed` on this machine, one CPU device
+# each) of the `folder_run` job: same config, same data, shared data_dir and workdir.
+TWO_PROCESS_WORKER = """
+import pathlib, sys
+import jax
+
+port, pid, fixtures, raw, tmp = sys.argv[1:6]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
+from maeday_jax.jobs import zero_shot as zero_shot_job
+from tests.test_main_zero_shot import _config
+
+raw, tmp = pathlib.Path(raw), pathlib.Path(tmp)
+config = _config(
+  pathlib.Path(fixtures), tmp, name="folder", path=str(raw / "images"),
+  mask_path=str(raw / "masks"), normal_path=str(raw / "normal"),
+)
+zero_shot_job.run(config, tmp / "work")
+"""
+
+
+def test_two_processes_report_what_one_process_reports(folder_run, fixtures_dir, tmp_path):
+  """Hosts score their own shards; the reports must cover every host's images, exactly
+  as a single process scoring everything reports them."""
+  fake, single, _ = folder_run
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO_ROOT)}
+  paths = [str(fixtures_dir), str(fake.root), str(tmp_path)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", TWO_PROCESS_WORKER, str(port), str(pid), *paths],
+      env=env,
+      cwd=REPO_ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in (0, 1)
+  ]
+  try:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, output in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, output[-3000:]
+  two = tmp_path / "work"
+
+  def scores(workdir):
+    with open(workdir / "scores.csv") as f:
+      return {r["file"]: r for r in csv.DictReader(f)}
+
+  one_rows, two_rows = scores(single), scores(two)
+  assert two_rows.keys() == one_rows.keys()
+  for name, row in one_rows.items():
+    assert two_rows[name]["label"] == row["label"]
+    np.testing.assert_allclose(float(two_rows[name]["score"]), float(row["score"]), rtol=1e-5)
+  one_metrics, two_metrics = (
+    json.loads((w / "metrics.json").read_text())["per_category"]["images"] for w in (single, two)
+  )
+  for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro"):
+    assert two_metrics[key] == pytest.approx(one_metrics[key], abs=1e-4), key
+  # Each process wrote the maps and overlays of its own images: together, all of them.
+  for name in one_rows:
+    stem = name.rsplit(".", 1)[0]
+    assert (two / "maps" / "images" / f"{stem}.npz").is_file(), name
+    assert (two / "overlays" / "images" / f"{stem}.png").is_file(), name
 
 
 def test_real_magnetic_tiles_end_to_end(fixtures_dir, mt_sample_dir, tmp_path):

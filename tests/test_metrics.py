@@ -241,6 +241,38 @@ def test_smallest_table_keeps_auroc_within_its_bound():
     metrics.PixelMetricAccumulator(max_distinct=100)
 
 
+def test_merged_shards_equal_one_accumulator_over_everything():
+  """Hosts pool their shards' tables: exact tables merge exactly; a coarsened shard
+  coarsens the merge to its bins, still within the AUROC bound."""
+  maps, masks = _blob_data(np.random.default_rng(10), n=12, size=48, ties=False)
+  halves = [(maps[:5], masks[:5]), (maps[5:], masks[5:])]
+
+  def merged(max_distinct_first):
+    shards = [
+      metrics.PixelMetricAccumulator(max_distinct=max_distinct_first),
+      metrics.PixelMetricAccumulator(),
+    ]
+    for shard, (m, k) in zip(shards, halves, strict=True):
+      shard.add(m, k)
+    # As between hosts: through the array form.
+    first, second = (metrics.PixelMetricAccumulator.from_arrays(s.to_arrays()) for s in shards)
+    first.merge(second)
+    return first
+
+  exact = merged(metrics.DEFAULT_MAX_DISTINCT)
+  assert exact.is_exact and exact.num_images == 12
+  for name in ("auroc", "ap", "f1_max", "aupro"):
+    assert getattr(exact, name)() == pytest.approx(
+      getattr(metrics, f"pixel_{name}" if name != "aupro" else "aupro")(maps, masks), abs=1e-12
+    ), name
+  assert exact.auroc() == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+  coarse = merged(metrics.MIN_MAX_DISTINCT)  # the first shard had to bin its values
+  assert not coarse.is_exact
+  assert abs(coarse.auroc() - exact.auroc()) <= coarse.auroc_error_bound() + 1e-12
+  with pytest.raises(ValueError, match="Cannot merge"):
+    coarse.merge(metrics.PixelMetricAccumulator(resolution=16))
+
+
 def test_nan_maps_rejected():
   with pytest.raises(ValueError, match="NaN"):
     metrics.pixel_auroc(np.full((1, 4, 4), np.nan), np.ones((1, 4, 4)))

@@ -394,10 +394,12 @@ class JaxFinetune(JaxSide):
     copies = np.arange(self.args.batch) % self.args.shots
     images, noise = shots[copies], jax.numpy.asarray(self.check_noise_np)
 
+    # Weights and data are arguments, not closed-over constants, which XLA would try to
+    # constant-fold (minutes for the patch-embedding convolution of a ViT-B batch).
     @jax.jit
-    def update(trainable, opt_state):
+    def update(trainable, opt_state, base, images, noise):
       def loss_fn(t):
-        return few_shot.training_loss(self.model, self.params, t, images, noise, settings)
+        return few_shot.training_loss(self.model, base, t, images, noise, settings)
 
       loss, grads = jax.value_and_grad(loss_fn)(trainable)
       updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
@@ -407,7 +409,7 @@ class JaxFinetune(JaxSide):
     opt_state = self.optimizer.init(trainable)
     losses = []
     for _ in range(CHECK_UPDATES + 1):
-      trainable, opt_state, loss = update(trainable, opt_state)
+      trainable, opt_state, loss = update(trainable, opt_state, self.params, images, noise)
       losses.append(float(loss))
     return losses
 

@@ -9,9 +9,9 @@ fingerprint of names, sizes and modification times is kept in the metadata). Dow
 and extracted archives are kept in `<data_dir>/downloads` (delete them once every
 category is prepared to save space).
 
-Several processes sharing one `data_dir` should let one of them prepare the data first
-(e.g. process 0, then a barrier): tfds writes into a temporary folder and renames it,
-but two processes building the same dataset at once both do the work.
+Several processes sharing one `data_dir` must not build the same dataset at once (tfds
+writes into a temporary folder and renames it, but both would do the work):
+`split.load_split` lets process 0 prepare first, behind a barrier.
 """
 
 from __future__ import annotations

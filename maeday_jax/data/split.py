@@ -91,6 +91,27 @@ class Split:
     return f"{self.dataset}/{self.category}/{self.name}"
 
 
+def _prepare_once(data_config: ml_collections.ConfigDict, category: str):
+  """`prepare.prepare` on process 0 first; the other processes then open (or, with
+  their own `data_dir`, build) it. Every process must call this: it holds a barrier."""
+  import jax  # Only for multi-process runs; keeps the data layer cheap to import.
+
+  if jax.process_count() == 1:
+    return prepare.prepare(data_config, category)
+  from jax.experimental import multihost_utils
+
+  builder, error = None, None
+  if jax.process_index() == 0:
+    try:
+      builder = prepare.prepare(data_config, category)
+    except DataError as e:  # Raised after the barrier, so that no process waits forever.
+      error = e
+  multihost_utils.sync_global_devices(f"maeday_jax: prepared {data_config.name}/{category}")
+  if error is not None:
+    raise error
+  return builder if builder is not None else prepare.prepare(data_config, category)
+
+
 def load_split(data_config: ml_collections.ConfigDict, category: str, split: str) -> Split:
   """Prepares the category if needed and returns one of its splits.
 
@@ -104,15 +125,15 @@ def load_split(data_config: ml_collections.ConfigDict, category: str, split: str
     DataError: for an unknown dataset, category or split, a missing path, or a source
       that cannot be prepared (each naming what is wrong).
 
-  With several JAX processes sharing `config.data.data_dir`, let one process call this
-  first (then a barrier) so the data is prepared once; see `prepare.py`.
+  With several JAX processes, process 0 prepares the data first and the others wait
+  for it (a barrier), so that hosts sharing `config.data.data_dir` build it once.
   """
   if data_config.name == "folder" and split == "train" and not data_config.get("normal_path"):
     raise DataError(
       "The folder dataset has no 'train' split: set config.data.normal_path to a folder of "
       "normal reference images."
     )
-  builder = prepare.prepare(data_config, category)
+  builder = _prepare_once(data_config, category)
   if split not in builder.info.splits:
     raise DataError(
       f"{data_config.name}/{category} has no split '{split}'; "

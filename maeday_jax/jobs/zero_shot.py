@@ -34,7 +34,7 @@ _MIN_TILE = 160  # Pixels: the smallest tile drawn in reconstruction panels.
 
 @dataclasses.dataclass
 class ScoredSplit:
-  """What scoring one split produced (this process's examples only)."""
+  """What scoring one split produced: this process's examples, or (`gather_scored`) all."""
 
   result: reports.CategoryResult
   indices: np.ndarray  # Split index of each scored example.
@@ -106,6 +106,51 @@ def score_split(
   return ScoredSplit(result, np.asarray(indices, np.int64), seconds)
 
 
+def gather_scored(scored: ScoredSplit) -> ScoredSplit:
+  """Every process's examples of a split, in split order, on every process.
+
+  Image scores, labels and names are concatenated; the pixel-metric tables are merged.
+  A collective (every process must call it); with one process, `scored` itself.
+  """
+  if jax.process_count() == 1:
+    return scored
+  result = scored.result
+  local = {
+    "indices": scored.indices,
+    "labels": result.labels,
+    "scores": result.scores,
+    "file_names": np.asarray(result.file_names, dtype=str),
+    "seconds": np.float64(scored.seconds),
+  }
+  if result.pixels is not None:
+    local.update({f"pixels.{k}": v for k, v in result.pixels.to_arrays().items()})
+  parts = parallel.allgather_arrays(local)
+  indices = np.concatenate([p["indices"] for p in parts])
+  order = np.argsort(indices, kind="stable")
+  pixels = None
+  for part in parts:
+    if "pixels.keys" not in part:
+      continue  # That process's shard had no masks.
+    table = {k.removeprefix("pixels."): v for k, v in part.items() if k.startswith("pixels.")}
+    shard = metrics.PixelMetricAccumulator.from_arrays(table)
+    if pixels is None:
+      pixels = shard
+    else:
+      pixels.merge(shard)
+  names = np.concatenate([p["file_names"].astype(str) for p in parts])
+  gathered = reports.CategoryResult(
+    category=result.category,
+    file_names=[str(n) for n in names[order]],
+    labels=np.concatenate([p["labels"] for p in parts])[order],
+    scores=np.concatenate([p["scores"] for p in parts])[order],
+    pixels=pixels,
+    seed=result.seed,
+  )
+  # The split took as long as its slowest process.
+  seconds = max(float(p["seconds"]) for p in parts)
+  return ScoredSplit(gathered, indices[order], seconds)
+
+
 def choose_threshold(
   config, scored: ScoredSplit, score_normals
 ) -> tuple[thresholds.Threshold | None, str]:
@@ -141,10 +186,15 @@ def showcase_order(result: reports.CategoryResult) -> np.ndarray:
   return np.lexsort((-result.scores, (result.labels != 1).astype(int)))
 
 
-def write_pictures(writer, split, scored, threshold, config) -> None:
-  """Overlays for every image and panels for a sample, on one colour scale."""
+def write_pictures(writer, split, scored, threshold, config, all_scores=None) -> None:
+  """Overlays for every image of `scored` and panels for a sample, on one colour scale.
+
+  `all_scores`: the scores of every process's images, which set the colour scale
+  (default: `scored`'s own).
+  """
   out = config.outputs
-  vmin, vmax = _color_range(scored.result.scores, threshold)
+  all_scores = scored.result.scores if all_scores is None else all_scores
+  vmin, vmax = _color_range(all_scores, threshold)
   panel_budget = len(scored.indices) if out.panels < 0 else out.panels
   order = showcase_order(scored.result)
   panel_set = set(order[:panel_budget].tolist())
@@ -222,9 +272,12 @@ def evaluate_category(
   split = data.load_split(config.data, category, "test")
   splits = [split]
   writer = OutputWriter(workdir, category)
-  scored = score_split(model, replicated, split, config, scorer, mesh, key, writer, desc=category)
-  scored.result.seed = seed
+  local = score_split(model, replicated, split, config, scorer, mesh, key, writer, desc=category)
+  local.result.seed = seed
   writer.wait()
+  # Thresholds, metrics and reports need every process's images; each process draws
+  # its own images' pictures.
+  scored = gather_scored(local)
 
   def score_normals():
     normals = data.load_split(config.data, category, "train")
@@ -233,11 +286,11 @@ def evaluate_category(
     scored_normals = score_split(
       model, replicated, normals, config, scorer, mesh, key, pixel_metrics=False, desc=desc
     )
-    return scored_normals.result.scores
+    return gather_scored(scored_normals).result.scores
 
   threshold, why = choose_threshold(config, scored, score_normals)
   notes = {"threshold": why, **({"value": threshold.value} if threshold else {})}
-  write_pictures(writer, split, scored, threshold, config)  # Each process: its own images.
+  write_pictures(writer, split, local, threshold, config, all_scores=scored.result.scores)
   if jax.process_index() == 0:
     write_reconstructions(model, params, split, scored, config, key, workdir)
     if config.outputs.roc and (scored.result.labels >= 0).any():

@@ -1,0 +1,161 @@
+"""Two real JAX processes on this machine (CPU, `jax.distributed`, gloo collectives).
+
+Each process holds its own shard of a category's results, as on a TPU pod; gathering must
+give every process the whole category: scores and names in split order, and pixel
+metrics equal to scikit-learn's over all pixels of both shards.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from maeday_jax import metrics
+from tests.conftest import REPO_ROOT
+
+NUM_IMAGES = 7
+
+# The data both processes (and this test) build; process p keeps images p, p + 2, ...
+DATA = """
+import numpy as np
+
+def category_data():
+  rng = np.random.default_rng(0)
+  maps = rng.random((7, 12, 12))
+  masks = np.zeros((7, 12, 12), np.uint8)
+  masks[3, 2:7, 4:9] = 1
+  masks[4, 0:3, :] = 1
+  masks[6, 8:, 8:] = 1
+  maps = maps + 0.5 * masks  # anomalies score higher, but not perfectly
+  labels = np.asarray([0, 0, 0, 1, 1, 0, 1])
+  return maps, masks, labels
+"""
+
+WORKER = (
+  DATA
+  + """
+import json, sys
+import jax
+
+port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+
+from maeday_jax import metrics, parallel, reports
+from maeday_jax.jobs import zero_shot as job
+
+maps, masks, labels = category_data()
+mine = np.arange(pid, len(maps), 2)
+pixels = metrics.PixelMetricAccumulator()
+pixels.add(maps[mine], masks[mine])
+local = job.ScoredSplit(
+  reports.CategoryResult(
+    category="tiles",
+    file_names=[f"tile_{i}.png" for i in mine],
+    labels=labels[mine],
+    scores=maps[mine].max(axis=(1, 2)),
+    pixels=pixels,
+  ),
+  indices=mine,
+  seconds=1.0 + pid,
+)
+everyone = job.gather_scored(local)
+ragged = parallel.allgather_arrays(
+  {"keys": np.arange(pid + 1, dtype=np.uint64) + 2**40, "text": np.asarray(["é" * (pid + 1)])}
+)
+result = everyone.result
+json.dump(
+  {
+    "process_count": jax.process_count(),
+    "indices": everyone.indices.tolist(),
+    "file_names": result.file_names,
+    "labels": result.labels.tolist(),
+    "scores": result.scores.tolist(),
+    "seconds": everyone.seconds,
+    "pixel_auroc": result.pixels.auroc(),
+    "pixel_images": result.pixels.num_images,
+    "pixel_regions": result.pixels.num_regions,
+    "aupro": result.pixels.aupro(),
+    "ragged_keys": [p["keys"].tolist() for p in ragged],
+    "ragged_text": [p["text"].tolist() for p in ragged],
+  },
+  open(out, "w"),
+)
+"""
+)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gathered(tmp_path_factory):
+  """What each of the two processes ended up with."""
+  tmp = tmp_path_factory.mktemp("multihost")
+  port = _free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO_ROOT)}
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", WORKER, str(port), str(pid), str(tmp / f"{pid}.json")],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in (0, 1)
+  ]
+  outputs = []
+  for proc in procs:
+    try:
+      outputs.append(proc.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      pytest.fail("The two-process run did not finish in 240 s.")
+  for proc, output in zip(procs, outputs, strict=True):
+    assert proc.returncode == 0, output[-3000:]
+  return [json.loads((tmp / f"{pid}.json").read_text()) for pid in (0, 1)]
+
+
+def _category_data():
+  namespace = {}
+  exec(DATA, namespace)
+  return namespace["category_data"]()
+
+
+def test_every_process_gets_the_whole_category_in_split_order(gathered):
+  maps, _, labels = _category_data()
+  first, second = gathered
+  assert first == second  # Every process can report, not only process 0.
+  assert first["process_count"] == 2
+  assert first["indices"] == list(range(NUM_IMAGES))
+  assert first["file_names"] == [f"tile_{i}.png" for i in range(NUM_IMAGES)]
+  assert first["labels"] == labels.tolist()
+  np.testing.assert_allclose(first["scores"], maps.max(axis=(1, 2)))
+  assert first["seconds"] == 2.0  # the slower process
+
+
+def test_pixel_metrics_pool_both_shards(gathered):
+  maps, masks, _ = _category_data()
+  result = gathered[0]
+  assert result["pixel_images"] == NUM_IMAGES and result["pixel_regions"] == 3
+  np.testing.assert_allclose(
+    result["pixel_auroc"], roc_auc_score(masks.ravel(), maps.ravel()), rtol=1e-12
+  )
+  # Process 0 holds image 4's region, process 1 those of images 3 and 6: the region
+  # overlap curve needs both, and equals the one of a single process seeing everything.
+  np.testing.assert_allclose(result["aupro"], metrics.aupro(maps, masks), rtol=1e-12)
+  assert 0.0 < result["aupro"] < 1.0
+
+
+def test_ragged_arrays_and_text_travel_unchanged(gathered):
+  result = gathered[1]
+  assert result["ragged_keys"] == [[2**40], [2**40, 2**40 + 1]]
+  assert result["ragged_text"] == [["é"], ["éé"]]
