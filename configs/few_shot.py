@@ -9,7 +9,9 @@ split exactly as the zero-shot job. Reports give mean ± std over the seeds.
 
 Overrides: --config.shots=4, --config.seeds=0,1,2, --config.lora.rank=16,
 --config.train.steps=100, --config.finetune=full (paper Table 4: all weights, lr 1e-4),
---config.train.learning_rate=..., and every zero-shot field (model, data, num_masks...).
+--config.train.learning_rate=..., --config.lora.compute=weights (the same training, computed
+on W + A B instead of the activations; for comparisons), and every zero-shot field (model,
+data, num_masks...).
 `configs/few_shot.py:runlocal` is a smoke test on the tiny random-weight model.
 """
 

@@ -438,7 +438,8 @@ def _fan_out(params, path) -> int:
 
 
 def _projected(one_time_s: float, median_s: float, iterations: int) -> str:
-  total = max(one_time_s, 0.0) + iterations * median_s
+  one_time_s = max(one_time_s, 0.0)  # A first step faster than the median costs nothing.
+  total = one_time_s + iterations * median_s
   return (
     f"{iterations}-iteration fine-tune: {one_time_s:.2f} s once + {iterations} x "
     f"{median_s:.3f} s = {total:.1f} s"
