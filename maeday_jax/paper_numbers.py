@@ -8,21 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-MVTEC_OBJECTS = (
-  "bottle",
-  "cable",
-  "capsule",
-  "hazelnut",
-  "metal_nut",
-  "pill",
-  "screw",
-  "toothbrush",
-  "transistor",
-  "zipper",
-)
-MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
-MVTEC_CATEGORIES = MVTEC_OBJECTS + MVTEC_TEXTURES
-
 # Paper Table 1, MAEDAY 0-shot image AUROC (%) per category.
 ZERO_SHOT_IMAGE_AUROC = {
   "bottle": 74.3,

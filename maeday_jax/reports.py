@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from maeday_jax import metrics, paper_numbers
+from maeday_jax import categories, metrics, paper_numbers
 from maeday_jax.thresholds import Threshold
 
 METRIC_NAMES = metrics.METRIC_NAMES
@@ -39,8 +39,8 @@ METRIC_TITLES = {
 # groups of the VisA paper (Zou et al. 2022).
 CATEGORY_GROUPS = {
   "mvtec_ad": {
-    "objects": paper_numbers.MVTEC_OBJECTS,
-    "textures": paper_numbers.MVTEC_TEXTURES,
+    "objects": categories.MVTEC_OBJECTS,
+    "textures": categories.MVTEC_TEXTURES,
   },
   "visa": {
     "complex_structure": ("pcb1", "pcb2", "pcb3", "pcb4"),

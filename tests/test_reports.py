@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from maeday_jax import metrics, paper_numbers, reports, thresholds
+from maeday_jax import categories, metrics, paper_numbers, reports, thresholds
 
 
 def _result(category, rng, n=12, size=16, seed=None, anomalous=True):
@@ -25,8 +25,8 @@ def _result(category, rng, n=12, size=16, seed=None, anomalous=True):
   )
 
 
-def _mvtec_per_category(rng, categories=paper_numbers.MVTEC_CATEGORIES):
-  return {c: reports.evaluate_category(_result(c, rng)) for c in categories}
+def _mvtec_per_category(rng, names=categories.MVTEC_CATEGORIES):
+  return {c: reports.evaluate_category(_result(c, rng)) for c in names}
 
 
 def test_evaluate_category_matches_metrics():
@@ -84,10 +84,10 @@ def test_summarize_mvtec_groups_and_undefined_categories():
   summary = reports.summarize(per_category, "MVTec-AD")
   assert summary["dataset"] == "mvtec_ad"
   assert list(summary["groups"]) == ["objects", "textures", "all"]
-  assert list(summary["per_category"]) == list(paper_numbers.MVTEC_CATEGORIES)
-  textures = [per_category[c]["pixel_auroc"] for c in paper_numbers.MVTEC_TEXTURES]
+  assert list(summary["per_category"]) == list(categories.MVTEC_CATEGORIES)
+  textures = [per_category[c]["pixel_auroc"] for c in categories.MVTEC_TEXTURES]
   assert summary["groups"]["textures"]["mean"]["pixel_auroc"] == pytest.approx(np.mean(textures))
-  objects = [per_category[c]["image_auroc"] for c in paper_numbers.MVTEC_OBJECTS if c != "screw"]
+  objects = [per_category[c]["image_auroc"] for c in categories.MVTEC_OBJECTS if c != "screw"]
   assert summary["groups"]["objects"]["mean"]["image_auroc"] == pytest.approx(np.mean(objects))
   assert "9 of 10" in summary["groups"]["objects"]["notes"]["image_auroc"]
   assert "screw" in summary["groups"]["all"]["notes"]["image_auroc"]
@@ -203,7 +203,7 @@ def test_scores_csv(tmp_path):
 def test_paper_numbers_are_consistent():
   row = paper_numbers.SUMMARY_ROWS["maeday_zero_shot"]
   per = paper_numbers.ZERO_SHOT_IMAGE_AUROC
-  assert set(per) == set(paper_numbers.MVTEC_CATEGORIES)
-  assert np.mean([per[c] for c in paper_numbers.MVTEC_OBJECTS]) == pytest.approx(67.3, abs=0.05)
-  assert np.mean([per[c] for c in paper_numbers.MVTEC_TEXTURES]) == pytest.approx(88.9, abs=0.05)
+  assert set(per) == set(categories.MVTEC_CATEGORIES)
+  assert np.mean([per[c] for c in categories.MVTEC_OBJECTS]) == pytest.approx(67.3, abs=0.05)
+  assert np.mean([per[c] for c in categories.MVTEC_TEXTURES]) == pytest.approx(88.9, abs=0.05)
   assert np.mean(list(per.values())) == pytest.approx(row.image_auroc, abs=0.05)

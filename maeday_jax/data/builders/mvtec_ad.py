@@ -18,24 +18,13 @@ import pathlib
 
 import tensorflow_datasets as tfds
 
+from maeday_jax import categories
 from maeday_jax.data import archives
 from maeday_jax.data.builders import base
 from maeday_jax.data.errors import DataError
 
-OBJECTS = (
-  "bottle",
-  "cable",
-  "capsule",
-  "hazelnut",
-  "metal_nut",
-  "pill",
-  "screw",
-  "toothbrush",
-  "transistor",
-  "zipper",
-)
-TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
-CATEGORIES = OBJECTS + TEXTURES
+OBJECTS, TEXTURES = categories.MVTEC_OBJECTS, categories.MVTEC_TEXTURES
+CATEGORIES = categories.MVTEC_CATEGORIES
 
 ARCHIVE = archives.Archive(
   title="MVTec AD",

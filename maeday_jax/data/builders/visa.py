@@ -18,24 +18,12 @@ import pathlib
 
 import tensorflow_datasets as tfds
 
+from maeday_jax import categories
 from maeday_jax.data import archives
 from maeday_jax.data.builders import base
 from maeday_jax.data.errors import DataError
 
-CATEGORIES = (
-  "candle",
-  "capsules",
-  "cashew",
-  "chewinggum",
-  "fryum",
-  "macaroni1",
-  "macaroni2",
-  "pcb1",
-  "pcb2",
-  "pcb3",
-  "pcb4",
-  "pipe_fryum",
-)
+CATEGORIES = categories.VISA_CATEGORIES
 SPLIT_CSV = "split_csv/1cls.csv"
 _COLUMNS = ("object", "split", "label", "image", "mask")
 _LABELS = {"normal": 0, "anomaly": 1}
