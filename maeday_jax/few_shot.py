@@ -454,10 +454,13 @@ def _restore(manager: ocp.CheckpointManager, step: int, state: dict, key_data: n
 
 
 def _save_merged(directory: pathlib.Path, model: MaskedAutoencoder, params, source: str):
-  if directory.exists():
-    if not orbax_format.is_converted(directory):
-      raise FileExistsError(f"{directory} exists and is not a merged model; move it away.")
+  """Writes the merged model (every process calls this; see `orbax_format.save`)."""
+  if directory.exists() and not orbax_format.is_converted(directory):
+    raise FileExistsError(f"{directory} exists and is not a merged model; move it away.")
+  parallel.barrier(f"maeday_jax: checked {directory} for replacement")
+  if directory.exists() and jax.process_index() == 0:
     shutil.rmtree(directory)  # Our own output of an earlier (identical) run.
+  parallel.barrier(f"maeday_jax: cleared {directory}")
   arch = architecture(model)
   orbax_format.save(directory, arch, params, source=source)
 

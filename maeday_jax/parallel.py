@@ -43,8 +43,25 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a parameter tree on every device of `mesh`."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a parameter tree on every device of `mesh` (of every process).
+
+  With several processes every process must call this with the same values (JAX checks):
+  arrays already on one local device (including PRNG keys) go through the host, since
+  `device_put` cannot move a committed local array onto other hosts' devices.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = put(jax.random.key_data(x))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+      x = np.asarray(x)
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(put, tree)
 
 
 def shard_batch(tree, mesh: Mesh):
@@ -83,3 +100,9 @@ def allgather_arrays(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray
     with np.load(io.BytesIO(row[:size].tobytes()), allow_pickle=False) as npz:
       gathered.append({name: npz[name] for name in npz.files})
   return gathered
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier called `name` (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -1,6 +1,10 @@
 """The few-shot job end to end on a tiny model and a generated folder dataset."""
 
+import csv
 import json
+import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -13,10 +17,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from configs import few_shot as few_shot_config  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def run(fixtures_dir, tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("few_shot_run")
-  fake = testing.make_folder(tmp / "raw")
+def _config(fixtures_dir, tmp, fake):
   config = few_shot_config.get_config("runlocal")
   config.model.checkpoint = str(fixtures_dir / "mae_ref_a.pth")
   config.data.update(
@@ -29,12 +30,20 @@ def run(fixtures_dir, tmp_path_factory):
   )
   config.train.steps = 3
   config.heldout_normals = 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(fixtures_dir, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("few_shot_run")
+  fake = testing.make_folder(tmp / "raw")
+  config = _config(fixtures_dir, tmp, fake)
   summary = few_shot_job.run(config, tmp / "work")
-  return config, tmp / "work", summary
+  return config, tmp / "work", summary, fake
 
 
 def test_reports_mean_and_std_over_seeds(run):
-  config, workdir, summary = run
+  config, workdir, summary, _ = run
   metrics = json.loads((workdir / "metrics.json").read_text())
   row = metrics["per_category"]["images"]["image_auroc"]
   assert row["num_seeds"] == len(config.seeds) == 2
@@ -47,7 +56,7 @@ def test_reports_mean_and_std_over_seeds(run):
 
 
 def test_adaptation_record(run):
-  config, workdir, _ = run
+  config, workdir, _, _ = run
   records = json.loads((workdir / "adaptation.json").read_text())
   assert [r["seed"] for r in records] == list(config.seeds)
   for record in records:
@@ -56,3 +65,66 @@ def test_adaptation_record(run):
     assert record["heldout_loss_after"] > 0 and record["heldout_loss_before"] > 0
   # The same seed picks the same shot for every method: here, as the data layer says.
   assert records[0]["shots"] != records[1]["shots"] or len(records[0]["heldout"]) < 3
+
+
+# One process of a two-process run (`jax.distributed`, one CPU device each) of `run`'s job.
+TWO_PROCESS_WORKER = """
+import pathlib, sys
+import jax
+
+port, pid, fixtures, raw, tmp = sys.argv[1:6]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
+from maeday_jax.data import testing
+from maeday_jax.jobs import few_shot as few_shot_job
+from tests.test_main_few_shot import _config
+
+fake = testing.FakeDataset(pathlib.Path(raw))
+config = _config(pathlib.Path(fixtures), pathlib.Path(tmp), fake)
+few_shot_job.run(config, pathlib.Path(tmp) / "work")
+"""
+
+
+def test_two_processes_adapt_and_report_like_one(run, fixtures_dir, tmp_path):
+  """Shots, training (data-parallel over both hosts), the merged model written once,
+  scoring and reports: the same scores as the single-process run."""
+  config, single, _, fake = run
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO_ROOT)}
+  paths = [str(fixtures_dir), str(fake.root), str(tmp_path)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", TWO_PROCESS_WORKER, str(port), str(pid), *paths],
+      env=env,
+      cwd=REPO_ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in (0, 1)
+  ]
+  try:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, output in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, output[-3000:]
+  two = tmp_path / "work"
+  for seed in config.seeds:
+
+    def scores(workdir, seed=seed):
+      with open(workdir / f"seed_{seed}" / "scores.csv") as f:
+        return {r["file"]: float(r["score"]) for r in csv.DictReader(f)}
+
+    one_scores, two_scores = scores(single), scores(two)
+    assert two_scores.keys() == one_scores.keys()
+    for name, value in one_scores.items():
+      assert two_scores[name] == pytest.approx(value, rel=1e-4), (seed, name)
+    merged = two / f"seed_{seed}" / "adapt" / "images" / "merged" / "mae_config.json"
+    assert merged.is_file()
+  one_records, two_records = (
+    json.loads((w / "adaptation.json").read_text()) for w in (single, two)
+  )
+  assert [r["shots"] for r in two_records] == [r["shots"] for r in one_records]

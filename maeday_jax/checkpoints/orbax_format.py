@@ -12,8 +12,10 @@ import json
 import os
 import pathlib
 
+import jax
 import orbax.checkpoint as ocp
 
+from maeday_jax import parallel
 from maeday_jax.checkpoints.errors import CheckpointError
 
 CONFIG_FILE = "mae_config.json"
@@ -27,17 +29,26 @@ def is_converted(path: str | os.PathLike) -> bool:
 
 
 def save(directory: str | os.PathLike, arch: dict, params, source: str = "") -> pathlib.Path:
-  """Writes `params` and the architecture `arch` to `directory` (must not exist yet)."""
+  """Writes `params` and the architecture `arch` to `directory` (must not exist yet).
+
+  With several JAX processes every process calls this with the same parameters (Orbax
+  saves collectively); process 0 creates the directory and writes the config.
+  """
   directory = pathlib.Path(directory).expanduser().absolute()
   if directory.exists() and any(directory.iterdir()):
     raise FileExistsError(f"{directory} already exists and is not empty; choose a new path.")
-  directory.mkdir(parents=True, exist_ok=True)
+  primary = jax.process_index() == 0
+  parallel.barrier(f"maeday_jax: checked {directory}")  # Before anyone writes into it.
+  if primary:
+    directory.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / PARAMS_DIR, params)
   checkpointer.wait_until_finished()
-  config = {"format_version": FORMAT_VERSION, "architecture": arch, "source": source}
-  # Written last: a directory with a config file holds a complete parameter tree.
-  (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+  if primary:
+    config = {"format_version": FORMAT_VERSION, "architecture": arch, "source": source}
+    # Written last: a directory with a config file holds a complete parameter tree.
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+  parallel.barrier(f"maeday_jax: saved {directory}")
   return directory
 
 
