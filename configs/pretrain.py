@@ -23,6 +23,7 @@ Running the same command again resumes from the newest checkpoint in the workdir
 import ml_collections
 
 from maeday_jax.data import get_data_config
+from maeday_jax.models import ARCH_FIELDS
 
 
 def data_source(splits: str = "train", **fields) -> ml_collections.ConfigDict:
@@ -46,18 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.variant = "test" if runlocal else "small"
   config.model.checkpoint = ""  # '' = from scratch; else a known name or a path.
   config.model.dtype = "float32"  # Compute dtype ('bfloat16' on accelerators).
-  for field in (
-    "img_size",
-    "patch_size",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "decoder_embed_dim",
-    "decoder_depth",
-    "decoder_num_heads",
-  ):
-    config.model[field] = ml_collections.FieldReference(None, field_type=int)
-  config.model.mlp_ratio = ml_collections.FieldReference(None, field_type=float)
+  for field in ARCH_FIELDS:
+    if field != "in_chans":  # RGB images only.
+      field_type = float if field == "mlp_ratio" else int
+      config.model[field] = ml_collections.FieldReference(None, field_type=field_type)
 
   # Training images: every category `data.categories` selects, splits `data.splits`,
   # plus any further sources (each a `data_source(...)`), all in one model.

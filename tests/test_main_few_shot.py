@@ -2,9 +2,6 @@
 
 import csv
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +9,7 @@ import pytest
 from maeday_jax.data import testing
 from maeday_jax.jobs import few_shot as few_shot_job
 from tests.conftest import REPO_ROOT
+from tests.processes import run_processes
 
 sys.path.insert(0, str(REPO_ROOT))
 from configs import few_shot as few_shot_config  # noqa: E402
@@ -88,29 +86,7 @@ def test_two_processes_adapt_and_report_like_one(run, fixtures_dir, tmp_path):
   """Shots, training (data-parallel over both hosts), the merged model written once,
   scoring and reports: the same scores as the single-process run."""
   config, single, _, fake = run
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO_ROOT)}
-  paths = [str(fixtures_dir), str(fake.root), str(tmp_path)]
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", TWO_PROCESS_WORKER, str(port), str(pid), *paths],
-      env=env,
-      cwd=REPO_ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for pid in (0, 1)
-  ]
-  try:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, output in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, output[-3000:]
+  run_processes(TWO_PROCESS_WORKER, str(fixtures_dir), str(fake.root), str(tmp_path))
   two = tmp_path / "work"
   for seed in config.seeds:
 

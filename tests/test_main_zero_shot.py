@@ -2,8 +2,6 @@
 
 import csv
 import json
-import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +12,7 @@ from PIL import Image
 from maeday_jax.data import testing
 from maeday_jax.jobs import zero_shot as zero_shot_job
 from tests.conftest import REPO_ROOT
+from tests.processes import run_processes
 
 sys.path.insert(0, str(REPO_ROOT))
 from configs import zero_shot as zero_shot_config  # noqa: E402
@@ -108,29 +107,7 @@ def test_two_processes_report_what_one_process_reports(folder_run, fixtures_dir,
   """Hosts score their own shards; the reports must cover every host's images, exactly
   as a single process scoring everything reports them."""
   fake, single, _ = folder_run
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO_ROOT)}
-  paths = [str(fixtures_dir), str(fake.root), str(tmp_path)]
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", TWO_PROCESS_WORKER, str(port), str(pid), *paths],
-      env=env,
-      cwd=REPO_ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for pid in (0, 1)
-  ]
-  try:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, output in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, output[-3000:]
+  run_processes(TWO_PROCESS_WORKER, str(fixtures_dir), str(fake.root), str(tmp_path))
   two = tmp_path / "work"
 
   def scores(workdir):

@@ -6,17 +6,13 @@ metrics equal to scikit-learn's over all pixels of both shards.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from maeday_jax import metrics
-from tests.conftest import REPO_ROOT
+from tests.processes import run_processes
 
 NUM_IMAGES = 7
 
@@ -42,7 +38,7 @@ WORKER = (
 import json, sys
 import jax
 
-port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+port, pid, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 
 from maeday_jax import metrics, parallel, reports
@@ -83,44 +79,17 @@ json.dump(
     "ragged_keys": [p["keys"].tolist() for p in ragged],
     "ragged_text": [p["text"].tolist() for p in ragged],
   },
-  open(out, "w"),
+  open(f"{out_dir}/{pid}.json", "w"),
 )
 """
 )
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory):
   """What each of the two processes ended up with."""
   tmp = tmp_path_factory.mktemp("multihost")
-  port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO_ROOT)}
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", WORKER, str(port), str(pid), str(tmp / f"{pid}.json")],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for pid in (0, 1)
-  ]
-  outputs = []
-  for proc in procs:
-    try:
-      outputs.append(proc.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-      for p in procs:
-        p.kill()
-      pytest.fail("The two-process run did not finish in 240 s.")
-  for proc, output in zip(procs, outputs, strict=True):
-    assert proc.returncode == 0, output[-3000:]
+  run_processes(WORKER, str(tmp), timeout=240)
   return [json.loads((tmp / f"{pid}.json").read_text()) for pid in (0, 1)]
 
 

@@ -191,6 +191,12 @@ def inputs_digest(images: np.ndarray, noise: np.ndarray) -> str:
   return h.hexdigest()[:16]
 
 
+def max_rel_diff(a, b) -> float:
+  """Largest |a - b| / |b| over the elements (b is the PyTorch side's values)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
 def timed(run) -> tuple[float, float]:
   """Wall-clock and process CPU seconds of one call of `run` (which must block)."""
   w0, c0 = time.perf_counter(), time.process_time()

@@ -40,6 +40,7 @@ from benchmark_common import (
   inputs_digest,
   jax_header,
   log,
+  max_rel_diff,
   num_patches,
   num_visible,
   ratio_line,
@@ -175,9 +176,8 @@ def describe_work(args, arch: dict) -> dict:
 
 def compare(jx: dict, pt: dict) -> dict:
   """How closely the two sides' check losses agree."""
-  a, b = np.asarray(jx["check_losses"]), np.asarray(pt["check_losses"])
   return {
-    "check_loss_max_rel_diff": float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))),
+    "check_loss_max_rel_diff": max_rel_diff(jx["check_losses"], pt["check_losses"]),
     "same_inputs": jx["inputs_digest"] == pt["inputs_digest"],
   }
 

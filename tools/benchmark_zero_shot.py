@@ -19,6 +19,7 @@ from benchmark_common import (
   inputs_digest,
   jax_header,
   make_inputs,
+  max_rel_diff,
   num_patches,
   num_visible,
   ratio_line,
@@ -60,9 +61,8 @@ def describe_work(args, arch: dict) -> dict:
 
 def compare(jx: dict, pt: dict) -> dict:
   """How closely the two sides' image scores agree."""
-  a, b = np.asarray(jx["scores"]), np.asarray(pt["scores"])
   return {
-    "score_max_rel_diff": float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))),
+    "score_max_rel_diff": max_rel_diff(jx["scores"], pt["scores"]),
     "same_inputs": jx["inputs_digest"] == pt["inputs_digest"],
   }
 

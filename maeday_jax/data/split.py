@@ -98,7 +98,7 @@ def _prepare_once(data_config: ml_collections.ConfigDict, category: str):
 
   if jax.process_count() == 1:
     return prepare.prepare(data_config, category)
-  from jax.experimental import multihost_utils
+  from maeday_jax import parallel
 
   builder, error = None, None
   if jax.process_index() == 0:
@@ -106,7 +106,7 @@ def _prepare_once(data_config: ml_collections.ConfigDict, category: str):
       builder = prepare.prepare(data_config, category)
     except DataError as e:  # Raised after the barrier, so that no process waits forever.
       error = e
-  multihost_utils.sync_global_devices(f"maeday_jax: prepared {data_config.name}/{category}")
+  parallel.barrier(f"maeday_jax: prepared {data_config.name}/{category}")
   if error is not None:
     raise error
   return builder if builder is not None else prepare.prepare(data_config, category)
