@@ -13,40 +13,26 @@ Overrides: --config.shots=4, --config.seeds=0,1,2, --config.lora.rank=16,
 on W + A B instead of the activations; for comparisons), and every zero-shot field (model,
 data, num_masks...).
 `configs/few_shot.py:runlocal` is a smoke test on the tiny random-weight model.
-"""
 
-import importlib.util
-import pathlib
+Every setting has one home: the training settings live in `config.train`, and the
+shortcuts `config.finetune` and `config.lora.*` are references to `config.train.finetune`
+and `config.train.lora.*` (setting either spelling sets both).
+"""
 
 import ml_collections
 
-from maeday_jax import few_shot
-
-
-def _sibling(name: str):
-  """Loads configs/<name>.py by path, so this file works from any working directory."""
-  spec = importlib.util.spec_from_file_location(
-    name, pathlib.Path(__file__).with_name(f"{name}.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-zero_shot = _sibling("zero_shot")
+from maeday_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = zero_shot.get_config(arg)
+  config = defaults.zero_shot_config(arg)
   config.job = "few_shot"
   config.shots = 1
   config.seeds = (0, 1, 2)  # Shot selections; the same seed gives the same shots everywhere.
   config.heldout_normals = 8  # Normal train images (not shots) to measure the adaptation.
-  train = few_shot.get_train_config()
-  # Top-level shortcuts the issue names: --config.finetune, --config.lora.rank.
-  config.finetune = train.finetune
-  config.lora = train.lora.copy_and_resolve_references()
-  config.train = train
+  config.train = train = defaults.few_shot_train_config()
+  config.finetune = train.get_ref("finetune")
+  config.lora = ml_collections.ConfigDict({name: train.lora.get_ref(name) for name in train.lora})
   config.outputs.overlays = False  # Three seeds x every image: panels only by default.
   if arg == "runlocal":
     config.seeds = (0, 1)

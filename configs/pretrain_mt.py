@@ -20,32 +20,22 @@ Paths are relative to the repository root (the shared folder beside the checkout
 few steps of the tiny test model on the same data.
 """
 
-import importlib.util
 import pathlib
 
-_HERE = pathlib.Path(__file__).resolve().parent
-SHARED_DATA = _HERE.parent.parent / "shared" / "data"
+from maeday_jax import defaults
 
-
-def _base():
-  # Config files are loaded by path (config_flags), not as a package: import the
-  # sibling file the same way.
-  spec = importlib.util.spec_from_file_location("pretrain_base", _HERE / "pretrain.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def get_config(arg: str | None = None):
-  base = _base()
-  config = base.get_config(arg)
+  config = defaults.pretrain_config(arg)
   runlocal = arg == "runlocal"
 
-  config.data = base.data_source(
+  config.data = defaults.training_source(
     "train,test", name="magnetic_tile", path=str(SHARED_DATA / "mt_normal_train")
   )
   config.extra_data = [
-    base.data_source("train", name="magnetic_tile", path=str(SHARED_DATA / "mt_sample"))
+    defaults.training_source("train", name="magnetic_tile", path=str(SHARED_DATA / "mt_sample"))
   ]
 
   if not runlocal:

@@ -31,41 +31,9 @@ Threshold (for predicted labels/masks in scores.csv and the panels), `threshold.
 
 import ml_collections
 
-from maeday_jax.data import get_data_config
-from maeday_jax.jobs.common import model_config
+from maeday_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.job = "zero_shot"
-  config.seed = 0  # Masks are fold_in(seed, image index): runs are reproducible.
-
-  config.model = model_config()
-  config.data = get_data_config()
-
-  config.num_masks = 32
-  config.mask_ratio = 0.75
-  config.batch_size = 8  # Global batch (images); a multiple of the device count.
-  config.mask_batch_size = 0  # Reconstruct this many masks at a time (0 = all 32 at once).
-  config.eval_size = 0  # Pixel-metric resolution (0 = the model's input size, 224).
-
-  config.threshold = ml_collections.ConfigDict(dict(method="auto", percentile=99.0, value=0.0))
-  config.outputs = ml_collections.ConfigDict(
-    dict(
-      overlays=True,  # A heatmap overlay PNG for every image.
-      panels=16,  # Image | ground truth | heatmap | predicted mask, per category (-1: all).
-      reconstructions=2,  # Masked inputs and reconstructions for this many images.
-      roc=True,  # ROC curve per category (labelled data).
-    )
-  )
-
-  if arg == "runlocal":
-    config.model.checkpoint = "random"
-    config.model.variant = "test"
-    config.num_masks = 4
-    config.batch_size = 8
-    config.outputs.panels = 4
-    config.outputs.reconstructions = 1
-  elif arg:
-    raise ValueError(f"Unknown config argument {arg!r}; the only one is 'runlocal'.")
-  return config
+  """The fields and their defaults: `maeday_jax.defaults.zero_shot_config`."""
+  return defaults.zero_shot_config(arg)

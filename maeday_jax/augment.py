@@ -1,6 +1,6 @@
 """On-device augmentation of the few-shot images: random crop and random rotation.
 
-The paper says only "random crop and random rotation". Industrial images are mostly
+Spec section 1 says only "random crop and random rotation". Industrial images are mostly
 centred objects or stationary textures, and a large rotation or a tight crop can turn a
 normal image into what the test set calls an anomaly (a misplaced or missing part), so
 the defaults are mild:
@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DEFAULT_MAX_ROTATION_DEG = 15.0
-DEFAULT_CROP_SCALE = (0.8, 1.0)
-DEFAULT_FILL_MODE = "reflect"
+from maeday_jax import defaults
+
+DEFAULT_MAX_ROTATION_DEG = defaults.MAX_ROTATION_DEG
+DEFAULT_CROP_SCALE = defaults.CROP_SCALE
+DEFAULT_FILL_MODE = defaults.FILL_MODE
 FILL_MODES = ("reflect", "mirror", "nearest", "wrap")
 # Random numbers per image: rotation angle, crop area, crop centre row and column.
 NUM_UNIFORMS = 4
@@ -121,17 +123,6 @@ def warp_params(
   return angle, side, center
 
 
-def random_warp_params(
-  key: jax.Array,
-  image_shape: tuple[int, ...],
-  max_rotation_deg: float = DEFAULT_MAX_ROTATION_DEG,
-  crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws (angle in radians, side fraction, centre (row, col)) for one image."""
-  uniforms = jax.random.uniform(key, (NUM_UNIFORMS,), jnp.float32)
-  return warp_params(uniforms, image_shape, max_rotation_deg, crop_scale)
-
-
 def augment(
   image: jax.Array,
   uniforms: jax.Array,
@@ -146,18 +137,6 @@ def augment(
   return warp(image, angle, side, center, fill_mode)
 
 
-def random_augment(
-  key: jax.Array,
-  image: jax.Array,
-  max_rotation_deg: float = DEFAULT_MAX_ROTATION_DEG,
-  crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
-  fill_mode: str = DEFAULT_FILL_MODE,
-) -> jax.Array:
-  """Random crop + rotation of one (H, W, C) image, determined by `key`."""
-  uniforms = jax.random.uniform(key, (NUM_UNIFORMS,), jnp.float32)
-  return augment(image, uniforms, max_rotation_deg, crop_scale, fill_mode)
-
-
 def augment_batch(
   images: jax.Array,
   uniforms: jax.Array,
@@ -169,15 +148,3 @@ def augment_batch(
   return jax.vmap(lambda x, u: augment(x, u, max_rotation_deg, crop_scale, fill_mode))(
     images, uniforms
   )
-
-
-def random_augment_batch(
-  keys: jax.Array,
-  images: jax.Array,
-  max_rotation_deg: float = DEFAULT_MAX_ROTATION_DEG,
-  crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
-  fill_mode: str = DEFAULT_FILL_MODE,
-) -> jax.Array:
-  """`random_augment` of each image (B, H, W, C) with its own key from `keys` (B,)."""
-  uniforms = jax.vmap(lambda k: jax.random.uniform(k, (NUM_UNIFORMS,), jnp.float32))(keys)
-  return augment_batch(images, uniforms, max_rotation_deg, crop_scale, fill_mode)

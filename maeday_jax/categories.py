@@ -1,7 +1,8 @@
 """The categories of the public benchmarks, in their usual order (no dependencies).
 
 One list for everything that names them: the tfds builders, the paper's numbers and the
-reports' object/texture groups.
+reports' category groups (`CATEGORY_GROUPS`, keyed by `canonical_dataset` names). The
+MVTec AD groups are those of spec section 4; the means over them are spec section 5's.
 """
 
 MVTEC_OBJECTS = (
@@ -33,3 +34,24 @@ VISA_CATEGORIES = (
   "pcb4",
   "pipe_fryum",
 )
+
+# Category groups per dataset, reported as means next to "all". VisA's are the three
+# groups of the VisA paper (Zou et al. 2022).
+CATEGORY_GROUPS = {
+  "mvtec_ad": {
+    "objects": MVTEC_OBJECTS,
+    "textures": MVTEC_TEXTURES,
+  },
+  "visa": {
+    "complex_structure": ("pcb1", "pcb2", "pcb3", "pcb4"),
+    "multiple_instances": ("candle", "capsules", "macaroni1", "macaroni2"),
+    "single_instance": ("cashew", "chewinggum", "fryum", "pipe_fryum"),
+  },
+}
+_DATASET_ALIASES = {"mvtec": "mvtec_ad", "mvtecad": "mvtec_ad", "mvtec_ad": "mvtec_ad"}
+
+
+def canonical_dataset(name: str) -> str:
+  """'MVTec-AD', 'mvtec' ... -> 'mvtec_ad'; other names lower-cased with '_' for '-'."""
+  key = name.strip().lower().replace("-", "_").replace(" ", "_")
+  return _DATASET_ALIASES.get(key, key)

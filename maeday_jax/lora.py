@@ -44,19 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-DEFAULT_RANK = 32
+from maeday_jax import defaults
 
-# Every weight matrix of the MAE (spec §1): the patch-embedding projection, and in encoder
-# and decoder blocks alike the attention qkv/out projections and the MLP layers, plus the
-# decoder's input and output projections. Patterns must match the whole '/'-joined path.
-# Biases, LayerNorms, tokens and the (fixed) position tables are not adapted.
-DEFAULT_TARGETS: tuple[str, ...] = (
-  r"patch_embed/proj/kernel",
-  r"(decoder_)?blocks_\d+/attn/(qkv|proj)/kernel",
-  r"(decoder_)?blocks_\d+/mlp/fc[12]/kernel",
-  r"decoder_embed/kernel",
-  r"decoder_pred/kernel",
-)
+# Every weight matrix of the MAE (spec §1); see `maeday_jax.defaults.LORA_TARGETS`.
+DEFAULT_RANK = defaults.LORA_RANK
+DEFAULT_TARGETS: tuple[str, ...] = defaults.LORA_TARGETS
 
 
 def _path_str(path: tuple[str, ...]) -> str:

@@ -11,8 +11,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from maeday_jax.checkpoints import CheckpointError
+from maeday_jax.config_errors import ConfigError
 from maeday_jax.data import DataError
-from maeday_jax.jobs.common import ConfigError
+from maeday_jax.download import DownloadError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/latest", "Directory for all outputs.")
@@ -50,7 +51,7 @@ def main(argv) -> None:
     jax.distributed.initialize()
   try:
     _job(config.job).run(config, _WORKDIR.value)
-  except (CheckpointError, DataError, ConfigError) as e:
+  except (CheckpointError, DataError, DownloadError, ConfigError) as e:
     # Input problems get their message, not a traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

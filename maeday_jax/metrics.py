@@ -33,8 +33,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
+
+from maeday_jax.resizing import as_size, resize_maps_bilinear, resize_masks_bool
 
 METRIC_NAMES = (
   "image_auroc",
@@ -45,7 +46,6 @@ METRIC_NAMES = (
   "pixel_f1_max",
   "aupro",
 )
-IMAGE_METRICS = METRIC_NAMES[:3]
 PIXEL_METRICS = METRIC_NAMES[3:]
 
 DEFAULT_FPR_LIMIT = 0.3
@@ -268,9 +268,6 @@ def f1_max(scores, labels) -> float:
   return best_f1_from_counts(_image_counts(scores, labels), "image_f1_max", "image")[0]
 
 
-image_f1_max = f1_max
-
-
 def best_f1_threshold(scores, labels) -> tuple[float, float]:
   """(F1-max, threshold): predicting `score >= threshold` reaches F1-max on this data."""
   return best_f1_from_counts(_image_counts(scores, labels), "image_f1_max", "image")
@@ -282,41 +279,6 @@ def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   _require_both_classes(counts, "roc_curve", "image")
   fpr, tpr = roc_points(counts)
   return fpr, tpr, np.concatenate([[np.inf], counts.thresholds])
-
-
-# ---------------------------------------------------------------------------------------------
-# Resizing to the evaluation resolution.
-
-
-def _as_size(size) -> tuple[int, int] | None:
-  if size is None:
-    return None
-  if isinstance(size, int | np.integer):
-    return int(size), int(size)
-  h, w = size
-  return int(h), int(w)
-
-
-def resize_masks_nearest(masks, size) -> np.ndarray:
-  """Nearest-neighbour resize of masks (N, h, w) or (h, w) to `size`, as booleans (> 0)."""
-  masks = np.asarray(masks) > 0
-  out_h, out_w = _as_size(size)
-  in_h, in_w = masks.shape[-2:]
-  # Pixel-centre sampling, the same convention as PIL's NEAREST.
-  rows = np.minimum(((np.arange(out_h) + 0.5) * in_h / out_h).astype(np.int64), in_h - 1)
-  cols = np.minimum(((np.arange(out_w) + 0.5) * in_w / out_w).astype(np.int64), in_w - 1)
-  return masks[..., rows[:, None], cols[None, :]]
-
-
-def resize_maps_bilinear(maps, size) -> np.ndarray:
-  """Bilinear (PIL) resize of anomaly maps (N, h, w) or (h, w) to `size`, float32."""
-  maps = np.asarray(maps, dtype=np.float32)
-  out_h, out_w = _as_size(size)
-  flat = maps.reshape(-1, *maps.shape[-2:])
-  out = np.stack(
-    [np.asarray(Image.fromarray(m).resize((out_w, out_h), Image.BILINEAR)) for m in flat]
-  )
-  return out.reshape(*maps.shape[:-2], out_h, out_w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +302,8 @@ class PixelMetricAccumulator:
   Exact while at most `max_distinct` distinct score values have been seen; beyond that,
   values are merged into bins of relative width 2**-(52 - shift) (see the module docstring),
   and `is_exact` turns False. Masks are binarised (`> 0`) and resized with nearest neighbour
-  to the maps' resolution; maps are resized bilinearly only when `resolution` asks for it.
+  to the maps' resolution (`resizing.resize_masks_bool`); maps are resized bilinearly
+  (`resizing.resize_maps_bilinear`) only when `resolution` asks for it.
 
   Args:
     resolution: evaluation (H, W) or int; None evaluates at the maps' own resolution.
@@ -350,7 +313,7 @@ class PixelMetricAccumulator:
   def __init__(self, resolution=None, max_distinct: int = DEFAULT_MAX_DISTINCT):
     if max_distinct < MIN_MAX_DISTINCT:
       raise ValueError(f"max_distinct must be at least {MIN_MAX_DISTINCT}, got {max_distinct}.")
-    self.resolution = _as_size(resolution)
+    self.resolution = as_size(resolution)
     self.max_distinct = int(max_distinct)
     self.shift = 0
     self.num_images = 0
@@ -387,7 +350,7 @@ class PixelMetricAccumulator:
     if self.resolution is not None and maps.shape[1:] != self.resolution:
       maps = resize_maps_bilinear(maps, self.resolution)
     if masks.shape[1:] != maps.shape[1:] or masks.dtype != bool:
-      masks = resize_masks_nearest(masks, maps.shape[1:])
+      masks = resize_masks_bool(masks, maps.shape[1:])
     _check_finite(maps, "anomaly maps")
 
     weights = np.empty(maps.shape, dtype=np.float64)
@@ -505,10 +468,6 @@ class PixelMetricAccumulator:
     """Pixel F1-max over all pooled pixels."""
     return best_f1_from_counts(self.counts(), "pixel_f1_max", "pixel")[0]
 
-  def best_f1_threshold(self) -> tuple[float, float]:
-    """(pixel F1-max, threshold reaching it with `map >= threshold`)."""
-    return best_f1_from_counts(self.counts(), "pixel_f1_max", "pixel")
-
   def aupro(self, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
     """Normalised AUPRO up to `fpr_limit` (MVTec AD reference)."""
     return aupro_from_counts(self.counts(), fpr_limit)
@@ -522,29 +481,3 @@ class PixelMetricAccumulator:
     if pairs == 0:
       return 0.0
     return float(0.5 * np.sum(counts.positives * counts.negatives) / pairs)
-
-
-def _accumulate(maps, masks, resolution=None) -> PixelMetricAccumulator:
-  acc = PixelMetricAccumulator(resolution=resolution)
-  acc.add(maps, masks)
-  return acc
-
-
-def pixel_auroc(maps, masks, resolution=None) -> float:
-  """ROC-AUC over all pixels of maps (N, H, W) pooled, against masks (N, H, W) (> 0 = anomalous)."""
-  return _accumulate(maps, masks, resolution).auroc()
-
-
-def pixel_ap(maps, masks, resolution=None) -> float:
-  """Average precision over all pixels of maps (N, H, W) pooled, against masks (N, H, W)."""
-  return _accumulate(maps, masks, resolution).ap()
-
-
-def pixel_f1_max(maps, masks, resolution=None) -> float:
-  """F1-max over all pixels of maps (N, H, W) pooled, against masks (N, H, W)."""
-  return _accumulate(maps, masks, resolution).f1_max()
-
-
-def aupro(maps, masks, fpr_limit: float = DEFAULT_FPR_LIMIT, resolution=None) -> float:
-  """Normalised AUPRO up to `fpr_limit` for maps (N, H, W) and masks (N, H, W)."""
-  return _accumulate(maps, masks, resolution).aupro(fpr_limit)

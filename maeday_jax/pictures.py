@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from maeday_jax import metrics
+from maeday_jax.resizing import resize_maps_bilinear, resize_masks_bool
 from maeday_jax.thresholds import Threshold
 
 PANEL_GAP = 4
@@ -46,7 +47,7 @@ def _fit_map(anomaly_map, size: tuple[int, int]) -> np.ndarray:
   if anomaly_map.ndim != 2:
     raise ValueError(f"anomaly maps must be (h, w), got shape {anomaly_map.shape}.")
   if anomaly_map.shape != size:
-    anomaly_map = metrics.resize_maps_bilinear(anomaly_map, size)
+    anomaly_map = resize_maps_bilinear(anomaly_map, size)
   return anomaly_map
 
 
@@ -128,7 +129,7 @@ def save_panel(
   image = as_rgb_uint8(image_uint8)
   size = image.shape[:2]
   anomaly_map = _fit_map(anomaly_map, size)
-  gt = None if gt_mask is None else metrics.resize_masks_nearest(gt_mask, size)
+  gt = None if gt_mask is None else resize_masks_bool(gt_mask, size)
   tiles, captions = [image], ["image"]
   if gt is not None:
     tiles.append(_draw_contour(image, gt))

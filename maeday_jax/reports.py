@@ -1,6 +1,6 @@
 """Evaluation results as files people read: metrics.json, a Markdown table, a per-image CSV.
 
-The flow for one run: build a `CategoryResult` per category, `evaluate_category` each,
+The flow for one run: build a `CategoryResult` per category, `category_metrics` each,
 `summarize` them (group means: objects / textures / all for MVTec AD), then write with
 `write_metrics_json`, `write_markdown_table` and `write_scores_csv`. A few-shot run repeats
 that per seed and combines the summaries with `summarize_seeds` (mean ± std over seeds).
@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from maeday_jax import categories, metrics, paper_numbers
+from maeday_jax import metrics, paper_numbers
+from maeday_jax.categories import CATEGORY_GROUPS, canonical_dataset
 from maeday_jax.thresholds import Threshold
 
 METRIC_NAMES = metrics.METRIC_NAMES
@@ -35,27 +36,6 @@ METRIC_TITLES = {
   "aupro": "AUPRO@0.3",
 }
 
-# Category groups per dataset, reported as means next to "all". VisA's are the three
-# groups of the VisA paper (Zou et al. 2022).
-CATEGORY_GROUPS = {
-  "mvtec_ad": {
-    "objects": categories.MVTEC_OBJECTS,
-    "textures": categories.MVTEC_TEXTURES,
-  },
-  "visa": {
-    "complex_structure": ("pcb1", "pcb2", "pcb3", "pcb4"),
-    "multiple_instances": ("candle", "capsules", "macaroni1", "macaroni2"),
-    "single_instance": ("cashew", "chewinggum", "fryum", "pipe_fryum"),
-  },
-}
-_DATASET_ALIASES = {"mvtec": "mvtec_ad", "mvtecad": "mvtec_ad", "mvtec_ad": "mvtec_ad"}
-
-
-def canonical_dataset(name: str) -> str:
-  """'MVTec-AD', 'mvtec' ... -> 'mvtec_ad'; other names lower-cased with '_' for '-'."""
-  key = name.strip().lower().replace("-", "_").replace(" ", "_")
-  return _DATASET_ALIASES.get(key, key)
-
 
 @dataclasses.dataclass
 class CategoryResult:
@@ -66,11 +46,8 @@ class CategoryResult:
     file_names: (N) test image paths or names, in the order of `labels` and `scores`.
     labels: (N,) int, 1 anomalous, 0 normal, -1 unknown (left out of image metrics).
     scores: (N,) float image anomaly scores.
-    maps: (N, H, W) anomaly maps at evaluation resolution, or None.
-    masks: (N, H, W) ground-truth masks (> 0 anomalous; zeros for normal images), or None.
-      Resized with nearest neighbour to the maps' resolution when they differ.
-    pixels: a `metrics.PixelMetricAccumulator` fed batch by batch; used instead of maps/masks
-      when a category is too large to keep its maps in memory.
+    pixels: a `metrics.PixelMetricAccumulator` fed the anomaly maps and ground-truth masks
+      batch by batch, or None without ground truth (no pixel metrics).
     seed: shot-selection seed of a few-shot run, None for zero-shot.
   """
 
@@ -78,8 +55,6 @@ class CategoryResult:
   file_names: list[str]
   labels: np.ndarray
   scores: np.ndarray
-  maps: np.ndarray | None = None
-  masks: np.ndarray | None = None
   pixels: metrics.PixelMetricAccumulator | None = None
   seed: int | None = None
 
@@ -93,16 +68,6 @@ class CategoryResult:
         f"{self.scores.shape}; they must all describe the same N images."
       )
 
-  def pixel_accumulator(self) -> metrics.PixelMetricAccumulator | None:
-    """The accumulator holding this category's pixels, or None without ground truth."""
-    if self.pixels is not None:
-      return self.pixels
-    if self.maps is None or self.masks is None:
-      return None
-    accumulator = metrics.PixelMetricAccumulator()
-    accumulator.add(self.maps, self.masks)
-    return accumulator
-
 
 def _attempt(compute: Callable[[], float], name: str, notes: dict) -> float | None:
   try:
@@ -112,7 +77,7 @@ def _attempt(compute: Callable[[], float], name: str, notes: dict) -> float | No
     return None
 
 
-def evaluate_category(
+def category_metrics(
   result: CategoryResult, *, pixel: bool = True, fpr_limit: float = metrics.DEFAULT_FPR_LIMIT
 ) -> dict:
   """Every metric of one category: {metric: float or None, counts..., "notes": {...}}.
@@ -127,7 +92,7 @@ def evaluate_category(
     "image_ap": _attempt(lambda: metrics.image_ap(scores, labels), "image_ap", notes),
     "image_f1_max": _attempt(lambda: metrics.f1_max(scores, labels), "image_f1_max", notes),
   }
-  accumulator = result.pixel_accumulator() if pixel else None
+  accumulator = result.pixels if pixel else None
   if accumulator is None:
     reason = "no ground-truth masks were given" if pixel else "pixel metrics were not requested"
     for name in metrics.PIXEL_METRICS:

@@ -12,8 +12,9 @@ Three ways to pick a threshold (an image or pixel is anomalous when `score >= th
 The `Threshold` records which method made it, so reports can say which one a job used.
 
 Normalisation (`fit_normalization`, `normalize_scores`) maps scores of different detectors
-(MAEDAY and PatchCore) to a common scale before they are summed in the ensemble, using
-statistics of normal reference scores only: min-max to [0, 1] or standardisation.
+(MAEDAY and PatchCore) to a common scale before they are summed in the ensemble (spec
+section 1, "Ensemble with PatchCore"), with statistics of normal reference scores only,
+never test labels: min-max to [0, 1] or standardisation.
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ class Threshold:
     return {"value": float(self.value), "method": self.method, "details": dict(self.details)}
 
 
-def _value(threshold: Threshold | float) -> float:
-  return float(threshold.value if isinstance(threshold, Threshold) else threshold)
-
-
 def f1_threshold(scores, labels) -> Threshold:
   """The threshold reaching F1-max on labelled scores (N,) with labels (N,) in {0, 1}.
 
@@ -64,12 +61,6 @@ def f1_threshold(scores, labels) -> Threshold:
   f1, value = metrics.best_f1_threshold(scores, labels)
   known = int(np.count_nonzero(np.asarray(labels) != -1))
   return Threshold(value, "f1", {"f1": f1, "num_labelled": known})
-
-
-def pixel_f1_threshold(accumulator: metrics.PixelMetricAccumulator) -> Threshold:
-  """The pixel threshold reaching pixel F1-max over the pooled pixels of an accumulator."""
-  f1, value = accumulator.best_f1_threshold()
-  return Threshold(value, "f1", {"f1": f1, "level": "pixel"})
 
 
 def percentile_threshold(normal_scores, q: float = 99.0) -> Threshold:
@@ -88,16 +79,6 @@ def percentile_threshold(normal_scores, q: float = 99.0) -> Threshold:
 def fixed_threshold(value: float) -> Threshold:
   """A user-given threshold."""
   return Threshold(float(value), "fixed")
-
-
-def predict_labels(scores, threshold: Threshold | float) -> np.ndarray:
-  """Predicted image labels (N,) int: 1 where `score >= threshold`, else 0."""
-  return (np.asarray(scores) >= _value(threshold)).astype(np.int64)
-
-
-def predict_masks(maps, threshold: Threshold | float) -> np.ndarray:
-  """Predicted masks, bool, same shape as the anomaly maps: `map >= threshold`."""
-  return np.asarray(maps) >= _value(threshold)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,59 +1,20 @@
 """Known checkpoint names: download over HTTP (a local server), verify, convert, reuse."""
 
 import hashlib
-import http.server
-import threading
 
 import numpy as np
 import pytest
 
 from maeday_jax import checkpoints
-
-
-class _Server:
-  """Serves fixture bytes on 127.0.0.1; `/truncated/...` stops half-way."""
-
-  def __init__(self, files: dict[str, bytes]):
-    self.files, self.requests = files, []
-    server = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def do_GET(self):
-        server.requests.append(self.path)
-        name = self.path.rsplit("/", 1)[-1]
-        if name not in server.files:
-          self.send_error(404)
-          return
-        body = server.files[name]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.path.startswith("/truncated/"):
-          body = body[: len(body) // 2]
-        self.wfile.write(body)
-        self.wfile.flush()
-        self.close_connection = True
-
-      def log_message(self, *args):
-        pass
-
-    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-    self.thread.start()
-
-  def close(self):
-    self.httpd.shutdown()
-    self.httpd.server_close()
+from tests.http_server import FileServer
 
 
 @pytest.fixture
 def server(fixtures_dir):
   payload = (fixtures_dir / "mae_ref_a.pth").read_bytes()
-  s = _Server({"mae_ref_a.pth": payload, "notes.pth": b"not a checkpoint at all"})
-  s.payload = payload
-  yield s
-  s.close()
+  with FileServer({"mae_ref_a.pth": payload, "notes.pth": b"not a checkpoint at all"}) as s:
+    s.payload = payload
+    yield s
 
 
 def _register(monkeypatch, url, sha256=None, size=None):
@@ -107,6 +68,15 @@ def test_offline_error_names_url_and_the_local_alternative(monkeypatch, tmp_path
   message = str(e.value)
   assert url in message
   assert "--config.model.checkpoint=" in message and "load_mae(" in message
+
+
+def test_a_stopped_download_is_resumed(server, monkeypatch, tmp_path):
+  digest = hashlib.sha256(server.payload).hexdigest()
+  _register(monkeypatch, f"{server.url}/mae_ref_a.pth", sha256=digest)
+  (tmp_path / "mae_ref_a.pth.part").write_bytes(server.payload[:1000])
+  checkpoints.load_mae("mae_test", cache_dir=tmp_path)
+  assert server.requests == [("/mae_ref_a.pth", "bytes=1000-", 206)]
+  assert (tmp_path / "mae_ref_a.pth").read_bytes() == server.payload
 
 
 def test_file_url(monkeypatch, tmp_path, fixtures_dir):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maeday_jax import data
+from maeday_jax import data, imagenet, resizing
 from maeday_jax.data import images, testing
 
 
@@ -65,22 +65,32 @@ def test_missing_file_is_a_data_error(tmp_path):
 
 def test_normalize_denormalize_round_trip():
   pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
-  x = data.normalize(pixels)
+  x = imagenet.normalize(pixels)
   assert x.dtype == np.float32
   np.testing.assert_allclose(
-    x[0, 0, 0], (pixels[0, 0, 0] / 255 - data.IMAGENET_MEAN) / data.IMAGENET_STD, rtol=1e-6
+    x[0, 0, 0], (pixels[0, 0, 0] / 255 - imagenet.IMAGENET_MEAN) / imagenet.IMAGENET_STD, rtol=1e-6
   )
-  np.testing.assert_array_equal(data.denormalize(x), pixels)
+  np.testing.assert_array_equal(imagenet.denormalize(x), pixels)
+
+
+def test_normalize_keeps_jax_arrays_on_jax():
+  import jax.numpy as jnp
+
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+  x = imagenet.normalize(jnp.asarray(pixels))
+  assert isinstance(x, jnp.ndarray) and x.dtype == jnp.float32
+  np.testing.assert_allclose(x, imagenet.normalize(pixels), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(imagenet.denormalize(x), pixels)
 
 
 def test_resize_is_bilinear_for_images_and_nearest_for_masks():
   image = np.zeros((40, 30, 3), np.uint8)
   image[:, 15:] = 255
-  resized = data.resize_image(image, 8)
+  resized = resizing.resize_image(image, 8)
   assert resized.shape == (8, 8, 3)
   assert 0 < resized[0, 3, 0] < 255 or 0 < resized[0, 4, 0] < 255  # blended at the edge
   mask = (image[..., 0] > 0).astype(np.uint8)
-  assert set(np.unique(data.resize_mask(mask, 8))) == {0, 1}
+  assert set(np.unique(resizing.resize_mask_pillow(mask, 8))) == {0, 1}
   assert data.preprocess_image(image, 8).shape == (8, 8, 3)
 
 

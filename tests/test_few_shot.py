@@ -11,7 +11,7 @@ import pytest
 import scipy.ndimage
 from flax import traverse_util
 
-from maeday_jax import augment, checkpoints, few_shot, models, parallel
+from maeday_jax import augment, checkpoints, few_shot, models, parallel, training
 from tests.test_lora import random_params
 
 MODEL = models.create("test")  # 32 px, patch 8: 16 patches
@@ -59,7 +59,7 @@ def test_defaults_follow_the_paper():
   with pytest.raises(ValueError, match="finetune must be one of"):
     few_shot.make_optimizer(config)
   config.finetune = "lora"
-  assert few_shot.StepSettings.from_config(config).lora_compute == "activations"
+  assert few_shot.StepSettings.from_config(config).strategy.compute == "activations"
   config.lora.compute = "kernels"
   with pytest.raises(ValueError, match=r"lora.compute must be one of \('activations', 'weights'\)"):
     few_shot.StepSettings.from_config(config)
@@ -97,7 +97,13 @@ def test_optimizer_matches_pytorch_sgd():
 
 @pytest.fixture(scope="module")
 def augment_batch():
-  return jax.jit(augment.random_augment_batch)
+  """`augment.augment_batch` of each image with uniforms drawn from its own key."""
+
+  def from_keys(keys, images):
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (augment.NUM_UNIFORMS,)))(keys)
+    return augment.augment_batch(images, uniforms)
+
+  return jax.jit(from_keys)
 
 
 def test_augmentation_is_deterministic_from_the_key(augment_batch):
@@ -152,7 +158,8 @@ def test_bilinear_sample_matches_scipy(mode, scipy_mode):
 def test_training_batch_gives_each_copy_its_own_mask_and_augmentation():
   shots = jnp.asarray(few_shot.as_model_input(MODEL, _textures(0, 2)))
   config = _config(1, batch_size=8)
-  images, noise = jax.jit(lambda k: few_shot.training_batch(MODEL, shots, k, config))(
+  settings = few_shot.StepSettings.from_config(config)
+  images, noise = jax.jit(lambda k: few_shot.training_batch(MODEL, shots, k, settings))(
     jax.random.key(0)
   )
   assert images.shape == (8, 32, 32, 3) and noise.shape == (8, MODEL.num_patches)
@@ -168,21 +175,22 @@ def test_training_batch_gives_each_copy_its_own_mask_and_augmentation():
 
 def test_step_is_the_same_on_one_and_eight_devices(params):
   config = few_shot.get_train_config()
+  settings = few_shot.StepSettings.from_config(config)
   optimizer = few_shot.make_optimizer(config)
   shots = few_shot.as_model_input(MODEL, _textures(0, 2))
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = parallel.data_mesh(devices)
-    base, trainable = few_shot.split_params(params, jax.random.key(1), config)
-    state = parallel.replicate(few_shot.init_state(trainable, optimizer), mesh)
+    base, trainable = settings.strategy.split(params, jax.random.key(1))
+    state = parallel.replicate(training.init_state(trainable, optimizer), mesh)
     base, placed_shots, key = parallel.replicate((base, shots, jax.random.key(2)), mesh)
-    step = few_shot.make_train_step(MODEL, optimizer, mesh, config)
+    step = few_shot.make_train_step(MODEL, optimizer, mesh, settings)
     losses = []
     for _ in range(2):
       state, loss = step(state, base, placed_shots, key)
       losses.append(float(loss))
     assert int(state["step"]) == 2
-    results.append((losses, jax.device_get(state["trainable"])))
+    results.append((losses, jax.device_get(state["params"])))
   (losses_1, trained_1), (losses_8, trained_8) = results
   np.testing.assert_allclose(losses_1, losses_8, rtol=1e-5)
   jax.tree.map(

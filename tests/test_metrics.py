@@ -8,6 +8,13 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from maeday_jax import metrics
 
 
+def pooled(maps, masks) -> metrics.PixelMetricAccumulator:
+  """One accumulator holding all pixels of maps (N, H, W) and masks (N, H, W)."""
+  accumulator = metrics.PixelMetricAccumulator()
+  accumulator.add(maps, masks)
+  return accumulator
+
+
 def _sklearn_f1_max(labels, scores):
   precision, recall, _ = precision_recall_curve(labels, scores)
   with np.errstate(invalid="ignore", divide="ignore"):
@@ -68,7 +75,6 @@ def test_image_metrics_match_sklearn_with_ties(seed):
     average_precision_score(labels, scores), 1e-12
   )
   assert metrics.f1_max(scores, labels) == pytest.approx(_sklearn_f1_max(labels, scores), 1e-12)
-  assert metrics.image_f1_max(scores, labels) == metrics.f1_max(scores, labels)
 
 
 def test_unknown_labels_are_ignored():
@@ -129,11 +135,9 @@ def test_best_f1_threshold_reproduces_f1():
 def test_pixel_metrics_match_sklearn_pooled(seed):
   maps, masks = _blob_data(np.random.default_rng(seed))
   flat_maps, flat_masks = maps.ravel(), masks.ravel()
-  assert metrics.pixel_auroc(maps, masks) == pytest.approx(roc_auc_score(flat_masks, flat_maps))
-  assert metrics.pixel_ap(maps, masks) == pytest.approx(
-    average_precision_score(flat_masks, flat_maps)
-  )
-  assert metrics.pixel_f1_max(maps, masks) == pytest.approx(_sklearn_f1_max(flat_masks, flat_maps))
+  assert pooled(maps, masks).auroc() == pytest.approx(roc_auc_score(flat_masks, flat_maps))
+  assert pooled(maps, masks).ap() == pytest.approx(average_precision_score(flat_masks, flat_maps))
+  assert pooled(maps, masks).f1_max() == pytest.approx(_sklearn_f1_max(flat_masks, flat_maps))
 
 
 def test_aupro_hand_checked():
@@ -147,9 +151,9 @@ def test_aupro_hand_checked():
   # t = 0.3: two more normal pixels    -> PRO 1,                    FPR 3/9 (past 0.3)
   # Area to 0.3: (1/9) * (0.75 + 1) / 2 + (0.3 - 1/9) * 1 = 0.3 - 1/72; divided by 0.3:
   expected = (0.3 - 1 / 72) / 0.3  # = 0.953703...
-  assert metrics.aupro(maps, masks) == pytest.approx(expected, abs=1e-12)
+  assert pooled(maps, masks).aupro() == pytest.approx(expected, abs=1e-12)
   # With 4-connectivity A would be two regions and the value (0.3 - 1/54) / 0.3 = 0.938...
-  assert metrics.aupro(maps, masks) != pytest.approx((0.3 - 1 / 54) / 0.3, abs=1e-3)
+  assert pooled(maps, masks).aupro() != pytest.approx((0.3 - 1 / 54) / 0.3, abs=1e-3)
   assert _direct_aupro(maps, masks) == pytest.approx(expected, abs=1e-12)
 
 
@@ -158,7 +162,7 @@ def test_aupro_hand_checked():
 def test_aupro_matches_direct_threshold_by_threshold(seed, fpr_limit):
   maps, masks = _blob_data(np.random.default_rng(seed), n=6, size=24)
   assert maps[masks].size and len(np.unique(maps)) < maps.size  # multi-region and ties
-  assert metrics.aupro(maps, masks, fpr_limit=fpr_limit) == pytest.approx(
+  assert pooled(maps, masks).aupro(fpr_limit) == pytest.approx(
     _direct_aupro(maps, masks, fpr_limit), abs=1e-9
   )
 
@@ -167,8 +171,8 @@ def test_aupro_constant_map_follows_reference():
   # One threshold takes the curve straight to (1, 1): area 0.3 * 0.3 / 2, / 0.3 = 0.15.
   masks = np.zeros((2, 8, 8), dtype=bool)
   masks[0, 2:4, 2:4] = True
-  assert metrics.aupro(np.ones((2, 8, 8)), masks) == pytest.approx(0.15)
-  assert metrics.pixel_auroc(np.ones((2, 8, 8)), masks) == 0.5
+  assert pooled(np.ones((2, 8, 8)), masks).aupro() == pytest.approx(0.15)
+  assert pooled(np.ones((2, 8, 8)), masks).auroc() == 0.5
 
 
 def test_region_weights_use_eight_connectivity():
@@ -180,9 +184,9 @@ def test_region_weights_use_eight_connectivity():
 
 def test_empty_masks_raise_clear_error():
   maps, masks = np.random.default_rng(0).random((3, 8, 8)), np.zeros((3, 8, 8), dtype=bool)
-  for fn in (metrics.pixel_auroc, metrics.pixel_ap, metrics.pixel_f1_max, metrics.aupro):
+  for name in ("auroc", "ap", "f1_max", "aupro"):
     with pytest.raises(metrics.MetricUndefinedError, match="anomal"):
-      fn(maps, masks)
+      getattr(pooled(maps, masks), name)()
 
 
 def test_streaming_batches_equal_one_shot():
@@ -191,15 +195,15 @@ def test_streaming_batches_equal_one_shot():
   for i in range(0, 10, 3):
     acc.add(maps[i : i + 3], masks[i : i + 3])
   assert acc.is_exact and acc.num_images == 10
-  assert acc.auroc() == pytest.approx(metrics.pixel_auroc(maps, masks), abs=1e-12)
-  assert acc.aupro() == pytest.approx(metrics.aupro(maps, masks), abs=1e-12)
+  assert acc.auroc() == pytest.approx(pooled(maps, masks).auroc(), abs=1e-12)
+  assert acc.aupro() == pytest.approx(pooled(maps, masks).aupro(), abs=1e-12)
 
 
 def test_masks_resized_nearest_to_maps():
   maps, masks = _blob_data(np.random.default_rng(6), n=4, size=16)
   big_masks = masks.repeat(4, axis=1).repeat(4, axis=2).astype(np.uint8) * 255
-  assert metrics.pixel_auroc(maps, big_masks) == metrics.pixel_auroc(maps, masks)
-  assert metrics.aupro(maps, big_masks) == metrics.aupro(maps, masks)
+  assert pooled(maps, big_masks).auroc() == pooled(maps, masks).auroc()
+  assert pooled(maps, big_masks).aupro() == pooled(maps, masks).aupro()
 
 
 def test_resolution_option_resizes_both():
@@ -263,7 +267,7 @@ def test_merged_shards_equal_one_accumulator_over_everything():
   assert exact.is_exact and exact.num_images == 12
   for name in ("auroc", "ap", "f1_max", "aupro"):
     assert getattr(exact, name)() == pytest.approx(
-      getattr(metrics, f"pixel_{name}" if name != "aupro" else "aupro")(maps, masks), abs=1e-12
+      getattr(pooled(maps, masks), name)(), abs=1e-12
     ), name
   assert exact.auroc() == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
   coarse = merged(metrics.MIN_MAX_DISTINCT)  # the first shard had to bin its values
@@ -275,4 +279,4 @@ def test_merged_shards_equal_one_accumulator_over_everything():
 
 def test_nan_maps_rejected():
   with pytest.raises(ValueError, match="NaN"):
-    metrics.pixel_auroc(np.full((1, 4, 4), np.nan), np.ones((1, 4, 4)))
+    pooled(np.full((1, 4, 4), np.nan), np.ones((1, 4, 4))).auroc()

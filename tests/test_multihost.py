@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from maeday_jax import metrics
 from tests.processes import run_processes
+from tests.test_metrics import pooled
 
 NUM_IMAGES = 7
 
@@ -41,14 +41,13 @@ import jax
 port, pid, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 
-from maeday_jax import metrics, parallel, reports
-from maeday_jax.jobs import zero_shot as job
+from maeday_jax import evaluation, metrics, parallel, reports
 
 maps, masks, labels = category_data()
 mine = np.arange(pid, len(maps), 2)
 pixels = metrics.PixelMetricAccumulator()
 pixels.add(maps[mine], masks[mine])
-local = job.ScoredSplit(
+local = evaluation.ScoredSplit(
   reports.CategoryResult(
     category="tiles",
     file_names=[f"tile_{i}.png" for i in mine],
@@ -59,7 +58,7 @@ local = job.ScoredSplit(
   indices=mine,
   seconds=1.0 + pid,
 )
-everyone = job.gather_scored(local)
+everyone = evaluation.gather_scored(local)
 ragged = parallel.allgather_arrays(
   {"keys": np.arange(pid + 1, dtype=np.uint64) + 2**40, "text": np.asarray(["é" * (pid + 1)])}
 )
@@ -120,7 +119,7 @@ def test_pixel_metrics_pool_both_shards(gathered):
   )
   # Process 0 holds image 4's region, process 1 those of images 3 and 6: the region
   # overlap curve needs both, and equals the one of a single process seeing everything.
-  np.testing.assert_allclose(result["aupro"], metrics.aupro(maps, masks), rtol=1e-12)
+  np.testing.assert_allclose(result["aupro"], pooled(maps, masks).aupro(), rtol=1e-12)
   assert 0.0 < result["aupro"] < 1.0
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from maeday_jax import checkpoints, models, parallel
+from maeday_jax import checkpoints, model_builder, models, parallel
 from maeday_jax.data import testing
 from maeday_jax.pretrain import augmentation, inputs, loop, optim
 from maeday_jax.pretrain import step as step_lib
@@ -237,12 +237,12 @@ def test_resume_equals_uninterrupted_and_exports_a_loadable_model(
   # The export is a checkpoint to continue from (`--config.model.checkpoint`).
   model_config = config.model.copy_and_resolve_references()
   model_config.checkpoint = str(tmp_path / "whole" / loop.MODEL_DIR)
-  model, _, source = loop.build_model(model_config, jax.random.key(0))
+  model, _, source = model_builder.build_model(model_config, jax.random.key(0))
   assert source == model_config.checkpoint
-  assert loop.architecture(model) == whole["architecture"]
+  assert models.architecture(model) == whole["architecture"]
   model_config.embed_dim = 32
   with pytest.raises(ValueError, match="contradict"):
-    loop.build_model(model_config, jax.random.key(0))
+    model_builder.build_model(model_config, jax.random.key(0))
 
 
 def test_configs_build():
@@ -250,7 +250,7 @@ def test_configs_build():
     for arg in (None, "runlocal"):
       config = _load_config(name, arg)
       assert config.job == "pretrain"
-      assert config.model.checkpoint == ""
+      assert config.model.checkpoint == "random"
       assert config.train.loss in step_lib.LOSSES
   mt = _load_config("pretrain_mt")
   assert mt.model.img_size == 112 and mt.eval.enabled

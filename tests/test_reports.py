@@ -7,57 +7,63 @@ import numpy as np
 import pytest
 
 from maeday_jax import categories, metrics, paper_numbers, reports, thresholds
+from tests.test_metrics import pooled
 
 
-def _result(category, rng, n=12, size=16, seed=None, anomalous=True):
+def _result_maps_masks(category, rng, n=12, size=16, seed=None, anomalous=True):
+  """A category's result (pixels pooled from its maps and masks), its maps and masks."""
   labels = (np.arange(n) < n // 2).astype(int) if anomalous else np.zeros(n, dtype=int)
   masks = np.zeros((n, size, size), dtype=bool)
   masks[labels == 1, 4:9, 5:10] = True
   maps = rng.normal(size=masks.shape) + masks
-  return reports.CategoryResult(
+  result = reports.CategoryResult(
     category=category,
     file_names=[f"{category}/test/{i:03d}.png" for i in range(n)],
     labels=labels,
     scores=maps.max(axis=(1, 2)),
-    maps=maps,
-    masks=masks,
+    pixels=pooled(maps, masks),
     seed=seed,
   )
+  return result, maps, masks
+
+
+def _result(category, rng, **options):
+  return _result_maps_masks(category, rng, **options)[0]
 
 
 def _mvtec_per_category(rng, names=categories.MVTEC_CATEGORIES):
-  return {c: reports.evaluate_category(_result(c, rng)) for c in names}
+  return {c: reports.category_metrics(_result(c, rng)) for c in names}
 
 
-def test_evaluate_category_matches_metrics():
-  result = _result("bottle", np.random.default_rng(0))
-  out = reports.evaluate_category(result)
+def test_category_metrics_match_metrics():
+  result, maps, masks = _result_maps_masks("bottle", np.random.default_rng(0))
+  out = reports.category_metrics(result)
   assert out["image_auroc"] == metrics.image_auroc(result.scores, result.labels)
   assert out["image_ap"] == metrics.image_ap(result.scores, result.labels)
   assert out["image_f1_max"] == metrics.f1_max(result.scores, result.labels)
-  assert out["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(result.maps, result.masks))
-  assert out["pixel_ap"] == pytest.approx(metrics.pixel_ap(result.maps, result.masks))
-  assert out["pixel_f1_max"] == pytest.approx(metrics.pixel_f1_max(result.maps, result.masks))
-  assert out["aupro"] == pytest.approx(metrics.aupro(result.maps, result.masks))
+  assert out["pixel_auroc"] == pytest.approx(pooled(maps, masks).auroc())
+  assert out["pixel_ap"] == pytest.approx(pooled(maps, masks).ap())
+  assert out["pixel_f1_max"] == pytest.approx(pooled(maps, masks).f1_max())
+  assert out["aupro"] == pytest.approx(pooled(maps, masks).aupro())
   assert (out["num_images"], out["num_normal"], out["num_anomalous"]) == (12, 6, 6)
   assert out["notes"] == {}
 
 
 def test_accumulator_input_equals_arrays():
-  result = _result("bottle", np.random.default_rng(1))
+  result, maps, masks = _result_maps_masks("bottle", np.random.default_rng(1))
   accumulator = metrics.PixelMetricAccumulator()
   for i in range(0, 12, 5):
-    accumulator.add(result.maps[i : i + 5], result.masks[i : i + 5])
+    accumulator.add(maps[i : i + 5], masks[i : i + 5])
   streamed = reports.CategoryResult(
     "bottle", result.file_names, result.labels, result.scores, pixels=accumulator
   )
-  assert reports.evaluate_category(streamed)["aupro"] == pytest.approx(
-    reports.evaluate_category(result)["aupro"], abs=1e-12
+  assert reports.category_metrics(streamed)["aupro"] == pytest.approx(
+    reports.category_metrics(result)["aupro"], abs=1e-12
   )
 
 
 def test_undefined_metrics_are_none_with_reasons():
-  out = reports.evaluate_category(_result("bottle", np.random.default_rng(2), anomalous=False))
+  out = reports.category_metrics(_result("bottle", np.random.default_rng(2), anomalous=False))
   assert all(out[name] is None for name in metrics.METRIC_NAMES)
   assert "no anomalous images" in out["notes"]["image_auroc"]
   assert "no ground-truth anomaly region" in out["notes"]["aupro"]
@@ -65,11 +71,11 @@ def test_undefined_metrics_are_none_with_reasons():
 
 def test_missing_masks_and_disabled_pixels():
   result = _result("bottle", np.random.default_rng(3))
-  result.masks = None
-  out = reports.evaluate_category(result)
+  result.pixels = None
+  out = reports.category_metrics(result)
   assert out["image_auroc"] is not None and out["pixel_auroc"] is None
   assert "no ground-truth masks" in out["notes"]["pixel_auroc"]
-  out = reports.evaluate_category(_result("bottle", np.random.default_rng(3)), pixel=False)
+  out = reports.category_metrics(_result("bottle", np.random.default_rng(3)), pixel=False)
   assert out["aupro"] is None and "not requested" in out["notes"]["aupro"]
 
 
@@ -96,7 +102,7 @@ def test_summarize_mvtec_groups_and_undefined_categories():
 def test_summarize_other_datasets():
   rng = np.random.default_rng(5)
   visa = reports.summarize(
-    {c: reports.evaluate_category(_result(c, rng)) for c in ("pcb1", "candle", "cashew")}, "visa"
+    {c: reports.category_metrics(_result(c, rng)) for c in ("pcb1", "candle", "cashew")}, "visa"
   )
   assert list(visa["groups"]) == [
     "complex_structure",
@@ -104,7 +110,7 @@ def test_summarize_other_datasets():
     "single_instance",
     "all",
   ]
-  own = reports.summarize({"tiles": reports.evaluate_category(_result("tiles", rng))}, "folder")
+  own = reports.summarize({"tiles": reports.category_metrics(_result("tiles", rng))}, "folder")
   assert list(own["groups"]) == ["all"]
 
 
@@ -127,7 +133,7 @@ def test_summarize_seeds_mean_std():
 
 def test_metrics_json_is_strict_with_nulls(tmp_path):
   per_category = _mvtec_per_category(np.random.default_rng(7), ("bottle", "carpet"))
-  per_category["carpet"] = reports.evaluate_category(
+  per_category["carpet"] = reports.category_metrics(
     _result("carpet", np.random.default_rng(7), anomalous=False)
   )
   per_category["bottle"]["extra"] = np.float32(np.nan)  # anything non-finite becomes null
@@ -164,7 +170,7 @@ def test_markdown_table_with_paper_numbers(tmp_path):
 def test_markdown_table_other_dataset_and_seeds():
   rng = np.random.default_rng(9)
   runs = [
-    reports.summarize({"pcb1": reports.evaluate_category(_result("pcb1", rng))}, "visa")
+    reports.summarize({"pcb1": reports.category_metrics(_result("pcb1", rng))}, "visa")
     for _ in range(3)
   ]
   text = reports.markdown_table(reports.summarize_seeds(runs), "visa", setting="few_shot")

@@ -7,13 +7,13 @@ from sklearn.metrics import f1_score
 from maeday_jax import metrics, thresholds
 
 
-def test_f1_threshold_reaches_f1_max_with_predict_labels():
+def test_f1_threshold_reaches_f1_max():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 200)
   scores = np.round(rng.normal(size=200) + 1.2 * labels, 1)
   threshold = thresholds.f1_threshold(scores, labels)
   assert threshold.method == "f1"
-  predicted = thresholds.predict_labels(scores, threshold)
+  predicted = (scores >= threshold.value).astype(np.int64)
   assert set(np.unique(predicted)) <= {0, 1}
   assert f1_score(labels, predicted) == pytest.approx(metrics.f1_max(scores, labels))
   assert threshold.details["f1"] == pytest.approx(metrics.f1_max(scores, labels))
@@ -24,37 +24,24 @@ def test_f1_threshold_needs_both_classes():
     thresholds.f1_threshold(np.array([0.1, 0.2]), np.array([0, 0]))
 
 
-def test_pixel_f1_threshold_reproduces_pixel_f1():
-  rng = np.random.default_rng(1)
-  masks = rng.random((4, 16, 16)) < 0.1
-  maps = rng.normal(size=masks.shape) + masks
-  accumulator = metrics.PixelMetricAccumulator()
-  accumulator.add(maps, masks)
-  threshold = thresholds.pixel_f1_threshold(accumulator)
-  predicted = thresholds.predict_masks(maps, threshold)
-  assert predicted.shape == maps.shape and predicted.dtype == bool
-  assert f1_score(masks.ravel(), predicted.ravel()) == pytest.approx(accumulator.f1_max())
-
-
 def test_percentile_threshold():
   normal = np.arange(101, dtype=float)
   threshold = thresholds.percentile_threshold(normal, q=95)
   assert threshold.value == pytest.approx(95.0)
   assert threshold.method == "percentile" and threshold.details["num_reference"] == 101
-  assert thresholds.predict_labels(normal, threshold).sum() == 6  # 95 ... 100
+  assert (normal >= threshold.value).sum() == 6  # 95 ... 100
   with pytest.raises(ValueError, match="percentile"):
     thresholds.percentile_threshold(normal, q=150)
   with pytest.raises(ValueError, match="at least one"):
     thresholds.percentile_threshold([])
 
 
-def test_fixed_threshold_and_plain_floats():
+def test_fixed_threshold():
   threshold = thresholds.fixed_threshold(0.5)
   assert threshold.to_dict() == {"value": 0.5, "method": "fixed", "details": {}}
   assert "fixed" in threshold.describe()
   scores = np.array([0.2, 0.5, 0.7])
-  np.testing.assert_array_equal(thresholds.predict_labels(scores, threshold), [0, 1, 1])
-  np.testing.assert_array_equal(thresholds.predict_labels(scores, 0.6), [0, 0, 1])
+  np.testing.assert_array_equal(scores >= threshold.value, [0, 1, 1])
 
 
 def test_minmax_and_standardize():

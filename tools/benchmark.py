@@ -22,7 +22,7 @@ same file (`--torch-worker`, which imports neither JAX nor `maeday_jax`) under
 `--torch-python` (default: this interpreter when it can import torch and timm), so the
 two may live in different virtual environments. `--no-torch` skips it.
 
-CPU (what the repository's own numbers were measured with):
+CPU (the commands behind the README's figures):
 
     python tools/benchmark.py --arch base --batch 8 --steps 3 --warmup 1 --interleave \\
         --torch-python /work/venv-torch/bin/python --json runs/bench_base_cpu.json

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import numpy as np
 from benchmark_common import (
-  JaxSide,
-  TorchSide,
   block_flops,
   compile_line,
   flops_per_mask,
@@ -48,6 +46,8 @@ from benchmark_common import (
   timing_words,
   torch_header,
 )
+from benchmark_jax import JaxSide
+from benchmark_torch import TorchSide
 
 # Spec section 1; the JAX side checks that `few_shot.get_train_config()` agrees.
 LEARNING_RATE = 1e-2
@@ -326,7 +326,7 @@ class JaxFinetune(JaxSide):
   def __init__(self, args, arch: dict):
     super().__init__(args, arch, flops_per_copy(arch, args.mask_ratio, args.rank)["total"])
     jax = self.jax
-    from maeday_jax import few_shot, lora, parallel
+    from maeday_jax import few_shot, lora, parallel, training
 
     self.config = config = few_shot.get_train_config()
     config.batch_size, config.lora.rank, config.mask_ratio = args.batch, args.rank, args.mask_ratio
@@ -347,17 +347,18 @@ class JaxFinetune(JaxSide):
       raise RuntimeError(f"The benchmark's settings disagree with few_shot's: {differ}")
 
     mesh = self.mesh
+    self.settings = few_shot.StepSettings.from_config(config)
     self.optimizer = few_shot.make_optimizer(config)
     self.shots_np, self.check_noise_np = make_check_inputs(arch, args.shots, args.batch, args.seed)
     shots = parallel.replicate(jax.numpy.asarray(self.shots_np), mesh)
     self.check_losses = self._check(shots)
     log(f"[jax] check losses {self.check_losses}")
 
-    state = parallel.replicate(few_shot.init_state(self._lora_tree(), self.optimizer), mesh)
+    state = parallel.replicate(training.init_state(self._lora_tree(), self.optimizer), mesh)
     key = parallel.replicate(jax.random.key(args.seed), mesh)
     compiled = self.compile(
       lambda: few_shot.lower_train_step(
-        self.model, self.optimizer, mesh, config, state, self.params, shots, key
+        self.model, self.optimizer, mesh, self.settings, state, self.params, shots, key
       )
     )
     self.state, self.last_loss = state, None
@@ -388,9 +389,7 @@ class JaxFinetune(JaxSide):
     jax = self.jax
     import optax
 
-    from maeday_jax import few_shot
-
-    settings = few_shot.StepSettings.from_config(self.config)
+    strategy, mask_ratio = self.settings.strategy, self.settings.mask_ratio
     copies = np.arange(self.args.batch) % self.args.shots
     images, noise = shots[copies], jax.numpy.asarray(self.check_noise_np)
 
@@ -399,7 +398,7 @@ class JaxFinetune(JaxSide):
     @jax.jit
     def update(trainable, opt_state, base, images, noise):
       def loss_fn(t):
-        return few_shot.training_loss(self.model, base, t, images, noise, settings)
+        return strategy.loss(self.model, base, t, images, noise, mask_ratio)
 
       loss, grads = jax.value_and_grad(loss_fn)(trainable)
       updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
@@ -420,7 +419,7 @@ class JaxFinetune(JaxSide):
       "lora_compute": self.args.lora_compute,
       "check_losses": self.check_losses,
       "last_loss": self.last_loss,
-      "lora_parameters": num_params(self.state["trainable"]),
+      "lora_parameters": num_params(self.state["params"]),
       "inputs_digest": inputs_digest(self.shots_np, self.check_noise_np),
     }
 

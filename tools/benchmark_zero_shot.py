@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 from benchmark_common import (
-  JaxSide,
-  TorchSide,
   compile_line,
   flops_per_mask,
   inputs_digest,
@@ -27,6 +25,8 @@ from benchmark_common import (
   timing_words,
   torch_header,
 )
+from benchmark_jax import JaxSide
+from benchmark_torch import TorchSide
 
 BLUR_SIZE = 7
 BLUR_SIGMA = 1.4

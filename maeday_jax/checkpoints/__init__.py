@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from maeday_jax.checkpoints import architecture, download, orbax_format, state_dict, torch_zip
-from maeday_jax.checkpoints.download import KNOWN_CHECKPOINTS, DownloadError, RemoteFile
+from maeday_jax.checkpoints.download import KNOWN_CHECKPOINTS
 from maeday_jax.checkpoints.errors import CheckpointError
+from maeday_jax.download import DownloadError, RemoteFile
 from maeday_jax.models import MaskedAutoencoder, param_shapes
 
 __all__ = [

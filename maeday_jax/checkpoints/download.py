@@ -1,48 +1,16 @@
-"""Downloads of the official checkpoints: cache, integrity checks, clear offline errors.
+"""The official checkpoints: where they are downloaded from and where they are cached.
 
-Files are streamed to `<name>.part` next to their final place, checked, then renamed: a
-file in the cache is always complete. A transfer that ends early, a size that differs from
-what the server announced or the registry records, or a SHA-256 that differs from the
-registry's is reported and the partial file is deleted, never used.
+Transfers go through `maeday_jax.download.fetch` (a `.part` file renamed once complete,
+resumed on a rerun, size and SHA-256 checks); this module adds the registry of known
+names, the cache folder and the advice on using a local copy instead.
 """
 
-import dataclasses
-import hashlib
-import http.client
 import os
 import pathlib
-import urllib.error
-import urllib.request
 
-from tqdm.auto import tqdm
+from maeday_jax.download import DownloadError, RemoteFile, fetch
 
-from maeday_jax.checkpoints.errors import CheckpointError
-
-_CHUNK = 1 << 20
-
-
-class DownloadError(CheckpointError):
-  """A remote checkpoint could not be fetched intact."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RemoteFile:
-  """Where a named checkpoint lives and what it must look like when it arrives.
-
-  Attributes:
-    url: http(s) or file URL.
-    sha256: expected hex digest, or None where no digest has been published.
-    size: expected size in bytes, or None (the server's Content-Length is still checked).
-  """
-
-  url: str
-  sha256: str | None = None
-  size: int | None = None
-
-  @property
-  def filename(self) -> str:
-    return self.url.rstrip("/").rsplit("/", 1)[-1]
-
+__all__ = ["KNOWN_CHECKPOINTS", "DownloadError", "RemoteFile", "default_cache_dir", "download"]
 
 _MAE_URL = "https://dl.fbaipublicfiles.com/mae/visualize/"
 
@@ -61,68 +29,26 @@ def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(root).expanduser()
 
 
-def _offline_message(remote: RemoteFile, dest: pathlib.Path, reason: object) -> str:
+def _local_copy_hint(remote: RemoteFile, dest: pathlib.Path) -> str:
+  name = remote.filename
   return (
-    f"Could not download {remote.url} ({reason}). If this machine is offline, download the "
-    f"file elsewhere and either pass its local path (load_mae('/path/{remote.filename}') or "
-    f"--config.model.checkpoint=/path/{remote.filename}) or copy it to {dest}."
+    f"If this machine is offline, download the file elsewhere and either pass its local "
+    f"path (load_mae('/path/{name}') or --config.model.checkpoint=/path/{name}) or copy it "
+    f"to {dest}."
   )
 
 
 def download(remote: RemoteFile, dest: pathlib.Path, progress: bool = True) -> pathlib.Path:
-  """Fetches `remote` to `dest` unless an intact copy is already there.
+  """Fetches a checkpoint to `dest` unless it is already there; returns `dest`.
 
   Raises:
     DownloadError: the URL is unreachable, or the transfer is truncated or corrupt (the
       partial file is deleted).
   """
   dest = pathlib.Path(dest)
-  if dest.is_file():
-    return dest
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  part = dest.with_name(dest.name + ".part")
-  try:
-    response = urllib.request.urlopen(remote.url, timeout=60)
-  except (urllib.error.URLError, OSError, ValueError) as e:
-    raise DownloadError(_offline_message(remote, dest, getattr(e, "reason", e))) from e
-
-  digest, received = hashlib.sha256(), 0
-  announced = response.headers.get("Content-Length")
-  announced = int(announced) if announced and announced.isdigit() else None
-  try:
-    with response, open(part, "wb") as out:
-      bar = tqdm(
-        total=announced or remote.size,
-        unit="B",
-        unit_scale=True,
-        desc=f"Downloading {remote.filename}",
-        disable=not progress,
-      )
-      with bar:
-        while chunk := response.read(_CHUNK):
-          out.write(chunk)
-          digest.update(chunk)
-          received += len(chunk)
-          bar.update(len(chunk))
-  except (TimeoutError, http.client.IncompleteRead, ConnectionError, OSError) as e:
-    part.unlink(missing_ok=True)
-    raise DownloadError(
-      f"The download of {remote.url} was interrupted after {received} bytes ({e}); the "
-      "partial file was deleted. Try again, or download it manually: "
-      + _offline_message(remote, dest, "interrupted")
-    ) from e
-
-  problems = []
-  for expected, what in ((announced, "announced by the server"), (remote.size, "expected")):
-    if expected is not None and received != expected:
-      problems.append(f"received {received} bytes but {expected} were {what} (truncated)")
-  if remote.sha256 and digest.hexdigest() != remote.sha256.lower():
-    problems.append(f"SHA-256 {digest.hexdigest()} differs from the expected {remote.sha256}")
-  if problems:
-    part.unlink(missing_ok=True)
-    raise DownloadError(
-      f"The download of {remote.url} is corrupt: {'; '.join(problems)}. The file was "
-      "deleted; try again."
-    )
-  os.replace(part, dest)
-  return dest
+  return fetch(
+    remote,
+    dest,
+    hint=_local_copy_hint(remote, dest),
+    progress=progress,
+  )

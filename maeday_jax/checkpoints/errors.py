@@ -1,4 +1,5 @@
-"""The one exception type raised for every unusable checkpoint."""
+"""The one exception type raised for every unusable checkpoint (downloads that fail raise
+`maeday_jax.download.DownloadError`)."""
 
 
 class CheckpointError(ValueError):

@@ -10,27 +10,18 @@ Typical use:
   shots = data.select_shots(train, k=1, seed=0)
 """
 
-from maeday_jax.data.config import get_data_config
 from maeday_jax.data.errors import DataError, DownloadError
 from maeday_jax.data.images import decode_image, decode_mask, read_image, read_mask
 from maeday_jax.data.pipeline import batches, batches_per_shard, load_example, shard_bounds
 from maeday_jax.data.prepare import DATASETS, data_dir, prepare, resolve_categories
-from maeday_jax.data.preprocess import (
-  IMAGENET_MEAN,
-  IMAGENET_STD,
-  denormalize,
-  normalize,
-  preprocess_image,
-  resize_image,
-  resize_mask,
-)
+from maeday_jax.data.preprocess import preprocess_image
 from maeday_jax.data.shots import select_shots
 from maeday_jax.data.split import Split, load_split, skipped_summary
+from maeday_jax.defaults import data_config as get_data_config
+from maeday_jax.imagenet import denormalize, normalize
 
 __all__ = [
   "DATASETS",
-  "IMAGENET_MEAN",
-  "IMAGENET_STD",
   "DataError",
   "DownloadError",
   "Split",
@@ -48,8 +39,6 @@ __all__ = [
   "preprocess_image",
   "read_image",
   "read_mask",
-  "resize_image",
-  "resize_mask",
   "resolve_categories",
   "select_shots",
   "shard_bounds",

@@ -11,24 +11,19 @@ category.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import pathlib
 import shutil
 import tarfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
-import tqdm
-
-from maeday_jax.data.errors import DataError, DownloadError
+from maeday_jax.data.errors import DataError
+from maeday_jax.download import DownloadError, RemoteFile, fetch, sha256_of
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 _MARKER = ".maeday_extracted.json"
 
 
@@ -60,15 +55,6 @@ class Archive:
     )
 
 
-def sha256_of(path: pathlib.Path) -> str:
-  """Returns the hex SHA-256 of a file, read in chunks (memory stays flat)."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(_CHUNK):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def verify(path: pathlib.Path, archive: Archive) -> str:
   """Checks `path` against the archive's SHA-256; returns the digest or raises."""
   logger.info("Verifying the SHA-256 of %s", path)
@@ -85,46 +71,20 @@ def verify(path: pathlib.Path, archive: Archive) -> str:
 def download(archive: Archive, download_dir: pathlib.Path, timeout_s: float = 60.0) -> pathlib.Path:
   """Downloads the archive into `download_dir` (reused when already there), verified.
 
-  The file is written under a temporary name and renamed only once its SHA-256 matched,
-  so a file with the final name is always a verified one.
+  The shared downloader writes `<name>.part` and renames it only once its SHA-256
+  matched, so a file with the final name is always a verified one; a `.part` file left by
+  a stopped run is continued where the server allows it.
 
   Raises:
     DownloadError: when the URL cannot be reached or the download fails its checksum.
   """
-  target = download_dir / archive.file_name
-  if target.is_file():
-    return target
-  download_dir.mkdir(parents=True, exist_ok=True)
-  partial = target.with_name(f"{target.name}.part{os.getpid()}")
-  digest = hashlib.sha256()
-  logger.info("Downloading %s from %s", archive.title, archive.url)
-  try:
-    with urllib.request.urlopen(archive.url, timeout=timeout_s) as response:
-      total = int(response.headers.get("Content-Length") or 0) or None
-      with (
-        open(partial, "wb") as f,
-        tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=archive.file_name) as bar,
-      ):
-        while block := response.read(_CHUNK):
-          f.write(block)
-          digest.update(block)
-          bar.update(len(block))
-  except (urllib.error.URLError, OSError, ValueError) as e:
-    partial.unlink(missing_ok=True)
-    reason = getattr(e, "reason", None) or e
-    raise DownloadError(
-      f"Could not download {archive.title} from {archive.url} ({reason}). "
-      + archive.manual_instructions()
-    ) from e
-  if digest.hexdigest() != archive.sha256:
-    partial.unlink(missing_ok=True)
-    raise DownloadError(
-      f"The file downloaded from {archive.url} has SHA-256 {digest.hexdigest()}, not the "
-      f"published {archive.sha256} (the link may have expired and served another page). "
-      + archive.manual_instructions()
-    )
-  partial.replace(target)
-  return target
+  return fetch(
+    RemoteFile(archive.url, sha256=archive.sha256),
+    download_dir / archive.file_name,
+    what=archive.title,
+    hint=archive.manual_instructions(),
+    timeout_s=timeout_s,
+  )
 
 
 def _archive_stat(path: pathlib.Path) -> dict:
@@ -167,7 +127,7 @@ def extract(
       tar.extractall(partial, filter="data")
   except (tarfile.TarError, OSError, EOFError) as e:
     shutil.rmtree(partial, ignore_errors=True)
-    raise DownloadError(f"{path}: cannot extract the archive ({e})") from e
+    raise DataError.for_file(path, f"cannot extract the archive ({e})") from e
   (partial / _MARKER).write_text(json.dumps({**stat, "sha256": digest}))
   shutil.rmtree(target, ignore_errors=True)
   partial.replace(target)
@@ -214,6 +174,7 @@ def locate(
   Raises:
     DataError: when `raw_path` does not exist or holds neither layout nor archive.
     DownloadError: when downloading or verifying the archive fails.
+    DataError: when the archive cannot be extracted.
   """
   if raw_path is None:
     archive_path = download(archive, download_dir)

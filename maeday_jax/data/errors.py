@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from maeday_jax.download import DownloadError
+
+__all__ = ["DataError", "DownloadError"]
+
 
 class DataError(ValueError):
   """A data file, folder or setting that cannot be used, with the path and the reason.
@@ -20,7 +24,3 @@ class DataError(ValueError):
   def for_file(cls, path: object, reason: str) -> DataError:
     """An error about one file: the message is '<path>: <reason>'."""
     return cls(f"{path}: {reason}", path=str(path), reason=reason)
-
-
-class DownloadError(DataError):
-  """A dataset archive that could not be downloaded or failed its checksum."""

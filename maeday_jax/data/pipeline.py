@@ -2,7 +2,8 @@
 
 - Preprocessing: images are resized straight to `image_size` x `image_size` with Pillow's
   bilinear filter (antialiased when shrinking; aspect ratio not kept, as in MAEDAY) and
-  normalised with the ImageNet mean and std; masks are resized with nearest neighbour.
+  normalised with the ImageNet mean and std; masks are resized with Pillow's nearest
+  neighbour (`maeday_jax.resizing`).
 - Sharding: process `i` of `n` reads the contiguous range
   `[i * N // n, (i + 1) * N // n)` of the N examples, so the shards cover every example
   exactly once.
@@ -25,6 +26,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from maeday_jax import resizing
 from maeday_jax.data import preprocess
 from maeday_jax.data.errors import DataError
 from maeday_jax.data.split import Split
@@ -49,7 +51,7 @@ def load_example(split: Split, index: int, image_size: int) -> dict:
   example = split[index]
   return {
     "image": preprocess.preprocess_image(example["image"], image_size),
-    "mask": preprocess.resize_mask(example["mask"], image_size),
+    "mask": resizing.resize_mask_pillow(example["mask"], image_size),
     "label": example["label"],
     "file_name": example["file_name"],
     "original_size": example["image"].shape[:2],

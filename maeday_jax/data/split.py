@@ -11,6 +11,7 @@ import numpy as np
 
 from maeday_jax.data import images, prepare
 from maeday_jax.data.errors import DataError
+from maeday_jax.download import DownloadError
 
 
 def _text(value: bytes | str) -> str:
@@ -102,9 +103,10 @@ def _prepare_once(data_config: ml_collections.ConfigDict, category: str):
 
   builder, error = None, None
   if jax.process_index() == 0:
+    # An error is raised after the barrier, so that no process waits forever.
     try:
       builder = prepare.prepare(data_config, category)
-    except DataError as e:  # Raised after the barrier, so that no process waits forever.
+    except (DataError, DownloadError) as e:
       error = e
   parallel.barrier(f"maeday_jax: prepared {data_config.name}/{category}")
   if error is not None:
@@ -116,7 +118,7 @@ def load_split(data_config: ml_collections.ConfigDict, category: str, split: str
   """Prepares the category if needed and returns one of its splits.
 
   Args:
-    data_config: `config.data` (see `config.get_data_config`).
+    data_config: `config.data` (see `maeday_jax.defaults.data_config`).
     category: one of `resolve_categories(data_config)`.
     split: 'train' or 'test'. For `folder`, 'test' is the images to score and 'train'
       the normal references (only when `config.data.normal_path` is set).

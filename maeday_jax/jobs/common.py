@@ -1,4 +1,4 @@
-"""Pieces every job shares: model loading from the config, the work directory, logging."""
+"""Pieces every job shares: checking the scoring settings, the work directory, logging."""
 
 import json
 import logging
@@ -6,80 +6,41 @@ import os
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from maeday_jax import checkpoints, models
+from maeday_jax import defaults, evaluation, model_builder
+from maeday_jax.config_errors import ConfigError, require
 
 log = logging.getLogger("maeday_jax")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+__all__ = ["ConfigError", "describe_model", "prepare_workdir", "require", "validate_scoring"]
 
 
-class ConfigError(ValueError):
-  """A configuration value is invalid; the message names the field and what to set."""
-
-
-def require(condition: bool, field: str, message: str) -> None:
-  if not condition:
-    raise ConfigError(f"--config.{field}: {message}")
-
-
-def model_config() -> ml_collections.ConfigDict:
-  """Model settings shared by the jobs.
-
-  Fields:
-    checkpoint: a known name (mae_vit_base, mae_vit_large, mae_vit_huge,
-      mae_vit_large_ganloss), a local .pth / .safetensors file, a converted directory, or
-      'random' for randomly initialised weights of `variant` (smoke tests only).
-    variant: architecture for checkpoint='random' (base, large, huge, small, test).
-    num_heads, decoder_num_heads: override inferred head counts (0 = infer).
-    dtype: compute dtype, 'float32' (default) or 'bfloat16' (accelerators).
-    cache_dir: download/conversion cache ('' = $MAEDAY_CACHE_DIR or ~/.cache/maeday_jax).
-  """
-  return ml_collections.ConfigDict(
-    dict(
-      checkpoint="mae_vit_large",
-      variant="test",
-      num_heads=0,
-      decoder_num_heads=0,
-      dtype="float32",
-      cache_dir="",
-    )
-  )
-
-
-def load_model(config: ml_collections.ConfigDict, seed: int = 0):
-  """(model, params) from `config.model`; fails early with the path/URL and the override."""
+def validate_scoring(config: ml_collections.ConfigDict) -> None:
+  """Checks the scoring and model settings before any long work starts."""
+  require(config.num_masks >= 1, "num_masks", f"must be >= 1, got {config.num_masks}.")
   require(
-    config.dtype in DTYPES, "model.dtype", f"{config.dtype!r} is not one of {sorted(DTYPES)}."
+    0.0 <= config.mask_ratio < 1.0, "mask_ratio", f"must be in [0, 1), got {config.mask_ratio}."
   )
-  dtype = DTYPES[config.dtype]
-  if config.checkpoint == "random":
-    require(
-      config.variant in models.VARIANTS,
-      "model.variant",
-      f"{config.variant!r} is not one of {sorted(models.VARIANTS)}.",
-    )
+  require(config.batch_size >= 1, "batch_size", f"must be >= 1, got {config.batch_size}.")
+  require(
+    config.threshold.method in evaluation.THRESHOLD_METHODS,
+    "threshold.method",
+    f"{config.threshold.method!r} is not one of {', '.join(evaluation.THRESHOLD_METHODS)}.",
+  )
+  model_builder.validate_model_config(config.model)
+
+
+def load_model(model_config: ml_collections.ConfigDict, seed: int):
+  """(model, params) for a scoring job; warns loudly about random weights."""
+  if model_config.checkpoint == defaults.RANDOM_WEIGHTS:
     log.warning(
       "Using RANDOM weights (model.checkpoint='random', variant %r): maps are meaningless "
       "except for smoke tests.",
-      config.variant,
+      model_config.variant,
     )
-    model = models.create(config.variant, dtype=dtype)
-    return model, models.init_params(model, jax.random.key(seed))
-  try:
-    return checkpoints.load_mae(
-      config.checkpoint,
-      num_heads=config.num_heads or None,
-      decoder_num_heads=config.decoder_num_heads or None,
-      dtype=dtype,
-      cache_dir=config.cache_dir or None,
-    )
-  except checkpoints.CheckpointError as e:
-    raise checkpoints.CheckpointError(
-      f"{e}\n(set the checkpoint with --config.model.checkpoint=PATH_OR_NAME)"
-    ) from e
+  model, params, _ = model_builder.build_model(model_config, jax.random.key(seed))
+  return model, params
 
 
 def prepare_workdir(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -93,3 +54,17 @@ def prepare_workdir(workdir: str | os.PathLike, config: ml_collections.ConfigDic
 
 def write_json(path: pathlib.Path, payload) -> None:
   path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def describe_model(model, mesh, categories) -> None:
+  log.info(
+    "Model: %dpx, patch %d, encoder %dx%d, decoder %dx%d; %d devices; categories: %s",
+    model.img_size,
+    model.patch_size,
+    model.embed_dim,
+    model.depth,
+    model.decoder_embed_dim,
+    model.decoder_depth,
+    mesh.devices.size,
+    ", ".join(categories),
+  )

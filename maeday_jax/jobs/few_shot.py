@@ -16,30 +16,22 @@ import jax
 import ml_collections
 import numpy as np
 
-from maeday_jax import data, few_shot, parallel, reports
-from maeday_jax.jobs import common
-from maeday_jax.jobs import zero_shot as zero_shot_job
+from maeday_jax import data, defaults, evaluation, few_shot, reports
+from maeday_jax.jobs import common, run_report
+from maeday_jax.jobs.category_run import run_category
 
 log = logging.getLogger("maeday_jax")
 
 
-def train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The few-shot training settings with the top-level shortcuts folded in."""
-  train = config.train.copy_and_resolve_references()
-  with train.unlocked():
-    train.finetune = config.finetune
-    train.lora = config.lora.copy_and_resolve_references()
-  return train
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
-  zero_shot_job.validate(config)
+  """Checks the scoring and few-shot settings before any long work starts."""
+  common.validate_scoring(config)
   common.require(config.shots >= 1, "shots", f"must be >= 1, got {config.shots}.")
   common.require(len(config.seeds) >= 1, "seeds", "give at least one seed, e.g. 0,1,2.")
   common.require(
-    config.finetune in few_shot.FINETUNE_MODES,
-    "finetune",
-    f"{config.finetune!r} is not one of {few_shot.FINETUNE_MODES}.",
+    config.train.finetune in defaults.FINETUNE_MODES,
+    "train.finetune",
+    f"{config.train.finetune!r} is not one of {defaults.FINETUNE_MODES}.",
   )
   common.require(config.train.steps >= 0, "train.steps", "must be >= 0.")
 
@@ -76,7 +68,7 @@ def adapt_category(model, params, category, seed, config, mesh, seed_dir) -> tup
     params,
     _images(train_split, shots, model.img_size),
     jax.random.fold_in(key, 1),
-    train_config(config),
+    config.train,
     mesh=mesh,
     workdir=seed_dir / "adapt" / category,
   )
@@ -108,9 +100,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   validate(config)
   categories = data.resolve_categories(config.data)
   model, params = common.load_model(config.model, config.seed)
-  mesh, scorer = zero_shot_job.make_model_scorer(model, config)
+  scoring = evaluation.Scoring.from_config(model, params, config)
+  mesh = scoring.mesh
   workdir = common.prepare_workdir(workdir, config)
-  zero_shot_job.describe_model(model, mesh, categories)
+  common.describe_model(model, mesh, categories)
 
   per_seed, adaptation = [], []
   for seed in config.seeds:
@@ -119,22 +112,12 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     for category in categories:
       merged, record = adapt_category(model, params, category, seed, config, mesh, seed_dir)
       adaptation.append({"category": category, **record})
-      outcomes[category] = zero_shot_job.evaluate_category(
-        model,
-        merged,
-        parallel.replicate(merged, mesh),
-        category,
-        config,
-        scorer,
-        mesh,
-        jax.random.key(seed),
-        seed_dir,
-        seed=seed,
-      )
-    summary = zero_shot_job.summarize_outcomes(outcomes, config.data.name, seed=seed)
+      adapted = scoring.with_params(merged, key=jax.random.key(seed))
+      outcomes[category] = run_category(adapted, category, config, seed_dir, seed=seed)
+    summary = run_report.summarize_outcomes(outcomes, config.data.name, seed=seed)
     per_seed.append(summary)
     if jax.process_index() == 0:
-      zero_shot_job.write_category_reports(seed_dir, outcomes)
+      run_report.write_scores(seed_dir, outcomes)
       reports.write_metrics_json(seed_dir / "metrics.json", summary)
 
   combined = reports.summarize_seeds(per_seed)

@@ -10,9 +10,9 @@ import pathlib
 import threading
 
 import numpy as np
-from PIL import Image
 
 from maeday_jax import pictures
+from maeday_jax.resizing import resize_maps_bilinear
 
 log = logging.getLogger("maeday_jax")
 
@@ -25,14 +25,6 @@ def output_stem(file_name: str) -> pathlib.PurePosixPath:
   if not parts:
     parts = ["unnamed"]
   return pathlib.PurePosixPath(*parts).with_suffix("")
-
-
-def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear resize of a float map to (height, width)."""
-  if anomaly_map.shape == (height, width):
-    return anomaly_map.astype(np.float32)
-  image = Image.fromarray(anomaly_map.astype(np.float32), mode="F")
-  return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32)
 
 
 class OutputWriter:
@@ -69,7 +61,7 @@ class OutputWriter:
     def write(anomaly_map, size):
       path = self.path("maps", file_name, ".npz")
       path.parent.mkdir(parents=True, exist_ok=True)
-      np.savez_compressed(path, map=resize_map(anomaly_map, *size))
+      np.savez_compressed(path, map=resize_maps_bilinear(anomaly_map, size))
 
     self.submit(file_name, write, anomaly_map, tuple(int(s) for s in original_size))
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maeday_jax import defaults
 from maeday_jax.models import masking, patches, pos_embed
 
 Dtype = Any
@@ -290,18 +291,7 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 
 # The fields that define an architecture (what a converted checkpoint's config records).
-ARCH_FIELDS = (
-  "img_size",
-  "patch_size",
-  "in_chans",
-  "embed_dim",
-  "depth",
-  "num_heads",
-  "decoder_embed_dim",
-  "decoder_depth",
-  "decoder_num_heads",
-  "mlp_ratio",
-)
+ARCH_FIELDS = tuple(defaults.ARCH_FIELD_TYPES)
 
 
 def architecture(model: MaskedAutoencoder) -> dict:

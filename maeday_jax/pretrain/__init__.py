@@ -7,8 +7,8 @@
 The official recipe (He et al., 2022): AdamW (0.9, 0.95), weight decay 0.05 on kernels
 only, lr = base_lr * batch / 256 with warm-up and cosine decay, mask ratio 0.75, loss on
 the removed patches, random resized crop + flip (on device). One jitted, donated,
-data-parallel step; Orbax checkpoints with resume; JSONL + PNG curves; the result is
-exported in the converted Orbax format every loader accepts.
+data-parallel step; Orbax checkpoints with resume (`maeday_jax.training`); JSONL + PNG
+curves; the result is exported in the converted Orbax format every loader accepts.
 
 Modules: `optim` (schedule, decay mask, optimiser), `augmentation` (crops and flips),
 `inputs` (training images and batch order), `step` (loss and train step), `logs`,
@@ -16,6 +16,6 @@ Modules: `optim` (schedule, decay mask, optimiser), `augmentation` (crops and fl
 """
 
 from maeday_jax.pretrain.evaluate import evaluate_split, evaluate_zero_shot
-from maeday_jax.pretrain.loop import architecture, build_model, run
+from maeday_jax.pretrain.loop import run
 
-__all__ = ["architecture", "build_model", "evaluate_split", "evaluate_zero_shot", "run"]
+__all__ = ["evaluate_split", "evaluate_zero_shot", "run"]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from maeday_jax.data import preprocess
+from maeday_jax.imagenet import normalize
 
 
 class CropBox(NamedTuple):
@@ -85,13 +85,6 @@ def augment_image(
   if vflip:
     out = jnp.where(jax.random.bernoulli(k_v), out[::-1], out)
   return out
-
-
-def normalize(images_u8: jax.Array) -> jax.Array:
-  """uint8 RGB -> the ImageNet-normalised float32 space of the models (as the pipeline)."""
-  mean = jnp.asarray(preprocess.IMAGENET_MEAN)
-  std = jnp.asarray(preprocess.IMAGENET_STD)
-  return (images_u8.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def augment_batch(key: jax.Array, images_u8: jax.Array, size: int, **options) -> jax.Array:

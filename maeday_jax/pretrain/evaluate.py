@@ -9,26 +9,16 @@ computed against the same masks.
 from __future__ import annotations
 
 import logging
-import time
 
 import jax
 import numpy as np
-import tqdm
 
-from maeday_jax import data, metrics, parallel, zero_shot
+from maeday_jax import data, evaluation, reports, zero_shot
 from maeday_jax.models import MaskedAutoencoder
 
 logger = logging.getLogger(__name__)
 
-
-def _resizer(size: int, mesh):
-  def resize(images):
-    return jax.image.resize(
-      images, (images.shape[0], size, size, images.shape[-1]), "linear", antialias=True
-    )
-
-  data_sharding = parallel.batch_sharded(mesh)
-  return jax.jit(resize, in_shardings=data_sharding, out_shardings=data_sharding)
+_REPORTED = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def evaluate_split(
@@ -50,41 +40,32 @@ def evaluate_split(
   Returns a dict with the three metrics (None with a note when undefined, e.g. a split
   without anomalies), the number of images and the seconds spent.
   """
-  mesh = parallel.data_mesh() if mesh is None else mesh
-  parallel.local_batch_size(batch_size, mesh)
-  scorer = zero_shot.make_scorer(model, mesh, num_masks, mask_ratio, mask_batch_size)
-  resize = _resizer(model.img_size, mesh) if model.img_size != eval_size else None
-  replicated = parallel.replicate(params, mesh)
-  key = jax.random.key(seed)
-  accumulator = metrics.PixelMetricAccumulator(resolution=eval_size)
-  scores, labels = [], []
-  start = time.perf_counter()
-  local = batch_size // jax.process_count()
-  batches = data.batches(split, local, eval_size)
-  for batch in tqdm.tqdm(batches, desc=f"score {split}", disable=not progress, leave=False):
-    images = parallel.shard_batch(batch["image"], mesh)
-    indices = parallel.shard_batch(batch["index"], mesh)
-    if resize is not None:
-      images = resize(images)
-    maps, image_scores = parallel.to_local_numpy(scorer(replicated, images, indices, key), mesh)
-    valid = batch["valid"]
-    scores.append(image_scores[valid])
-    labels.append(batch["label"][valid])
-    accumulator.add(maps[valid], batch["mask"][valid])
-  seconds = time.perf_counter() - start
-  scores, labels = np.concatenate(scores), np.concatenate(labels)
-  result = {"num_images": int(scores.size), "seconds": round(seconds, 1), "notes": []}
-  measures = {
-    "image_auroc": lambda: metrics.image_auroc(scores, labels),
-    "pixel_auroc": accumulator.auroc,
-    "aupro": accumulator.aupro,
+  scoring = evaluation.Scoring.create(
+    model,
+    params,
+    num_masks=num_masks,
+    mask_ratio=mask_ratio,
+    batch_size=batch_size,
+    key=jax.random.key(seed),
+    mask_batch_size=mask_batch_size,
+    image_size=eval_size,
+    eval_size=eval_size,
+    mesh=mesh,
+  )
+  scored = evaluation.gather_scored(
+    evaluation.score_split(scoring, split, desc=f"score {split}", progress=progress)
+  )
+  measured = reports.category_metrics(scored.result)
+  result = {
+    "num_images": len(scored.indices),
+    "seconds": round(scored.seconds, 1),
+    "notes": [
+      f"{name} is undefined: {measured['notes'][name]}"
+      for name in _REPORTED
+      if measured[name] is None
+    ],
   }
-  for name, measure in measures.items():
-    try:
-      result[name] = measure()
-    except metrics.MetricUndefinedError as e:
-      result[name] = None
-      result["notes"].append(str(e))
+  result.update({name: measured[name] for name in _REPORTED})
   return result
 
 
@@ -103,7 +84,7 @@ def evaluate_zero_shot(
     )
     logger.info("zero-shot %s/%s: %s", data_config.name, category, results[category])
   mean = {}
-  for name in ("image_auroc", "pixel_auroc", "aupro"):
+  for name in _REPORTED:
     values = [r[name] for r in results.values() if r[name] is not None]
     mean[name] = float(np.mean(values)) if values else None
   return {"categories": results, "mean": mean}

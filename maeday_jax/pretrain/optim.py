@@ -17,10 +17,10 @@ import math
 import optax
 from flax import traverse_util
 
-# Leaves the optimiser never changes (fixed sin-cos tables in the official MAE).
-FROZEN = ("pos_embed", "decoder_pos_embed")
+from maeday_jax import training
+
 # Leaves with more than one dimension that still get no weight decay.
-NO_DECAY_NAMES = ("cls_token", "mask_token", *FROZEN)
+NO_DECAY_NAMES = ("cls_token", "mask_token", *training.FIXED_PARAMS)
 
 
 def peak_learning_rate(base_lr: float, batch_size: int) -> float:
@@ -83,7 +83,7 @@ def decay_mask(params) -> dict:
 def trainable_labels(params) -> dict:
   """'frozen' for the fixed position embeddings, 'trained' for every other leaf."""
   flat = traverse_util.flatten_dict(params)
-  labels = {path: "frozen" if _leaf_name(path) in FROZEN else "trained" for path in flat}
+  labels = {path: "frozen" if training.is_fixed(path) else "trained" for path in flat}
   return traverse_util.unflatten_dict(labels)
 
 

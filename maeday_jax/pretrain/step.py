@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maeday_jax import parallel
+from maeday_jax import parallel, training
 from maeday_jax.models import MaskedAutoencoder, masking
 from maeday_jax.pretrain import augmentation, optim
 
@@ -83,19 +83,16 @@ class TrainSpec:
   augment: tuple[tuple[str, Any], ...] = ()
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation) -> dict:
-  """The training state: parameters, optimiser state and the step counter."""
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-
-
 @functools.lru_cache(maxsize=8)
 def _compiled_init(spec: TrainSpec, mesh):
   optimizer = spec.optimizer.make()
-  return jax.jit(lambda p: init_state(p, optimizer), out_shardings=parallel.replicated(mesh))
+  return jax.jit(
+    lambda p: training.init_state(p, optimizer), out_shardings=parallel.replicated(mesh)
+  )
 
 
 def replicated_init_state(params: Any, spec: TrainSpec, mesh) -> dict:
-  """`init_state`, compiled (once per spec) and placed on every device of `mesh`.
+  """`training.init_state`, compiled (once per spec) and placed on every device of `mesh`.
 
   (Run op by op, the optimiser initialisation dispatches one small program per leaf.)
   """

@@ -1,0 +1,290 @@
+"""Scoring a dataset split with MAEDAY, across every device and host, and its threshold.
+
+    scoring = evaluation.Scoring.create(model, params, num_masks=32, batch_size=8)
+    local = evaluation.score_split(scoring, split, on_map=save)   # this process's images
+    scored = evaluation.gather_scored(local)                      # every process's images
+    metrics = reports.category_metrics(scored.result)
+
+`score_split` streams the split in fixed-size global batches (each process feeds its own
+shard), scores them with one compiled data-parallel step, and keeps what the reports need:
+names, labels and scores per image, and the pixel-metric tables (never every map). Each
+scored map is handed to `on_map` (for example to write it to disk) as it arrives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from maeday_jax import data, metrics, parallel, reports, thresholds, zero_shot
+from maeday_jax.models import MaskedAutoencoder
+
+# `on_map(file_name, anomaly_map, original_size)`: one scored image's map (model
+# resolution) and the (height, width) of the image it came from.
+MapCallback = Callable[[str, np.ndarray, tuple[int, int]], None]
+
+THRESHOLD_METHODS = ("auto", "f1", "percentile", "fixed", "none")
+
+
+def _input_resizer(size: int, mesh):
+  """Resizes batch-sharded images on device to `size` (for models of another resolution)."""
+
+  def resize(images):
+    return jax.image.resize(
+      images, (images.shape[0], size, size, images.shape[-1]), "linear", antialias=True
+    )
+
+  data_sharding = parallel.batch_sharded(mesh)
+  return jax.jit(resize, in_shardings=data_sharding, out_shardings=data_sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+  """How images are scored: the model and its parameters, the compiled step, the batches.
+
+  Attributes:
+    model: the MAE.
+    params: its parameters as the caller holds them (for pictures on one process).
+    replicated: the same parameters placed on every device of `mesh`.
+    mesh: the 1-D data mesh the step runs on.
+    score_fn: `score(replicated, images, indices, key) -> (maps, scores)`
+      (`zero_shot.make_scorer`).
+    key: the run's key; image i's masks come from `fold_in(key, index of i)`.
+    batch_size: global batch (images), a multiple of the device count.
+    image_size: the size images are read at; resized on device to the model's when it
+      differs (pixel metrics of models of every resolution then use the same masks).
+    eval_size: pixel-metric resolution (None: the maps' own).
+    num_workers, prefetch: image decoding threads and batches read ahead.
+  """
+
+  model: MaskedAutoencoder
+  params: Any
+  replicated: Any
+  mesh: Any
+  score_fn: Callable
+  key: jax.Array
+  batch_size: int
+  image_size: int
+  eval_size: int | None = None
+  num_workers: int = 4
+  prefetch: int = 2
+  resize_fn: Callable | None = None
+
+  @classmethod
+  def create(
+    cls,
+    model: MaskedAutoencoder,
+    params,
+    *,
+    num_masks: int = zero_shot.DEFAULT_NUM_MASKS,
+    mask_ratio: float = zero_shot.DEFAULT_MASK_RATIO,
+    batch_size: int = 8,
+    key: jax.Array | None = None,
+    mask_batch_size: int | None = None,
+    image_size: int | None = None,
+    eval_size: int | None = None,
+    mesh=None,
+    num_workers: int = 4,
+    prefetch: int = 2,
+  ) -> Scoring:
+    """Compiles the scoring step for `model` and places `params` on every device.
+
+    Raises:
+      ValueError: `batch_size` does not divide over the devices.
+    """
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    parallel.local_batch_size(batch_size, mesh)  # Early error for a bad batch size.
+    image_size = image_size or model.img_size
+    return cls(
+      model=model,
+      params=params,
+      replicated=parallel.replicate(params, mesh),
+      mesh=mesh,
+      score_fn=zero_shot.make_scorer(model, mesh, num_masks, mask_ratio, mask_batch_size),
+      key=jax.random.key(0) if key is None else key,
+      batch_size=batch_size,
+      image_size=image_size,
+      eval_size=eval_size,
+      num_workers=num_workers,
+      prefetch=prefetch,
+      resize_fn=_input_resizer(model.img_size, mesh) if image_size != model.img_size else None,
+    )
+
+  @classmethod
+  def from_config(cls, model, params, config: ml_collections.ConfigDict, key=None) -> Scoring:
+    """`create` with the scoring fields of a job config (`defaults.zero_shot_config`)."""
+    return cls.create(
+      model,
+      params,
+      num_masks=config.num_masks,
+      mask_ratio=config.mask_ratio,
+      batch_size=config.batch_size,
+      key=jax.random.key(config.seed) if key is None else key,
+      mask_batch_size=config.mask_batch_size or None,
+      eval_size=config.eval_size or None,
+      num_workers=config.data.num_workers,
+      prefetch=config.data.prefetch,
+    )
+
+  def with_params(self, params, key: jax.Array | None = None) -> Scoring:
+    """The same scoring (and compiled step) for other parameters of the same model."""
+    return dataclasses.replace(
+      self,
+      params=params,
+      replicated=parallel.replicate(params, self.mesh),
+      key=self.key if key is None else key,
+    )
+
+
+@dataclasses.dataclass
+class ScoredSplit:
+  """What scoring one split produced: this process's examples, or (`gather_scored`) all."""
+
+  result: reports.CategoryResult
+  indices: np.ndarray  # Split index of each scored example.
+  seconds: float
+
+
+def score_split(
+  scoring: Scoring,
+  split: data.Split,
+  *,
+  on_map: MapCallback | None = None,
+  pixel_metrics: bool = True,
+  desc: str = "",
+  progress: bool = True,
+) -> ScoredSplit:
+  """Scores every example of this process's shard of `split` in fixed-size batches.
+
+  Pixel metrics are accumulated for labelled examples when the split has masks
+  (`result.pixels` is None otherwise, or when `pixel_metrics` is off).
+  """
+  local_batch = parallel.local_batch_size(scoring.batch_size, scoring.mesh)
+  accumulator = metrics.PixelMetricAccumulator(resolution=scoring.eval_size)
+  names, labels, scores, indices, has_mask = [], [], [], [], False
+  start = time.perf_counter()
+  bar = tqdm(
+    total=len(split),
+    desc=desc or str(split),
+    unit="img",
+    dynamic_ncols=True,
+    disable=not progress,
+  )
+  with bar:
+    for batch in data.batches(
+      split,
+      local_batch,
+      scoring.image_size,
+      num_workers=scoring.num_workers,
+      prefetch=scoring.prefetch,
+    ):
+      images, index = parallel.shard_batch((batch["image"], batch["index"]), scoring.mesh)
+      if scoring.resize_fn is not None:
+        images = scoring.resize_fn(images)
+      outputs = scoring.score_fn(scoring.replicated, images, index, scoring.key)
+      maps, batch_scores = parallel.to_local_numpy(outputs, scoring.mesh)
+      valid = batch["valid"]
+      for i in np.flatnonzero(valid):
+        names.append(batch["file_name"][i])
+        labels.append(int(batch["label"][i]))
+        scores.append(float(batch_scores[i]))
+        indices.append(int(batch["index"][i]))
+        if on_map is not None:
+          on_map(batch["file_name"][i], maps[i], tuple(int(s) for s in batch["original_size"][i]))
+      labelled = valid & (batch["label"] >= 0)
+      if pixel_metrics and labelled.any():
+        has_mask |= bool(batch["mask"][labelled].any())
+        accumulator.add(maps[labelled], batch["mask"][labelled])
+      bar.update(int(valid.sum()))
+  seconds = time.perf_counter() - start
+  result = reports.CategoryResult(
+    category=split.category,
+    file_names=names,
+    labels=np.asarray(labels, np.int64),
+    scores=np.asarray(scores, np.float64),
+    pixels=accumulator if has_mask else None,
+  )
+  return ScoredSplit(result, np.asarray(indices, np.int64), seconds)
+
+
+def gather_scored(scored: ScoredSplit) -> ScoredSplit:
+  """Every process's examples of a split, in split order, on every process.
+
+  Image scores, labels and names are concatenated; the pixel-metric tables are merged.
+  A collective (every process must call it); with one process, `scored` itself.
+  """
+  if jax.process_count() == 1:
+    return scored
+  result = scored.result
+  local = {
+    "indices": scored.indices,
+    "labels": result.labels,
+    "scores": result.scores,
+    "file_names": np.asarray(result.file_names, dtype=str),
+    "seconds": np.float64(scored.seconds),
+  }
+  if result.pixels is not None:
+    local.update({f"pixels.{k}": v for k, v in result.pixels.to_arrays().items()})
+  parts = parallel.allgather_arrays(local)
+  indices = np.concatenate([p["indices"] for p in parts])
+  order = np.argsort(indices, kind="stable")
+  pixels = None
+  for part in parts:
+    if "pixels.keys" not in part:
+      continue  # That process's shard had no masks.
+    table = {k.removeprefix("pixels."): v for k, v in part.items() if k.startswith("pixels.")}
+    shard = metrics.PixelMetricAccumulator.from_arrays(table)
+    if pixels is None:
+      pixels = shard
+    else:
+      pixels.merge(shard)
+  names = np.concatenate([p["file_names"].astype(str) for p in parts])
+  gathered = reports.CategoryResult(
+    category=result.category,
+    file_names=[str(n) for n in names[order]],
+    labels=np.concatenate([p["labels"] for p in parts])[order],
+    scores=np.concatenate([p["scores"] for p in parts])[order],
+    pixels=pixels,
+    seed=result.seed,
+  )
+  # The split took as long as its slowest process.
+  seconds = max(float(p["seconds"]) for p in parts)
+  return ScoredSplit(gathered, indices[order], seconds)
+
+
+def choose_threshold(
+  settings: ml_collections.ConfigDict,
+  result: reports.CategoryResult,
+  score_normals: Callable[[], np.ndarray],
+  has_normal_references: bool,
+) -> tuple[thresholds.Threshold | None, str]:
+  """The decision threshold for one category, and why.
+
+  `settings`: `config.threshold` (method auto|f1|percentile|fixed|none, percentile,
+  value; see `configs/zero_shot.py`). `score_normals()` returns the scores of the normal
+  references, called only when the percentile method needs them; `has_normal_references`
+  says whether the user gave any (what `auto` falls back to without both test classes).
+  """
+  method, labels = settings.method, result.labels
+  both_classes = (labels == 0).any() and (labels == 1).any()
+  if method == "auto":
+    method = "f1" if both_classes else ("percentile" if has_normal_references else "none")
+  if method == "none":
+    return None, "no threshold (no labelled anomalies and no normal references)"
+  if method == "fixed":
+    return thresholds.fixed_threshold(settings.value), "fixed by the configuration"
+  if method == "f1":
+    if not both_classes:
+      return None, "threshold.method=f1 needs normal and anomalous labelled images"
+    return thresholds.f1_threshold(result.scores, labels), "F1-optimal on the test labels"
+  return (
+    thresholds.percentile_threshold(score_normals(), settings.percentile),
+    f"{settings.percentile:g}th percentile of normal reference scores",
+  )

@@ -1,0 +1,167 @@
+"""One category of a scoring job: score its test split, threshold, draw, measure.
+
+Shared by the zero-shot and few-shot jobs. Each process scores and draws its own images;
+thresholds, metrics, ROC curves and reconstructions use every process's images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maeday_jax import data, evaluation, pictures, reports, thresholds, zero_shot
+from maeday_jax.jobs.outputs import OutputWriter, save_overlay_and_panel
+
+_MIN_TILE = 160  # Pixels: the smallest tile drawn in reconstruction panels.
+
+
+@dataclasses.dataclass
+class CategoryOutcome:
+  """Everything one category's evaluation produced."""
+
+  result: reports.CategoryResult
+  metrics: dict
+  threshold: thresholds.Threshold | None
+  notes: dict
+  timing: dict
+  splits: list
+
+
+def _color_range(scores: np.ndarray, threshold) -> tuple[float, float]:
+  # One colour scale per category: the threshold sits mid-scale when there is one.
+  if threshold is not None:
+    return 0.0, 2.0 * float(threshold.value)
+  return 0.0, float(np.percentile(scores, 99)) if scores.size else 1.0
+
+
+def showcase_order(result: reports.CategoryResult) -> np.ndarray:
+  """Positions to illustrate first: anomalous images, then by decreasing score."""
+  return np.lexsort((-result.scores, (result.labels != 1).astype(int)))
+
+
+def write_pictures(writer, split, scored, threshold, outputs, all_scores=None) -> None:
+  """Overlays for every image of `scored` and panels for a sample, on one colour scale.
+
+  `outputs`: `config.outputs`. `all_scores`: the scores of every process's images, which
+  set the colour scale (default: `scored`'s own).
+  """
+  all_scores = scored.result.scores if all_scores is None else all_scores
+  vmin, vmax = _color_range(all_scores, threshold)
+  panel_budget = len(scored.indices) if outputs.panels < 0 else outputs.panels
+  order = showcase_order(scored.result)
+  panel_set = set(order[:panel_budget].tolist())
+  for position, index in enumerate(scored.indices):
+    want_panel = position in panel_set
+    if not (outputs.overlays or want_panel):
+      continue
+
+    def render(index=int(index), position=position, want_panel=want_panel):
+      example = split[index]
+      anomaly_map = writer.load_map(example["file_name"])
+      save_overlay_and_panel(
+        writer,
+        example,
+        anomaly_map,
+        float(scored.result.scores[position]),
+        vmin,
+        vmax,
+        outputs.overlays,
+        want_panel,
+        threshold,
+      )
+
+    writer.submit(split.file_name(int(index)), render)
+  writer.wait()
+
+
+def write_reconstructions(
+  scoring: evaluation.Scoring, split, scored, count: int, mask_ratio: float, workdir
+) -> None:
+  """Masked inputs and reconstructions for a few images: what the MAE 'expects'."""
+  count = min(count, len(scored.indices))
+  if count <= 0:
+    return
+  model, params = scoring.model, scoring.params
+  order = showcase_order(scored.result)[:count]
+  num_masks = 3
+  for position in order:
+    index = int(scored.indices[position])
+    example = data.load_example(split, index, model.img_size)
+    image = jnp.asarray(example["image"])[None]
+    keys = zero_shot.example_keys(scoring.key, jnp.asarray([index]))
+    noise = zero_shot.image_noise(keys, num_masks, model.num_patches)
+    recon, hidden = zero_shot.reconstructions(model, params, image, noise, mask_ratio)
+    # Small models get their tiles enlarged (nearest) so captions stay readable.
+    zoom = -(-_MIN_TILE // model.img_size)
+
+    def enlarge(x, zoom=zoom):
+      return np.repeat(np.repeat(np.asarray(x), zoom, axis=0), zoom, axis=1)
+
+    original = enlarge(data.denormalize(np.asarray(image[0])))
+    recon_u8 = [enlarge(data.denormalize(np.asarray(r))) for r in recon[0]]
+    masked = [
+      np.where(enlarge(h)[..., None] > 0, 127, original).astype(np.uint8) for h in hidden[0]
+    ]
+    error = enlarge(jnp.sum((image[0] - recon[0]) ** 2, axis=-1).mean(axis=0))
+    name = pathlib.PurePosixPath(example["file_name"])
+    path = workdir / "reconstructions" / split.category / name.with_suffix(".png")
+    pictures.save_reconstruction_panel(path, original, masked, recon_u8, error, title=str(name))
+
+
+def run_category(
+  scoring: evaluation.Scoring,
+  category: str,
+  config: ml_collections.ConfigDict,
+  workdir: pathlib.Path,
+  seed: int | None = None,
+) -> CategoryOutcome:
+  """Scores a category's test split, chooses its threshold, writes its pictures.
+
+  `config`: the job config (`data`, `threshold`, `outputs`, `mask_ratio`); `seed`: the
+  shot selection of a few-shot run, None for zero-shot.
+  """
+  split = data.load_split(config.data, category, "test")
+  splits = [split]
+  writer = OutputWriter(workdir, category)
+  local = evaluation.score_split(scoring, split, on_map=writer.save_map, desc=category)
+  local.result.seed = seed
+  writer.wait()
+  # Thresholds, metrics and reports need every process's images; each process draws
+  # its own images' pictures.
+  scored = evaluation.gather_scored(local)
+
+  def score_normals():
+    normals = data.load_split(config.data, category, "train")
+    splits.append(normals)
+    desc = f"{category} (normal references)"
+    scored_normals = evaluation.score_split(scoring, normals, pixel_metrics=False, desc=desc)
+    return evaluation.gather_scored(scored_normals).result.scores
+
+  threshold, why = evaluation.choose_threshold(
+    config.threshold, scored.result, score_normals, bool(config.data.normal_path)
+  )
+  notes = {"threshold": why, **({"value": threshold.value} if threshold else {})}
+  write_pictures(writer, split, local, threshold, config.outputs, scored.result.scores)
+  if jax.process_index() == 0:
+    write_reconstructions(
+      scoring, split, scored, config.outputs.reconstructions, config.mask_ratio, workdir
+    )
+    if config.outputs.roc and (scored.result.labels >= 0).any():
+      pictures.save_roc_curve(
+        workdir / "roc" / f"{category}.png", scored.result.scores, scored.result.labels, category
+      )
+  writer.close()
+  if writer.failures:
+    notes["output_failures"] = writer.failures
+  timing = {
+    "images": len(scored.indices),
+    "seconds": scored.seconds,
+    "images_per_second": len(scored.indices) / max(scored.seconds, 1e-9),
+  }
+  metrics = reports.category_metrics(scored.result)
+  return CategoryOutcome(scored.result, metrics, threshold, notes, timing, splits)

@@ -1,0 +1,40 @@
+"""The files and console summary of a scoring run, from its categories' outcomes."""
+
+from __future__ import annotations
+
+from maeday_jax import data, reports
+from maeday_jax.jobs.category_run import CategoryOutcome
+
+
+def summarize_outcomes(outcomes: dict[str, CategoryOutcome], dataset: str, seed=None) -> dict:
+  """The report summary of per-category outcomes, with thresholds, timing and skips."""
+  summary = reports.summarize({c: o.metrics for c, o in outcomes.items()}, dataset, seed=seed)
+  summary["thresholds"] = {c: o.notes for c, o in outcomes.items()}
+  summary["timing"] = {c: o.timing for c, o in outcomes.items()}
+  summary["skipped"] = [
+    {"split": str(s), "path": p, "reason": r}
+    for o in outcomes.values()
+    for s in o.splits
+    for p, r in s.skipped
+  ]
+  return summary
+
+
+def write_scores(workdir, outcomes: dict[str, CategoryOutcome]) -> None:
+  """scores.csv with predicted labels where a category has a threshold."""
+  reports.write_scores_csv(
+    workdir / "scores.csv",
+    [o.result for o in outcomes.values()],
+    threshold={c: o.threshold for c, o in outcomes.items() if o.threshold is not None},
+  )
+
+
+def print_closing_summary(summary: dict, outcomes: dict[str, CategoryOutcome], workdir) -> None:
+  print(reports.format_summary_table(summary))
+  skipped = data.skipped_summary([s for o in outcomes.values() for s in o.splits])
+  if skipped:
+    print("\nSkipped files (see metrics.json):\n" + skipped)
+  total = sum(o.timing["images"] for o in outcomes.values())
+  seconds = sum(o.timing["seconds"] for o in outcomes.values())
+  print(f"\nScored {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.2f} img/s).")
+  print(f"Outputs in {workdir}")

@@ -1,0 +1,96 @@
+"""The model a job runs, from its `config.model` section (`defaults.model_config`).
+
+    model, params, source = build_model(config.model, jax.random.key(config.seed))
+
+One function for every job: `checkpoint='random'` initialises `variant` (architecture
+fields override it), anything else is loaded by `checkpoints.load_mae`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from maeday_jax import checkpoints, defaults, models
+from maeday_jax.config_errors import require
+
+log = logging.getLogger("maeday_jax")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Head counts are not in the tensor shapes: with a checkpoint they are passed to the loader.
+_HEAD_FIELDS = ("num_heads", "decoder_num_heads")
+
+
+def _architecture_overrides(model_config: ml_collections.ConfigDict) -> dict:
+  return {
+    field: model_config.get(field)
+    for field in models.ARCH_FIELDS
+    if model_config.get(field) is not None
+  }
+
+
+def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
+  """Checks the settings that need no file access (before any long work starts)."""
+  require(
+    model_config.dtype in DTYPES,
+    "model.dtype",
+    f"{model_config.dtype!r} is not one of {sorted(DTYPES)}.",
+  )
+  require(
+    bool(model_config.checkpoint),
+    "model.checkpoint",
+    f"is empty; give a known name, a path, or {defaults.RANDOM_WEIGHTS!r} for randomly "
+    "initialised weights of model.variant.",
+  )
+  if model_config.checkpoint == defaults.RANDOM_WEIGHTS:
+    require(
+      model_config.variant in models.VARIANTS,
+      "model.variant",
+      f"{model_config.variant!r} is not one of {sorted(models.VARIANTS)}.",
+    )
+
+
+def build_model(model_config: ml_collections.ConfigDict, key: jax.Array):
+  """The model and its parameters as `model_config` says; returns (model, params, source).
+
+  `key` initialises random weights (unused for a checkpoint); `source` names where the
+  weights came from ('random:<variant>' or the checkpoint).
+
+  Raises:
+    ConfigError: a setting is invalid, or architecture fields contradict the checkpoint.
+    CheckpointError: the checkpoint cannot be found or read (the message says how to
+      pass another one).
+  """
+  validate_model_config(model_config)
+  dtype = DTYPES[model_config.dtype]
+  overrides = _architecture_overrides(model_config)
+  if model_config.checkpoint == defaults.RANDOM_WEIGHTS:
+    model = models.create(model_config.variant, dtype=dtype, **overrides)
+    return (
+      model,
+      models.init_params(model, key),
+      f"{defaults.RANDOM_WEIGHTS}:{model_config.variant}",
+    )
+  try:
+    model, params = checkpoints.load_mae(
+      model_config.checkpoint,
+      **{field: overrides.get(field) for field in _HEAD_FIELDS},
+      dtype=dtype,
+      cache_dir=model_config.get("cache_dir") or None,
+    )
+  except checkpoints.CheckpointError as e:
+    raise checkpoints.CheckpointError(
+      f"{e}\n(set the checkpoint with --config.model.checkpoint=PATH_OR_NAME)"
+    ) from e
+  arch = models.architecture(model)
+  conflicts = {f: (v, arch[f]) for f, v in overrides.items() if v != arch[f]}
+  require(
+    not conflicts,
+    "model",
+    f"the overrides {conflicts} (value, checkpoint's) contradict the checkpoint "
+    f"{model_config.checkpoint}; leave them unset (None) when loading it.",
+  )
+  return model, params, str(model_config.checkpoint)
