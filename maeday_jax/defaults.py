@@ -140,7 +140,7 @@ def zero_shot_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown config argument {arg!r}; the only one is 'runlocal'.")
   config = ml_collections.ConfigDict()
   config.job = "zero_shot"
-  config.seed = 0  # Masks are fold_in(seed, image index): runs are reproducible.
+  config.seed = 0  # With each image's pixels, sets its masks: runs are reproducible.
 
   config.model = model_config()
   config.data = data_config()

@@ -54,9 +54,10 @@ class Scoring:
     params: its parameters as the caller holds them (for pictures on one process).
     replicated: the same parameters placed on every device of `mesh`.
     mesh: the 1-D data mesh the step runs on.
-    score_fn: `score(replicated, images, indices, key) -> (maps, scores)`
+    score_fn: `score(replicated, images, ids, key) -> (maps, scores)`
       (`zero_shot.make_scorer`).
-    key: the run's key; image i's masks come from `fold_in(key, index of i)`.
+    key: the run's key; an image's masks come from it and the image's pixels
+      (`zero_shot.image_keys`).
     batch_size: global batch (images), a multiple of the device count.
     image_size: the size images are read at; resized on device to the model's when it
       differs (pixel metrics of models of every resolution then use the same masks).
@@ -185,10 +186,11 @@ def score_split(
       num_workers=scoring.num_workers,
       prefetch=scoring.prefetch,
     ):
-      images, index = parallel.shard_batch((batch["image"], batch["index"]), scoring.mesh)
+      ids = zero_shot.image_ids(batch["image"])
+      images, ids = parallel.shard_batch((batch["image"], ids), scoring.mesh)
       if scoring.resize_fn is not None:
         images = scoring.resize_fn(images)
-      outputs = scoring.score_fn(scoring.replicated, images, index, scoring.key)
+      outputs = scoring.score_fn(scoring.replicated, images, ids, scoring.key)
       maps, batch_scores = parallel.to_local_numpy(outputs, scoring.mesh)
       valid = batch["valid"]
       for i in np.flatnonzero(valid):

@@ -17,6 +17,12 @@ from maeday_jax.download import DownloadError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/latest", "Directory for all outputs.")
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "Clear --workdir first when it holds another run (only a maeday_jax work directory, "
+  "one with a config.json, is ever cleared).",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
   "distributed",
   False,
@@ -50,11 +56,23 @@ def main(argv) -> None:
 
     jax.distributed.initialize()
   try:
+    if _OVERWRITE.value:
+      from maeday_jax.jobs import common
+
+      common.clear_workdir(_WORKDIR.value)
     _job(config.job).run(config, _WORKDIR.value)
   except (CheckpointError, DataError, DownloadError, ConfigError) as e:
     # Input problems get their message, not a traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    # Every finished category is already in scores.csv and metrics.json.
+    print(
+      f"\nInterrupted. The categories finished so far are in {_WORKDIR.value} (scores.csv, "
+      "metrics.json); run the same command again to redo the rest.",
+      file=sys.stderr,
+    )
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Panels are composed pixel-exactly with NumPy and Pillow (each tile keeps the image's own
 size, tiles are separated by `PANEL_GAP` pixels, with a caption strip above), so a panel of
 n tiles of width w is `n * w + (n - 1) * PANEL_GAP` wide. Plots use Matplotlib's Agg canvas
-directly (no pyplot, no screen, no global backend switch).
+directly (no pyplot, no screen, no global backend switch). Every picture is written
+atomically (`atomic_files`): a run killed half way never leaves a truncated PNG.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from maeday_jax import metrics
+from maeday_jax import atomic_files, metrics
 from maeday_jax.resizing import resize_maps_bilinear, resize_masks_bool
 from maeday_jax.thresholds import Threshold
 
@@ -103,9 +104,11 @@ def compose_row(tiles: list[np.ndarray], captions: list[str], title: str = "") -
 
 
 def _save(image: Image.Image, path) -> pathlib.Path:
+  """Saves atomically, in the format the path's extension names (PNG for any other)."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  image.save(path)
+  image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+  with atomic_files.replace_when_done(path) as tmp, open(tmp, "xb") as f:
+    image.save(f, format=image_format)
   return path
 
 
@@ -195,6 +198,6 @@ def save_roc_curve(path, scores, labels, title: str = "") -> float | None:
   ax.set_title(title, fontsize=10)
   fig.tight_layout()
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path)
+  with atomic_files.replace_when_done(path) as tmp, open(tmp, "xb") as f:
+    fig.savefig(f, format=path.suffix[1:].lower() or "png")
   return auroc

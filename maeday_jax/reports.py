@@ -8,6 +8,8 @@ that per seed and combines the summaries with `summarize_seeds` (mean ± std ove
 A metric that is undefined for a category (one class only, no masks) is `None` (`null` in
 JSON) and its reason goes to that category's `notes`; group means are taken over the
 categories where the metric is defined, and say so in the group's `notes`.
+
+Every file is written atomically (`atomic_files`): complete, or not at all.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from maeday_jax import metrics, paper_numbers
+from maeday_jax import atomic_files, metrics, paper_numbers
 from maeday_jax.categories import CATEGORY_GROUPS, canonical_dataset
 from maeday_jax.thresholds import Threshold
 
@@ -259,10 +261,8 @@ def _jsonable(value):
 
 def write_metrics_json(path, summary: Mapping) -> pathlib.Path:
   """Writes the summary (from `summarize` or `summarize_seeds`) as strict JSON."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
-  return path
+  text = json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n"
+  return atomic_files.write_text(path, text)
 
 
 def format_value(value, percent: bool = True) -> str:
@@ -413,10 +413,7 @@ def write_markdown_table(
   "maeday_patchcore_ensemble"); by default zero-shot compares with MAEDAY 0-shot and
   few-shot with MAEDAY 1-shot (LoRA).
   """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(markdown_table(summary, dataset, setting, paper_row, shots))
-  return path
+  return atomic_files.write_text(path, markdown_table(summary, dataset, setting, paper_row, shots))
 
 
 def _threshold_for(threshold, category: str) -> float | None:
@@ -429,6 +426,16 @@ def _threshold_for(threshold, category: str) -> float | None:
   return float(threshold.value if isinstance(threshold, Threshold) else threshold)
 
 
+# Leading characters that make a spreadsheet read a cell as a formula (OWASP, CSV injection).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text) -> str:
+  """`str(text)`, with a `'` in front when a spreadsheet would otherwise run it as a formula."""
+  text = str(text)
+  return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 def write_scores_csv(
   path,
   results: Sequence[CategoryResult],
@@ -439,20 +446,30 @@ def write_scores_csv(
   `threshold` is one threshold for all categories or one per category (a mapping); the
   `predicted_label` column (1 where `score >= threshold`) is written when one is given and
   left empty for categories without one. A `seed` column is added for few-shot results.
+
+  Text cells (`file`, `category`) that begin with `=`, `+`, `-`, `@`, a tab or a carriage
+  return get a single quote in front (`=x.png` is written `'=x.png`), as OWASP recommends
+  against CSV injection, so a spreadsheet shows them as text instead of running them as
+  formulas. To read the original name back, drop the `'` of a cell that starts with `'`
+  followed by one of those characters. Numbers (`label`, `score`, ...) are written as they
+  are: a score of -1.5 stays `-1.5`. The file is written atomically (complete or not at all).
   """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   with_seed = any(r.seed is not None for r in results)
   columns = ["file", "category", "label", "score"]
   columns += ["predicted_label"] if threshold is not None else []
   columns += ["seed"] if with_seed else []
-  with path.open("w", newline="") as f:
+  path = pathlib.Path(path)
+  with (
+    atomic_files.replace_when_done(path) as tmp,
+    open(tmp, "x", newline="", encoding="utf-8") as f,
+  ):
     writer = csv.writer(f)
     writer.writerow(columns)
     for result in results:
       value = _threshold_for(threshold, result.category)
+      category = spreadsheet_safe(result.category)
       for name, label, score in zip(result.file_names, result.labels, result.scores, strict=True):
-        row = [name, result.category, int(label), repr(float(score))]
+        row = [spreadsheet_safe(name), category, int(label), repr(float(score))]
         if threshold is not None:
           row.append("" if value is None else int(score >= value))
         if with_seed:

@@ -8,13 +8,20 @@ pixel anomaly map; its maximum is the image score.
 Masks are a `vmap` dimension and images a batch dimension. Because the blur is linear,
 averaging the per-mask errors before blurring gives the same maps as blurring each one
 (up to float rounding) at 1/N of the cost.
+
+A dataset image's masks come from the run's key and the image itself (`image_ids` of its
+pixels, `image_keys`), so its score never depends on what else is in the folder, on its
+position or name, on the batch or on the number of devices and hosts.
 """
 
 import functools
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maeday_jax import parallel
 from maeday_jax.blur import gaussian_blur
@@ -82,8 +89,34 @@ def image_noise(keys: jax.Array, num_masks: int, num_patches: int) -> jax.Array:
 
 
 def example_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
-  """One key per example, derived from its (global) index in the dataset."""
+  """One key per example of a batch, derived from its position `indices` (B,)."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+
+
+def image_ids(images: Sequence[np.ndarray | bytes | str]) -> np.ndarray:
+  """(B, 2) uint32: the first 64 bits of the SHA-256 of each image's content.
+
+  The identity an image's masks are drawn from: its pixels as the model reads them (an
+  array's bytes; bytes or a string are hashed as given). Byte-identical copies of an
+  image therefore get the same masks and the same score, and an image's masks do not
+  depend on its name, its position or the other images. 64 bits: two of a million
+  different images share masks with probability ~3e-8.
+  """
+
+  def digest(item) -> bytes:
+    if isinstance(item, str):
+      item = item.encode("utf-8")
+    elif not isinstance(item, bytes):
+      item = np.ascontiguousarray(item).tobytes()
+    return hashlib.sha256(item).digest()[:8]
+
+  digests = b"".join(digest(item) for item in images)
+  return np.frombuffer(digests, ">u4").astype(np.uint32).reshape(len(images), 2)
+
+
+def image_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
+  """One key per image from the run's `key` and its `image_ids` row (B, 2)."""
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i[0]), i[1]))(ids)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_masks", "mask_ratio", "mask_batch_size"))
@@ -120,14 +153,15 @@ def make_scorer(
 ):
   """One compiled, data-parallel scoring step over `mesh`.
 
-  Returns `score(params, images, indices, key) -> (maps, scores)`: `images` (B, H, W, 3)
-  and `indices` (B,) are split over the mesh's data axis (B a multiple of its size),
-  `params` (placed with `parallel.replicate`) and `key` are replicated. Example i's masks
-  come from `fold_in(key, indices[i])`, so results do not depend on batching or devices.
+  Returns `score(params, images, ids, key) -> (maps, scores)`: `images` (B, H, W, 3)
+  and `ids` (B, 2) (`image_ids` of the images) are split over the mesh's data
+  axis (B a multiple of its size), `params` (placed with `parallel.replicate`) and `key`
+  are replicated. Image i's masks come from `image_keys(key, ids)[i]`, so results do not
+  depend on batching, devices or the other images.
   """
 
-  def score(params, images, indices, key):
-    noise = image_noise(example_keys(key, indices), num_masks, model.num_patches)
+  def score(params, images, ids, key):
+    noise = image_noise(image_keys(key, ids), num_masks, model.num_patches)
     maps = anomaly_maps_from_noise(model, params, images, noise, mask_ratio, mask_batch_size)
     return maps, image_scores(maps)
 

@@ -89,3 +89,10 @@ def test_empty_folder_is_a_clear_error(tmp_path):
   config.name, config.path, config.data_dir = "folder", str(tmp_path / "empty"), str(tmp_path)
   with pytest.raises(data.DataError, match="contains no files"):
     data.load_split(config, "empty", "test")
+
+
+def test_images_without_a_mask_are_counted(fake, data_dir):
+  # c.png has no mask: it is scored as normal (label 0) and counted.
+  assert data.load_split(_config(fake, data_dir), "images", "test").unmasked == 1
+  assert data.load_split(_config(fake, data_dir), "images", "train").unmasked == 0
+  assert data.load_split(_config(fake, data_dir, masks=False), "images", "test").unmasked == 0

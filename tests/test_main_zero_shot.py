@@ -60,13 +60,12 @@ def test_scores_csv_has_every_good_image_once(folder_run):
 def test_maps_are_saved_at_each_images_own_resolution(folder_run):
   fake, workdir, _ = folder_run
   for name, expected in fake.examples[""]["test"].items():
-    stem = name.rsplit(".", 1)[0]
-    with np.load(workdir / "maps" / "images" / f"{stem}.npz") as f:
+    with np.load(workdir / "maps" / "images" / f"{name}.npz") as f:
       assert f["map"].shape == expected.image.shape[:2], name
       assert f["map"].dtype == np.float32 and np.all(f["map"] >= 0)
-    overlay = Image.open(workdir / "overlays" / "images" / f"{stem}.png")
+    overlay = Image.open(workdir / "overlays" / "images" / f"{name}.png")
     assert overlay.size == (expected.image.shape[1], expected.image.shape[0])
-    assert (workdir / "panels" / "images" / f"{stem}.png").is_file()
+    assert (workdir / "panels" / "images" / f"{name}.png").is_file()
 
 
 def test_reports_and_pictures(folder_run):
@@ -126,9 +125,8 @@ def test_two_processes_report_what_one_process_reports(folder_run, fixtures_dir,
     assert two_metrics[key] == pytest.approx(one_metrics[key], abs=1e-4), key
   # Each process wrote the maps and overlays of its own images: together, all of them.
   for name in one_rows:
-    stem = name.rsplit(".", 1)[0]
-    assert (two / "maps" / "images" / f"{stem}.npz").is_file(), name
-    assert (two / "overlays" / "images" / f"{stem}.png").is_file(), name
+    assert (two / "maps" / "images" / f"{name}.npz").is_file(), name
+    assert (two / "overlays" / "images" / f"{name}.png").is_file(), name
 
 
 def test_real_magnetic_tiles_end_to_end(fixtures_dir, mt_sample_dir, tmp_path):

@@ -1,5 +1,7 @@
 """Pictures open, have the promised layout, and show what they claim."""
 
+import pathlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -118,3 +120,80 @@ def test_roc_curve(tmp_path):
   assert picture.size == (400, 400)
   undefined = pictures.save_roc_curve(tmp_path / "none.png", scores, np.zeros(50), "one class")
   assert undefined is None and Image.open(tmp_path / "none.png").size == (400, 400)
+
+
+def _pictures(tmp_path, scene):
+  """Every kind of picture, written under tmp_path / "out"; their paths, in writing order."""
+  image, anomaly_map, gt = scene
+  out = tmp_path / "out"
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 30)
+  paths = [
+    pictures.save_panel(out / "p" / "panel.png", image, anomaly_map, gt, 0.5, title="t"),
+    pictures.save_overlay(out / "overlay.png", image, anomaly_map),
+    pictures.save_reconstruction_panel(
+      out / "rec.png", image, [image // 2], [image], anomaly_map, "r"
+    ),
+  ]
+  pictures.save_roc_curve(out / "roc.png", rng.normal(size=30) + labels, labels, "roc")
+  return paths + [out / "roc.png"]
+
+
+def test_pictures_have_the_same_bytes_as_saving_to_a_path(tmp_path, scene, monkeypatch):
+  # Each picture is also saved the direct way (Pillow's and Matplotlib's own writers, given
+  # a path) just before the real write; the atomic write must give the very same bytes.
+  direct: list[pathlib.Path] = []
+  in_figure = []  # Matplotlib writes its PNG through Pillow: that inner save is not a picture.
+  real_image_save, real_savefig = Image.Image.save, pictures.Figure.savefig
+
+  def reference():
+    direct.append(tmp_path / "direct" / f"{len(direct)}.png")
+    direct[-1].parent.mkdir(exist_ok=True)
+    return direct[-1]
+
+  def image_save(self, fp, *args, **kwargs):
+    if not in_figure and not isinstance(fp, str | pathlib.Path):
+      real_image_save(self, reference())
+    return real_image_save(self, fp, *args, **kwargs)
+
+  def savefig(self, fname, *args, **kwargs):
+    in_figure.append(True)
+    try:
+      real_savefig(self, reference())
+      return real_savefig(self, fname, *args, **kwargs)
+    finally:
+      in_figure.pop()
+
+  monkeypatch.setattr(Image.Image, "save", image_save)
+  monkeypatch.setattr(pictures.Figure, "savefig", savefig)
+  written = _pictures(tmp_path, scene)
+  assert len(direct) == len(written) == 4
+  for path, reference_path in zip(written, direct, strict=True):
+    assert path.read_bytes() == reference_path.read_bytes(), path
+  assert len({p.read_bytes() for p in written}) == 4
+  assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_picture_write_that_fails_half_way_keeps_the_previous_file(tmp_path, scene, monkeypatch):
+  before = {p: p.read_bytes() for p in _pictures(tmp_path, scene)}
+
+  def write_half_then_fail(image, fp, filename, *args):
+    fp.write(b"\x89PNG\r\n\x1a\n truncated")
+    raise OSError("killed while encoding")
+
+  monkeypatch.setitem(Image.SAVE, "PNG", write_half_then_fail)
+  image, anomaly_map, gt = scene
+  writes = [
+    lambda: pictures.save_panel(tmp_path / "out" / "p" / "panel.png", image, anomaly_map, gt, 0.5),
+    lambda: pictures.save_overlay(tmp_path / "out" / "overlay.png", image, 1 - anomaly_map),
+    lambda: pictures.save_reconstruction_panel(
+      tmp_path / "out" / "rec.png", image, [image], [image], anomaly_map
+    ),
+    lambda: pictures.save_roc_curve(tmp_path / "out" / "roc.png", [0.1, 0.9], [0, 1]),
+  ]
+  for write in writes:
+    with pytest.raises(OSError, match="killed while encoding"):
+      write()
+  for path, content in before.items():
+    assert path.read_bytes() == content, path
+  assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from maeday_jax import categories, metrics, paper_numbers, reports, thresholds
+from maeday_jax import atomic_files, categories, metrics, paper_numbers, reports, thresholds
 from tests.test_metrics import pooled
 
 
@@ -204,6 +204,121 @@ def test_scores_csv(tmp_path):
   results[0].seed = 2
   rows = list(csv.DictReader(reports.write_scores_csv(tmp_path / "s.csv", results, 0.0).open()))
   assert rows[0]["seed"] == "2" and rows[0]["predicted_label"] in ("0", "1")
+
+
+def test_scores_csv_quotes_cells_a_spreadsheet_would_run_as_formulas(tmp_path):
+  names = ["=cmd|' /C calc'!A0.jpg", "+x.png", "@y.png", "-z.png", "\tt.png", "\rr.png"]
+  plain = ["good/000.png", "a=b.png", "x-1.png", "'quoted.png"]
+  scores = [-1.5, 2.0, -0.25, 3.0, -7.0, 0.5, 1.0, -2.0, 4.0, -1e-9]
+  result = reports.CategoryResult("bottle", names + plain, np.ones(10, int), scores, seed=-3)
+  path = reports.write_scores_csv(tmp_path / "scores.csv", [result], threshold=-1.0)
+  with path.open(newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["file"] for r in rows] == ["'" + n for n in names] + plain
+  assert all(r["category"] == "bottle" and r["label"] == "1" for r in rows)
+  # Numbers are not text cells: a negative score or seed is written as it is.
+  assert [r["score"] for r in rows] == [repr(s) for s in scores]
+  assert rows[0]["score"] == "-1.5" and rows[0]["seed"] == "-3"
+  assert [r["predicted_label"] for r in rows] == [str(int(s >= -1.0)) for s in scores]
+  other = reports.CategoryResult("-cat", ["a.png"], [0], [1.0])
+  rows = list(csv.DictReader(reports.write_scores_csv(tmp_path / "c.csv", [other]).open()))
+  assert rows[0]["category"] == "'-cat"
+  assert reports.spreadsheet_safe("=1+1") == "'=1+1" and reports.spreadsheet_safe("a") == "a"
+
+
+def _temporaries(folder):
+  return [p for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+def test_report_files_have_the_same_bytes_as_before(tmp_path):
+  rng = np.random.default_rng(5)
+  results = [_result("bottle", rng, n=3), _result("grid", rng, n=2)]
+  results[0].scores[1] = -1.5
+  summary = reports.summarize(
+    {r.category: reports.category_metrics(r) for r in results}, "mvtec_ad"
+  )
+  # What the writers wrote before they wrote atomically: Path.write_text and csv to a path.
+  expected_json = json.dumps(reports._jsonable(summary), indent=2, allow_nan=False) + "\n"
+  path = reports.write_metrics_json(tmp_path / "a" / "metrics.json", summary)
+  reference = tmp_path / "reference.json"
+  reference.write_text(expected_json)
+  assert path.read_bytes() == reference.read_bytes()
+  path = reports.write_markdown_table(tmp_path / "a" / "metrics.md", summary, "mvtec_ad")
+  reference = tmp_path / "reference.md"
+  reference.write_text(reports.markdown_table(summary, "mvtec_ad"))
+  assert path.read_bytes() == reference.read_bytes() and "—" in path.read_text()
+  path = reports.write_scores_csv(tmp_path / "a" / "scores.csv", results, threshold=0.0)
+  lines = ["file,category,label,score,predicted_label"]
+  for r in results:
+    lines += [
+      f"{n},{r.category},{label},{score!r},{int(score >= 0.0)}"
+      for n, label, score in zip(r.file_names, r.labels, r.scores.tolist(), strict=True)
+    ]
+  assert path.read_bytes() == ("\r\n".join(lines) + "\r\n").encode()
+  assert b",-1.5," in path.read_bytes()
+  assert _temporaries(tmp_path) == []
+
+
+def test_a_report_write_that_fails_half_way_keeps_the_previous_file(tmp_path, monkeypatch):
+  rng = np.random.default_rng(6)
+  results = [_result("bottle", rng, n=4)]
+  summary = reports.summarize({"bottle": reports.category_metrics(results[0])}, "mvtec_ad")
+  paths = [
+    reports.write_scores_csv(tmp_path / "scores.csv", results),
+    reports.write_metrics_json(tmp_path / "metrics.json", summary),
+    reports.write_markdown_table(tmp_path / "metrics.md", summary, "mvtec_ad"),
+  ]
+  before = {p: p.read_bytes() for p in paths}
+  real_writer = csv.writer
+
+  class HalfWriter:
+    """Writes the header and one row to the file, then fails."""
+
+    def __init__(self, f):
+      self.f, self.inner, self.rows = f, real_writer(f), 0
+
+    def writerow(self, row):
+      if self.rows == 2:
+        self.f.flush()
+        raise OSError("killed while writing")
+      self.rows += 1
+      return self.inner.writerow(row)
+
+  monkeypatch.setattr(csv, "writer", HalfWriter)
+  with pytest.raises(OSError, match="killed while writing"):
+    reports.write_scores_csv(tmp_path / "scores.csv", [_result("bottle", rng, n=4)])
+  monkeypatch.undo()
+
+  real_open = open
+
+  class HalfFile:
+    """Writes half of the text to the real file, then fails."""
+
+    def __init__(self, f):
+      self.f = f
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def write(self, text):
+      self.f.write(text[: len(text) // 2])
+      self.f.flush()
+      raise OSError("killed while writing")
+
+  opener = lambda *args, **kwargs: HalfFile(real_open(*args, **kwargs))
+  monkeypatch.setattr(atomic_files, "open", opener, raising=False)
+  other = reports.summarize({"bottle": reports.category_metrics(_result("bottle", rng))}, "visa")
+  with pytest.raises(OSError, match="killed while writing"):
+    reports.write_metrics_json(tmp_path / "metrics.json", other)
+  with pytest.raises(OSError, match="killed while writing"):
+    reports.write_markdown_table(tmp_path / "metrics.md", other, "visa")
+  monkeypatch.undo()
+  for path, content in before.items():
+    assert path.read_bytes() == content, path
+  assert _temporaries(tmp_path) == []
 
 
 def test_paper_numbers_are_consistent():

@@ -72,12 +72,12 @@ def test_eight_devices_equal_one_device(tiny):
   assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (see conftest.py)"
   model, params, images = tiny
   key = jax.random.key(3)
-  indices = jnp.arange(8, dtype=jnp.int32)
+  ids = zero_shot.image_ids(np.asarray(images))
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.data_mesh(devices)
     score = zero_shot.make_scorer(model, mesh, num_masks=4)
-    maps, scores = score(parallel.replicate(params, mesh), images, indices, key)
+    maps, scores = score(parallel.replicate(params, mesh), images, ids, key)
     if len(devices) == 8:
       assert len(maps.sharding.device_set) == 8
     results.append((np.asarray(maps), np.asarray(scores)))
@@ -86,18 +86,32 @@ def test_eight_devices_equal_one_device(tiny):
 
 
 def test_padded_batch_scores_each_example_as_alone(tiny):
-  """An example's maps depend only on its index, not on its batch or padding."""
+  """An image's maps depend only on its pixels, not on its batch, position or padding."""
   model, params, images = tiny
   key = jax.random.key(3)
   mesh = parallel.data_mesh()
   score = zero_shot.make_scorer(model, mesh, num_masks=4)
   replicated = parallel.replicate(params, mesh)
-  full_maps, _ = score(replicated, images, jnp.arange(8, dtype=jnp.int32), key)
-  # A last batch of 3 real examples (indices 5, 6, 7) padded with copies and index -1.
-  padded = jnp.concatenate([images[5:], jnp.repeat(images[:1], 5, axis=0)])
-  indices = jnp.array([5, 6, 7, -1, -1, -1, -1, -1], jnp.int32)
-  part_maps, _ = score(replicated, padded, indices, key)
-  np.testing.assert_allclose(part_maps[:3], full_maps[5:], rtol=1e-5, atol=1e-6)
+  full_maps, _ = score(replicated, images, zero_shot.image_ids(np.asarray(images)), key)
+  # A last batch of 3 real images (5, 6, 7), in another order, padded with zeros.
+  padded = jnp.concatenate([images[7:], images[5:7], jnp.zeros_like(images[:5])])
+  part_maps, _ = score(replicated, padded, zero_shot.image_ids(np.asarray(padded)), key)
+  np.testing.assert_allclose(part_maps[:3], np.asarray(full_maps)[[7, 5, 6]], rtol=1e-5, atol=1e-6)
+  # Two copies of one image in a batch get the same masks, hence the same map.
+  twins = jnp.concatenate([images[:1], images[:1], images[2:]])
+  twin_maps, _ = score(replicated, twins, zero_shot.image_ids(np.asarray(twins)), key)
+  np.testing.assert_array_equal(twin_maps[0], twin_maps[1])
+
+
+def test_image_ids_are_the_sha256_of_the_name():
+  import hashlib
+
+  image = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+  ids = zero_shot.image_ids([image, "é.jpg"])
+  assert ids.dtype == np.uint32 and ids.shape == (2, 2)
+  for row, data in zip(ids, (image.tobytes(), "é.jpg".encode()), strict=True):
+    digest = hashlib.sha256(data).digest()
+    assert row.tolist() == [int.from_bytes(digest[:4], "big"), int.from_bytes(digest[4:8], "big")]
 
 
 def test_key_api_is_deterministic_and_masks_differ(tiny):

@@ -5,13 +5,15 @@ Prepared data lives in `config.data.data_dir` (default ~/.cache/maeday_jax/tfds)
 MVTec AD and VisA, and for `magnetic_tile` and `folder` the folder name plus a hash of the
 resolved path(s). It is prepared once and reused; a new builder version is a new folder,
 so it is rebuilt then; path-defined data is also rebuilt when the files change (a
-fingerprint of names, sizes and modification times is kept in the metadata). Downloads
-and extracted archives are kept in `<data_dir>/downloads` (delete them once every
-category is prepared to save space).
+fingerprint of names, sizes, modification and inode change times and inode numbers is
+kept in the metadata). Downloads and extracted archives are kept in
+`<data_dir>/downloads` (delete them once every category is prepared to save space).
 
-Several processes sharing one `data_dir` must not build the same dataset at once (tfds
-writes into a temporary folder and renames it, but both would do the work):
-`split.load_split` lets process 0 prepare first, behind a barrier.
+Preparation holds an exclusive lock on `<dataset>/<config>/<version>.lock` (`fcntl.flock`,
+where the platform has it): runs that share a `data_dir` and want the same data at once
+wait for each other, and a run that waited reuses what the other prepared. Runs that
+find the data ready do not wait. Within one multi-process JAX job, `split.load_split`
+also lets process 0 prepare first, behind a barrier.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import dataclasses
 import difflib
 import logging
+import os
 import pathlib
 import shutil
 from collections.abc import Iterator, Sequence
@@ -39,6 +42,11 @@ from maeday_jax.data.builders import (
 )
 from maeday_jax.data.builders import folder as folder_lib
 from maeday_jax.data.errors import DataError
+
+try:
+  import fcntl
+except ImportError:  # Not on Windows: preparation is not locked there.
+  fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -194,21 +202,66 @@ def _is_stale(builder: ImageBuilder) -> bool:
   return expected is not None and builder.info.metadata.get("fingerprint") != expected
 
 
+def _is_ready(builder: ImageBuilder) -> bool:
+  """Whether the builder's data is prepared and matches its files."""
+  return builder.data_path.exists() and not _is_stale(builder)
+
+
+@contextlib.contextmanager
+def _locked(builder: ImageBuilder) -> Iterator[None]:
+  """Holds the exclusive lock of the builder's prepared data, waiting for it if needed."""
+  data_path = pathlib.Path(os.fspath(builder.data_path))
+  lock_path = data_path.with_name(f"{data_path.name}.lock")
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(lock_path, "a") as lock:
+    if fcntl is not None:
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        logger.info("Waiting for another run preparing %s (lock %s)", data_path, lock_path)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      if fcntl is not None:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove(data_path: pathlib.Path) -> None:
+  """Removes prepared data; renamed first, so that other runs see it whole or not at all."""
+  doomed = data_path.with_name(f"{data_path.name}.stale.{os.getpid()}")
+  try:
+    data_path.rename(doomed)
+  except OSError:
+    doomed = data_path
+  shutil.rmtree(doomed, ignore_errors=doomed != data_path)
+
+
 def prepare(data_config: ml_collections.ConfigDict, category: str) -> ImageBuilder:
-  """Returns the builder of one category with its data prepared (built now if needed)."""
+  """Returns the builder of one category with its data prepared (built now if needed).
+
+  Safe when several runs prepare the same data at once (see the module docstring).
+  """
   builder = make_builder(data_config, category)
-  if builder.data_path.exists():
-    if not _is_stale(builder):
-      return builder
-    logger.info("The files under %s changed since they were prepared; rebuilding", builder.raw_path)
-    # A builder whose info was read from disk cannot regenerate it: remove, start afresh.
-    shutil.rmtree(builder.data_path)
+  if _is_ready(builder):
+    return builder
+  with _locked(builder):
+    # Another run may have prepared it while this one waited for the lock.
     builder = make_builder(data_config, category)
-  source = builder.raw_path
-  download_config = tfds.download.DownloadConfig(
-    manual_dir=str(source) if source is not None and source.is_dir() else None,
-    compute_stats=tfds.download.ComputeStatsMode.SKIP,
-  )
-  builder.download_and_prepare(file_format="array_record", download_config=download_config)
+    if _is_ready(builder):
+      return builder
+    if builder.data_path.exists():
+      logger.info(
+        "The files under %s changed since they were prepared; rebuilding", builder.raw_path
+      )
+      # A builder whose info was read from disk cannot regenerate it: remove, start afresh.
+      _remove(pathlib.Path(os.fspath(builder.data_path)))
+      builder = make_builder(data_config, category)
+    source = builder.raw_path
+    download_config = tfds.download.DownloadConfig(
+      manual_dir=str(source) if source is not None and source.is_dir() else None,
+      compute_stats=tfds.download.ComputeStatsMode.SKIP,
+    )
+    builder.download_and_prepare(file_format="array_record", download_config=download_config)
   # A fresh builder reads back what was written, metadata included.
   return make_builder(data_config, category)

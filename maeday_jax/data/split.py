@@ -31,6 +31,8 @@ class Split:
     skipped: (path, reason) of every file left out when the split was prepared, and of
       any that failed to decode when read.
     file_names: the file names in record order, when known without reading the records.
+    unmasked: how many images of the split had no mask although their labels come from
+      masks (a folder dataset with `config.data.mask_path`); they are labelled normal (0).
   """
 
   dataset: str
@@ -39,6 +41,7 @@ class Split:
   source: Sequence[Mapping]
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   file_names: Sequence[str] | None = dataclasses.field(default=None, repr=False)
+  unmasked: int = 0
   _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False)
 
   def __len__(self) -> int:
@@ -152,6 +155,7 @@ def load_split(data_config: ml_collections.ConfigDict, category: str, split: str
     source=source,
     skipped=[(str(path), str(reason)) for path, reason in skipped],
     file_names=file_names if file_names is not None and len(file_names) == len(source) else None,
+    unmasked=int(metadata.get("unmasked", {}).get(split, 0)),
   )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -11,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from ml_collections import config_dict
 
 from maeday_jax import defaults, parallel, training
@@ -23,6 +25,46 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 MERGED_DIR = "merged"
+SETTINGS_FILE = "training_settings.json"
+# Settings a resumed run may change: how long it trains and how often it saves.
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "max_checkpoints")
+
+
+def _settings_record(config) -> dict:
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  record = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
+  return {k: v for k, v in sorted(record.items()) if k not in _RESUMABLE_CHANGES}
+
+
+def check_same_settings(workdir: pathlib.Path, config) -> None:
+  """Refuses to resume a run in `workdir` that was trained with other settings.
+
+  The first run records its training settings (all but `_RESUMABLE_CHANGES`) in
+  `SETTINGS_FILE`; a later run with checkpoints there must have the same ones.
+
+  Raises:
+    ValueError: naming every field that differs, with both values.
+  """
+  path = workdir / SETTINGS_FILE
+  current = _settings_record(config)
+  if not path.is_file():
+    if jax.process_index() == 0:
+      workdir.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(current, indent=2, sort_keys=True))
+    return
+  saved = json.loads(path.read_text())
+  differ = {
+    k: (saved.get(k), current.get(k))
+    for k in sorted(saved.keys() | current.keys())
+    if saved.get(k) != current.get(k)
+  }
+  if differ:
+    fields = "; ".join(f"train.{k}: was {a!r}, now {b!r}" for k, (a, b) in differ.items())
+    raise ValueError(
+      f"{workdir} holds a few-shot run trained with other settings ({fields}). Resuming "
+      "it would report the old adapter under the new settings; use a new workdir, or "
+      "the old settings."
+    )
 
 
 def _typed_key(key: jax.Array) -> jax.Array:
@@ -98,6 +140,7 @@ def adapt(
   manager, start_step = None, 0
   if workdir is not None:
     workdir = pathlib.Path(workdir).expanduser().absolute()
+    check_same_settings(workdir, config)
     manager = training.checkpoint_manager(workdir / CHECKPOINT_DIR, config.max_checkpoints)
     state, start_step = _resume(manager, state, key_data, config.steps, mesh, workdir)
 

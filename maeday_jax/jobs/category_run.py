@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 
 from maeday_jax import data, evaluation, pictures, reports, thresholds, zero_shot
-from maeday_jax.jobs.outputs import OutputWriter, save_overlay_and_panel
+from maeday_jax.checkpoints import CheckpointError
+from maeday_jax.jobs.outputs import OutputWriter, output_path, save_overlay_and_panel
 
 _MIN_TILE = 160  # Pixels: the smallest tile drawn in reconstruction panels.
 
@@ -93,7 +94,7 @@ def write_reconstructions(
     index = int(scored.indices[position])
     example = data.load_example(split, index, model.img_size)
     image = jnp.asarray(example["image"])[None]
-    keys = zero_shot.example_keys(scoring.key, jnp.asarray([index]))
+    keys = zero_shot.image_keys(scoring.key, zero_shot.image_ids(example["image"][None]))
     noise = zero_shot.image_noise(keys, num_masks, model.num_patches)
     recon, hidden = zero_shot.reconstructions(model, params, image, noise, mask_ratio)
     # Small models get their tiles enlarged (nearest) so captions stay readable.
@@ -108,9 +109,26 @@ def write_reconstructions(
       np.where(enlarge(h)[..., None] > 0, 127, original).astype(np.uint8) for h in hidden[0]
     ]
     error = enlarge(jnp.sum((image[0] - recon[0]) ** 2, axis=-1).mean(axis=0))
-    name = pathlib.PurePosixPath(example["file_name"])
-    path = workdir / "reconstructions" / split.category / name.with_suffix(".png")
-    pictures.save_reconstruction_panel(path, original, masked, recon_u8, error, title=str(name))
+    name = example["file_name"]
+    path = output_path(workdir, "reconstructions", split.category, name, ".png")
+    pictures.save_reconstruction_panel(path, original, masked, recon_u8, error, title=name)
+
+
+def check_finite(result: reports.CategoryResult, model_name: str) -> None:
+  """Refuses NaN or infinite scores: the model, not the data, is broken.
+
+  Raises:
+    CheckpointError: naming the model, the category and a few affected images.
+  """
+  bad = ~np.isfinite(result.scores)
+  if bad.any():
+    names = [result.file_names[i] for i in np.flatnonzero(bad)[:3]]
+    raise CheckpointError(
+      f"The model {model_name} gives NaN or infinite anomaly maps for {int(bad.sum())} of "
+      f"{bad.size} images of {result.category} (e.g. {', '.join(names)}): its weights are "
+      "corrupt or overflow in this dtype. Check the checkpoint, or use "
+      "--config.model.dtype=float32."
+    )
 
 
 def run_category(
@@ -134,6 +152,7 @@ def run_category(
   # Thresholds, metrics and reports need every process's images; each process draws
   # its own images' pictures.
   scored = evaluation.gather_scored(local)
+  check_finite(scored.result, config.model.checkpoint)
 
   def score_normals():
     normals = data.load_split(config.data, category, "train")

@@ -34,6 +34,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f"{config.train.finetune!r} is not one of {defaults.FINETUNE_MODES}.",
   )
   common.require(config.train.steps >= 0, "train.steps", "must be >= 0.")
+  common.require(config.train.batch_size >= 1, "train.batch_size", "must be >= 1.")
+  common.require_divides_devices(config.train.batch_size, "train.batch_size")
+  common.require(
+    config.train.lora.compute in defaults.LORA_COMPUTE_MODES,
+    "train.lora.compute",
+    f"{config.train.lora.compute!r} is not one of {defaults.LORA_COMPUTE_MODES}.",
+  )
+  common.require(config.train.lora.rank >= 1, "train.lora.rank", "must be >= 1.")
+
+
+def check_shots(config: ml_collections.ConfigDict, categories) -> None:
+  """Checks that every category has at least `shots` normal training images (this reads,
+  and on first use prepares, the training splits; the model is not loaded yet)."""
+  for category in categories:
+    train = data.load_split(config.data, category, "train")
+    common.require(
+      config.shots <= len(train),
+      "shots",
+      f"{config.shots} shots, but {config.data.name}/{category} has only {len(train)} "
+      "normal training images; use at most that many.",
+    )
 
 
 def _images(split: data.Split, indices, size: int) -> np.ndarray:
@@ -99,10 +120,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Few-shot adaptation and scoring for every category and seed; returns the summary."""
   validate(config)
   categories = data.resolve_categories(config.data)
+  workdir = common.prepare_workdir(workdir, config)
+  check_shots(config, categories)
   model, params = common.load_model(config.model, config.seed)
   scoring = evaluation.Scoring.from_config(model, params, config)
   mesh = scoring.mesh
-  workdir = common.prepare_workdir(workdir, config)
   common.describe_model(model, mesh, categories)
 
   per_seed, adaptation = [], []
@@ -114,11 +136,12 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       adaptation.append({"category": category, **record})
       adapted = scoring.with_params(merged, key=jax.random.key(seed))
       outcomes[category] = run_category(adapted, category, config, seed_dir, seed=seed)
-    summary = run_report.summarize_outcomes(outcomes, config.data.name, seed=seed)
+      # Each finished category is on disk at once: a later error or a kill loses none.
+      summary = run_report.summarize_outcomes(outcomes, config.data.name, seed=seed)
+      if jax.process_index() == 0:
+        run_report.write_scores(seed_dir, outcomes)
+        reports.write_metrics_json(seed_dir / "metrics.json", summary)
     per_seed.append(summary)
-    if jax.process_index() == 0:
-      run_report.write_scores(seed_dir, outcomes)
-      reports.write_metrics_json(seed_dir / "metrics.json", summary)
 
   combined = reports.summarize_seeds(per_seed)
   combined["adaptation"] = adaptation

@@ -11,27 +11,35 @@ import threading
 
 import numpy as np
 
-from maeday_jax import pictures
+from maeday_jax import atomic_files, pictures
 from maeday_jax.resizing import resize_maps_bilinear
 
 log = logging.getLogger("maeday_jax")
 
 
-def output_stem(file_name: str) -> pathlib.PurePosixPath:
-  """A relative output path for a dataset file name (same folders, no suffix, no '..')."""
-  parts = [
-    p for p in pathlib.PurePosixPath(file_name.replace("\\", "/")).parts if p not in ("..", "/", "")
-  ]
-  if not parts:
-    parts = ["unnamed"]
-  return pathlib.PurePosixPath(*parts).with_suffix("")
+def output_path(
+  workdir: pathlib.Path, kind: str, category: str, file_name: str, suffix: str
+) -> pathlib.Path:
+  """Where the `kind` output ("maps", "overlays", ...) of one dataset file goes.
+
+  `<workdir>/<kind>/<category>/<file_name><suffix>`: the file name keeps its folders and its
+  own extension, and the output's suffix is appended (`good/000.jpg` -> `good/000.jpg.npz`),
+  so `000.jpg` and `000.png` in one folder get outputs of their own. Backslashes count as
+  folder separators; '..', empty and root parts are dropped so an output never lands
+  outside `<workdir>/<kind>/<category>`.
+  """
+  posix = pathlib.PurePosixPath(file_name.replace("\\", "/"))
+  parts = [p for p in posix.parts if p.strip("/") not in ("", "..")] or ["unnamed"]
+  return pathlib.Path(workdir, kind, category, *parts[:-1], parts[-1] + suffix)
 
 
 class OutputWriter:
   """Writes per-image outputs of one category under `workdir` in background threads.
 
-  Layout: `maps/<category>/<file>.npz` (key `map`, float32, the image's own resolution),
-  `overlays/<category>/<file>.png`, `panels/<category>/<file>.png`.
+  Layout (see `output_path`; `<file>` is the dataset file name with its extension):
+  `maps/<category>/<file>.npz` (key `map`, float32, the image's own resolution),
+  `overlays/<category>/<file>.png`, `panels/<category>/<file>.png`. Every file is written
+  atomically: a run killed half way never leaves a truncated map or picture.
   """
 
   def __init__(self, workdir: pathlib.Path, category: str, num_threads: int = 2):
@@ -42,7 +50,8 @@ class OutputWriter:
     self.failures: list[tuple[str, str]] = []
 
   def path(self, kind: str, file_name: str, suffix: str) -> pathlib.Path:
-    return self.workdir / kind / self.category / output_stem(file_name).with_suffix(suffix)
+    """The path of one output of this category; see `output_path`."""
+    return output_path(self.workdir, kind, self.category, file_name, suffix)
 
   def _guarded(self, file_name: str, fn, *args):
     try:
@@ -59,9 +68,10 @@ class OutputWriter:
     """Queues the map, upsampled to the image's own size, as a compressed array."""
 
     def write(anomaly_map, size):
+      resized = resize_maps_bilinear(anomaly_map, size)
       path = self.path("maps", file_name, ".npz")
-      path.parent.mkdir(parents=True, exist_ok=True)
-      np.savez_compressed(path, map=resize_maps_bilinear(anomaly_map, size))
+      with atomic_files.replace_when_done(path) as tmp, open(tmp, "xb") as f:
+        np.savez_compressed(f, map=resized)
 
     self.submit(file_name, write, anomaly_map, tuple(int(s) for s in original_size))
 

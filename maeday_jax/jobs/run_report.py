@@ -17,6 +17,10 @@ def summarize_outcomes(outcomes: dict[str, CategoryOutcome], dataset: str, seed=
     for s in o.splits
     for p, r in s.skipped
   ]
+  # Images of a folder with masks that had no mask of their own: scored as normal.
+  unmasked = {str(s): s.unmasked for o in outcomes.values() for s in o.splits if s.unmasked}
+  if unmasked:
+    summary["unmasked"] = unmasked
   return summary
 
 
@@ -34,6 +38,9 @@ def print_closing_summary(summary: dict, outcomes: dict[str, CategoryOutcome], w
   skipped = data.skipped_summary([s for o in outcomes.values() for s in o.splits])
   if skipped:
     print("\nSkipped files (see metrics.json):\n" + skipped)
+  if unmasked := summary.get("unmasked"):
+    counts = ", ".join(f"{split}: {count}" for split, count in unmasked.items())
+    print(f"\nImages without a mask, scored as normal (label 0): {counts}")
   total = sum(o.timing["images"] for o in outcomes.values())
   seconds = sum(o.timing["seconds"] for o in outcomes.values())
   print(f"\nScored {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.2f} img/s).")

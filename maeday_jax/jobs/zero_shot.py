@@ -24,16 +24,20 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Runs zero-shot scoring for every configured category; returns the summary dict."""
   common.validate_scoring(config)
   categories = data.resolve_categories(config.data)  # Early error for a bad path/category.
+  workdir = common.prepare_workdir(workdir, config)
   model, params = common.load_model(config.model, config.seed)
   scoring = evaluation.Scoring.from_config(model, params, config)
-  workdir = common.prepare_workdir(workdir, config)
   common.describe_model(model, scoring.mesh, categories)
 
-  outcomes = {category: run_category(scoring, category, config, workdir) for category in categories}
-  summary = run_report.summarize_outcomes(outcomes, config.data.name)
+  outcomes = {}
+  for category in categories:
+    outcomes[category] = run_category(scoring, category, config, workdir)
+    # Each finished category is on disk at once: a later error or a kill loses none.
+    summary = run_report.summarize_outcomes(outcomes, config.data.name)
+    if jax.process_index() == 0:
+      run_report.write_scores(workdir, outcomes)
+      reports.write_metrics_json(workdir / "metrics.json", summary)
+      reports.write_markdown_table(workdir / "metrics.md", summary, config.data.name, "zero_shot")
   if jax.process_index() == 0:
-    run_report.write_scores(workdir, outcomes)
-    reports.write_metrics_json(workdir / "metrics.json", summary)
-    reports.write_markdown_table(workdir / "metrics.md", summary, config.data.name, "zero_shot")
     run_report.print_closing_summary(summary, outcomes, workdir)
   return summary

@@ -9,13 +9,20 @@ A subclass lists what to store (`_plan`); the base decodes every image and mask 
 validate it, skips what is unreadable or inconsistent, logs each skipped file by path with
 the reason, and keeps the list in the dataset's metadata (`metadata.json` beside the
 array_record files) so it is still known when the prepared data is reused. The
-metadata also lists the file names in record order.
+metadata also lists the file names in record order and, per split, how many images whose
+label comes from a mask had none (`unmasked`; they are stored as normal, label 0).
+
+Folders are listed with `scan`: symbolic links to files are read like the files they
+point to, a broken link is reported ("broken symbolic link") and skipped, and symbolic
+links to folders are followed, each real folder once: a link back to a folder being
+listed (a loop) or to one already listed is reported and not followed.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import errno
 import hashlib
 import inspect
 import logging
@@ -88,10 +95,13 @@ def make_example(item: Item) -> dict:
   try:
     data = item.image_path.read_bytes()
   except OSError as e:
-    raise DataError.for_file(item.image_path, f"cannot read file ({e.strerror or e})") from None
+    reason = link_problem(item.image_path) or f"cannot read file ({e.strerror or e})"
+    raise DataError.for_file(item.image_path, reason) from None
   image = images.decode_image(data, str(item.image_path))
   mask = None
   if item.mask_path is not None:
+    if problem := link_problem(item.mask_path):
+      raise DataError.for_file(item.mask_path, problem)
     mask = images.read_mask(item.mask_path, expected_hw=image.shape[:2])
   label = item.label
   if label is None:
@@ -105,13 +115,99 @@ def make_example(item: Item) -> dict:
   }
 
 
+def link_problem(path: pathlib.Path) -> str | None:
+  """Why a symbolic link cannot be read (broken, or a loop); None when it can, or is no link."""
+  if not path.is_symlink():
+    return None
+  try:
+    path.stat()
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      return "symbolic link loop (the link leads back to itself)"
+    return f"broken symbolic link (its target {os.readlink(path)} {_missing(e)})"
+  return None
+
+
+def _missing(error: OSError) -> str:
+  if error.errno in (errno.ENOENT, errno.ENOTDIR):
+    return "does not exist"
+  return f"cannot be read: {error.strerror or error}"
+
+
+@dataclasses.dataclass
+class Listing:
+  """What `scan` found under a folder.
+
+  Attributes:
+    files: every file, sorted: regular files and symbolic links that are not to folders
+      (broken links included, so that they are reported when read).
+    skipped: (folder, reason) of every folder left out: a symbolic link loop, a second
+      link to a folder already listed, a folder that cannot be listed.
+  """
+
+  files: list[pathlib.Path]
+  skipped: list[tuple[pathlib.Path, str]]
+
+
+def scan(directory: pathlib.Path, exclude: tuple[pathlib.Path | None, ...] = ()) -> Listing:
+  """Lists the files under `directory` (recursively), hidden files and folders left out.
+
+  Symbolic links to folders are followed; every real folder is listed once, so a link
+  that leads back to a folder being listed (a loop) or to one listed already is put in
+  `skipped` with the reason. Real folders are listed before the links: a link never
+  takes a real sub-folder's place. Folders in `exclude`, and what lies under them
+  (compared by real path), are left out silently.
+  """
+  files: list[pathlib.Path] = []
+  skipped: list[tuple[pathlib.Path, str]] = []
+  excluded = {os.path.realpath(e) for e in exclude if e is not None}
+  visited = {os.path.realpath(directory): pathlib.Path(directory)}
+
+  def not_listed(error: OSError) -> None:
+    skipped.append((pathlib.Path(error.filename), f"cannot list folder ({error.strerror})"))
+
+  def leave_out(path: pathlib.Path, real: str) -> bool:
+    """Whether the folder at `path` (real path `real`) is not to be listed."""
+    if any(os.path.commonpath([real, e]) == e for e in excluded):
+      return True
+    if real not in visited:
+      return False
+    first = visited[real]
+    inside = os.path.realpath(path.parent)
+    if os.path.commonpath([real, inside]) == real:
+      skipped.append((path, f"symbolic link loop (leads back to {first}); not followed"))
+    else:
+      skipped.append((path, f"folder already listed as {first}; not followed twice"))
+    return True
+
+  def walk(top: pathlib.Path) -> list[pathlib.Path]:
+    """Lists `top` without following links to folders; returns those links."""
+    links = []
+    for parent, dirs, names in os.walk(top, onerror=not_listed):
+      kept = []
+      for name in sorted(d for d in dirs if not d.startswith(".")):
+        path = pathlib.Path(parent) / name
+        if path.is_symlink():
+          links.append(path)
+        elif not leave_out(path, real := os.path.realpath(path)):
+          visited[real] = path
+          kept.append(name)
+      dirs[:] = kept
+      files.extend(pathlib.Path(parent) / f for f in names if not f.startswith("."))
+    return links
+
+  links = walk(pathlib.Path(directory))
+  while links:
+    link = links.pop(0)
+    if not leave_out(link, real := os.path.realpath(link)):
+      visited[real] = link
+      links.extend(walk(link))
+  return Listing(sorted(files), sorted(skipped))
+
+
 def list_files(directory: pathlib.Path) -> list[pathlib.Path]:
-  """Files under `directory` (recursively), sorted, hidden files and folders left out."""
-  found = []
-  for parent, dirs, files in os.walk(directory):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    found.extend(pathlib.Path(parent) / f for f in files if not f.startswith("."))
-  return sorted(found)
+  """The files under `directory` as `scan` lists them (skipped folders left out)."""
+  return scan(directory).files
 
 
 def is_image_name(path: pathlib.Path) -> bool:
@@ -120,19 +216,32 @@ def is_image_name(path: pathlib.Path) -> bool:
 
 
 def fingerprint(*directories: pathlib.Path | None) -> str:
-  """A cheap digest of the files under folders: names, sizes and modification times.
+  """A cheap digest of the files under folders, as `scan` lists them; contents are not read.
 
-  It changes when a file is added, removed, replaced or edited, so a prepared copy of a
-  user's folder is rebuilt then; contents are not read.
+  Per file: its path inside the folder, size, modification time, inode change time and
+  inode number (of the file a symbolic link points to). It changes when a file is added,
+  removed, renamed, edited or replaced, even by one of the same size and modification
+  time (`cp -p`, `touch -r`, a restored backup), so a prepared copy of a user's folder is
+  rebuilt then. Broken links and skipped folders count by path and reason.
   """
   digest = hashlib.sha256()
   for directory in directories:
     digest.update(f"\0{directory}\0".encode())
     if directory is None or not directory.is_dir():
       continue
-    for path in list_files(directory):
-      stat = path.stat()
-      digest.update(f"{path.relative_to(directory)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    listing = scan(directory)
+    for path in listing.files:
+      relative = path.relative_to(directory)
+      try:
+        stat = path.stat()
+      except OSError:
+        digest.update(f"{relative}|{link_problem(path) or 'unreadable'}\n".encode())
+        continue
+      digest.update(
+        f"{relative}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}\n".encode()
+      )
+    for path, reason in listing.skipped:
+      digest.update(f"{path.relative_to(directory)}|skipped|{reason}\n".encode())
   return digest.hexdigest()
 
 
@@ -209,6 +318,7 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata["skipped"] = {split: [] for split in plan}
     # File names in record order, so they can be listed without reading the records.
     self.info.metadata["file_names"] = {split: [] for split in plan}
+    self.info.metadata["unmasked"] = {split: 0 for split in plan}
     if (digest := self.source_fingerprint()) is not None:
       self.info.metadata["fingerprint"] = digest
     return {split: self._generate_examples(split, items) for split, items in plan.items()}
@@ -230,7 +340,11 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         continue
       seen.add(item.file_name)
       file_names.append(item.file_name)
+      if item.label is None and item.mask_path is None:
+        self.info.metadata["unmasked"][split] += 1
       yield item.file_name, example
+    if unmasked := self.info.metadata["unmasked"][split]:
+      logger.info("%s %s: %d image(s) without a mask, labelled normal", self.name, split, unmasked)
     if skipped:
       logger.warning(
         "%s/%s %s: skipped %d file(s):\n%s",

@@ -15,7 +15,8 @@ order files are listed in, nor change for a file when others are added:
 
 The data is defined by the user's folder (`config.data.path`), so the builder config is
 named after a hash of that path, and the prepared copy is rebuilt when the folder's
-files change (names, sizes, modification times) or the builder version changes.
+files change (see `base.fingerprint`: names, sizes, modification and inode change times,
+inode numbers) or the builder version changes.
 """
 
 from __future__ import annotations
