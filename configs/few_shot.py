@@ -7,6 +7,13 @@ split exactly as the zero-shot job. Reports give mean ± std over the seeds.
 
   python -m maeday_jax.main --config configs/few_shot.py --workdir runs/few_shot
 
+Methods: --config.method=maeday (default), patchcore, ensemble (MAEDAY + PatchCore, the
+paper's best result), patchcore_x2, or several at once, e.g.
+--config.method=maeday,patchcore,patchcore_x2,ensemble (the paper's Table 1/2 columns,
+written side by side in metrics.md; each method's outputs under seed_<s>/<method>/).
+PatchCore needs ImageNet backbone weights (--config.patchcore.backbone=wide_resnet50_2,
+downloaded once); with random weights its figures are meaningless.
+
 Overrides: --config.shots=4, --config.seeds=0,1,2, --config.lora.rank=16,
 --config.train.steps=100, --config.finetune=full (paper Table 4: all weights, lr 1e-4),
 --config.train.learning_rate=..., --config.lora.compute=weights (the same training, computed
@@ -34,9 +41,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.finetune = train.get_ref("finetune")
   config.lora = ml_collections.ConfigDict({name: train.lora.get_ref(name) for name in train.lora})
   config.outputs.overlays = False  # Three seeds x every image: panels only by default.
+  # One method or several, comma-separated, on the same shots: maeday, patchcore,
+  # ensemble (MAEDAY + PatchCore), patchcore_x2 (two PatchCore banks).
+  config.method = "maeday"
+  config.patchcore = defaults.patchcore_config()
+  # Ensembles: sum standardised maps and scores (statistics of the held-out normal
+  # training images), or the raw sum (normalize=False) as the paper writes it.
+  config.ensemble = ml_collections.ConfigDict(dict(normalize=True))
   if arg == "runlocal":
     config.seeds = (0, 1)
     config.train.steps = 4
     config.train.batch_size = 8
     config.lora.rank = 4
+    config.patchcore.backbone = defaults.RANDOM_WEIGHTS
+    config.patchcore.variant = "test_wide"
+    config.patchcore.image_size = 32  # The tiny MAE's input size: ensembles need one.
+    # 16 patches per 32 px shot: keep half, so the image score's neighbourhood is not a
+    # single bank row (whose re-weighting would make every score 0).
+    config.patchcore.coreset_ratio = 0.5
   return config

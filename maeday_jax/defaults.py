@@ -58,6 +58,9 @@ LORA_TARGETS: tuple[str, ...] = (
 # run on W + A B). Same values; the first does less backward work at ViT widths.
 LORA_COMPUTE_MODES = ("activations", "weights")
 FINETUNE_MODES = ("lora", "full")
+# Few-shot detectors (see `jobs/few_shot.py`): MAEDAY, PatchCore, their sum, and two
+# PatchCore banks from different coreset keys (the paper's "2 x PC").
+FEW_SHOT_METHODS = ("maeday", "patchcore", "ensemble", "patchcore_x2")
 # Few-shot augmentation (see `maeday_jax.augment` for why these are mild).
 MAX_ROTATION_DEG = 15.0
 CROP_SCALE = (0.8, 1.0)
@@ -286,3 +289,26 @@ def pretrain_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.batch_size = 8
   config.eval.image_size = 224  # Metrics resolution; images are resized to the model's.
   return config
+
+
+def patchcore_config() -> ml_collections.ConfigDict:
+  """PatchCore settings (spec §1; `maeday_jax.patchcore`), the few-shot job's `patchcore`.
+
+  Fields:
+    backbone: a known name (wide_resnet50_2, resnet18, resnet50: torchvision ImageNet
+      weights, downloaded and checked), a torchvision `.pth` / timm `.safetensors` file,
+      or 'random' (randomly initialised `variant`: smoke tests only).
+    variant: the architecture for backbone='random' (`maeday_jax.backbones.VARIANTS`).
+    image_size: input size of the backbone (224: layer2 at 28 x 28).
+    coreset_ratio: fraction of the shots' patch embeddings kept in the memory bank.
+    cache_dir: download cache ('' = $MAEDAY_CACHE_DIR or ~/.cache/maeday_jax).
+  """
+  return ml_collections.ConfigDict(
+    dict(
+      backbone="wide_resnet50_2",
+      variant="wide_resnet50_2",
+      image_size=224,
+      coreset_ratio=0.1,
+      cache_dir="",
+    )
+  )

@@ -50,7 +50,7 @@ class Scoring:
   """How images are scored: the model and its parameters, the compiled step, the batches.
 
   Attributes:
-    model: the MAE.
+    model: the MAE (None for detectors without one, e.g. PatchCore: no reconstructions).
     params: its parameters as the caller holds them (for pictures on one process).
     replicated: the same parameters placed on every device of `mesh`.
     mesh: the 1-D data mesh the step runs on.
@@ -65,7 +65,7 @@ class Scoring:
     num_workers, prefetch: image decoding threads and batches read ahead.
   """
 
-  model: MaskedAutoencoder
+  model: MaskedAutoencoder | None
   params: Any
   replicated: Any
   mesh: Any
@@ -134,6 +134,19 @@ class Scoring:
       prefetch=config.data.prefetch,
     )
 
+  def with_function(self, score_fn: Callable, replicated, image_size: int, model=None) -> Scoring:
+    """The same batches and mesh for another detector: `score_fn(replicated, images, ids,
+    key) -> (maps, scores)` on images read at `image_size` (see `ensemble`)."""
+    return dataclasses.replace(
+      self,
+      model=model,
+      params=None,
+      replicated=replicated,
+      score_fn=score_fn,
+      image_size=image_size,
+      resize_fn=None,
+    )
+
   def with_params(self, params, key: jax.Array | None = None) -> Scoring:
     """The same scoring (and compiled step) for other parameters of the same model."""
     return dataclasses.replace(
@@ -142,6 +155,23 @@ class Scoring:
       replicated=parallel.replicate(params, self.mesh),
       key=self.key if key is None else key,
     )
+
+
+def score_images(scoring: Scoring, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Maps and scores of a few images this process holds (every process the same ones),
+  e.g. held-out normals for normalisation statistics; returns NumPy (N, H, W), (N,)."""
+  count = len(images)
+  per_device = jax.local_device_count()
+  padded = -(-max(count, 1) // per_device) * per_device
+  batch = np.zeros((padded, *images.shape[1:]), np.float32)
+  batch[:count] = images
+  ids = zero_shot.image_ids(batch)
+  sharded, ids = parallel.shard_batch((batch, ids), scoring.mesh)
+  if scoring.resize_fn is not None:
+    sharded = scoring.resize_fn(sharded)
+  outputs = scoring.score_fn(scoring.replicated, sharded, ids, scoring.key)
+  maps, scores = parallel.to_local_numpy(outputs, scoring.mesh)
+  return maps[:count], scores[:count]
 
 
 @dataclasses.dataclass

@@ -147,6 +147,26 @@ def save_panel(
   return _save(compose_row(tiles, captions, title), path)
 
 
+def save_comparison_panel(path, image_uint8, gt_mask, maps: dict, title: str = "") -> pathlib.Path:
+  """PNG: image | ground truth | one heatmap overlay per detector, e.g. of several methods.
+
+  `maps`: {caption: anomaly map}; each map is drawn on its own scale (its minimum to its
+  maximum), since detectors' values are not comparable. `gt_mask` None leaves out the
+  ground-truth tile.
+  """
+  image = as_rgb_uint8(image_uint8)
+  size = image.shape[:2]
+  tiles, captions = [image], ["image"]
+  if gt_mask is not None:
+    tiles.append(_draw_contour(image, resize_masks_bool(gt_mask, size)))
+    captions.append("ground truth")
+  for caption, anomaly_map in maps.items():
+    fitted = _fit_map(anomaly_map, size)
+    tiles.append(overlay_heatmap(image, fitted, float(fitted.min()), float(fitted.max())))
+    captions.append(caption)
+  return _save(compose_row(tiles, captions, title), path)
+
+
 def save_overlay(path, image_uint8, anomaly_map, vmin=None, vmax=None) -> pathlib.Path:
   """PNG of the image with the heatmap overlaid, at the image's size."""
   return _save(Image.fromarray(overlay_heatmap(image_uint8, anomaly_map, vmin, vmax)), path)

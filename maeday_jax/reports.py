@@ -476,3 +476,80 @@ def write_scores_csv(
           row.append("" if result.seed is None else result.seed)
         writer.writerow(row)
   return path
+
+
+# The paper's row for each few-shot method (Tables 1/2: MAEDAY, PC, 2 x PC, MAEDAY + PC).
+METHOD_PAPER_ROWS = {
+  "maeday": "maeday_one_shot_lora",
+  "patchcore": "patchcore_one_shot",
+  "patchcore_x2": "patchcore_x2_ensemble",
+  "ensemble": "maeday_patchcore_ensemble",
+}
+METHOD_TITLES = {
+  "maeday": "MAEDAY",
+  "patchcore": "PC",
+  "patchcore_x2": "2 x PC",
+  "ensemble": "MAEDAY + PC",
+}
+
+
+def methods_markdown_table(per_method: Mapping[str, Mapping], dataset: str, shots: int) -> str:
+  """Image and pixel AUROC of several methods side by side (the paper's Table 1/2 layout).
+
+  `per_method`: {method: `summarize_seeds` summary}. For MVTec AD the paper's means are
+  given in brackets beside ours on the group rows.
+  """
+  dataset = canonical_dataset(dataset)
+  methods = list(per_method)
+  paper = {
+    m: paper_numbers.SUMMARY_ROWS.get(METHOD_PAPER_ROWS.get(m, ""))
+    if dataset == "mvtec_ad"
+    else None
+    for m in methods
+  }
+  header = ["Category"]
+  for m in methods:
+    title = METHOD_TITLES.get(m, m)
+    header += [f"{title} image AUROC", f"{title} pixel AUROC"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+  first = per_method[methods[0]]
+
+  def row(label, values_of, paper_of):
+    cells = [label]
+    for m in methods:
+      values = values_of(per_method[m])
+      image_paper, pixel_paper = paper_of(paper[m])
+      image = format_value(values.get("image_auroc"))
+      pixel = format_value(values.get("pixel_auroc"))
+      cells += [
+        f"{image} ({image_paper})" if image_paper else image,
+        f"{pixel} ({pixel_paper})" if pixel_paper else pixel,
+      ]
+    return "| " + " | ".join(cells) + " |"
+
+  for category in first["per_category"]:
+    lines.append(
+      row(
+        category,
+        lambda s, c=category: s["per_category"].get(c, {}),
+        # Per category the paper lists few numbers: show only those it has.
+        lambda r, c=category: tuple(
+          "" if v == "—" else v for v in (_paper_cells(r, category=c) if r else ("", ""))
+        ),
+      )
+    )
+  for group, info in first["groups"].items():
+    lines.append(
+      row(
+        f"**{_group_label(group, info)}**",
+        lambda s, g=group: s["groups"].get(g, {}).get("mean", {}),
+        lambda r, g=group: _paper_cells(r, group=g) if r else ("", ""),
+      )
+    )
+  seeds = first.get("num_seeds")
+  intro = [f"Dataset: {dataset}. Setting: {shots}-shot, same shots for every method. Values in %."]
+  if seeds:
+    intro.append(f"Mean ± std over {seeds} seeds (shot selections).")
+  if any(paper.values()):
+    intro.append("In brackets: the paper's numbers (1-shot; '—' = not reported).")
+  return "\n".join(intro) + "\n\n" + "\n".join(lines) + "\n"

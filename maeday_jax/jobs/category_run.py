@@ -85,7 +85,7 @@ def write_reconstructions(
 ) -> None:
   """Masked inputs and reconstructions for a few images: what the MAE 'expects'."""
   count = min(count, len(scored.indices))
-  if count <= 0:
+  if count <= 0 or scoring.model is None:  # Only an MAE reconstructs.
     return
   model, params = scoring.model, scoring.params
   order = showcase_order(scored.result)[:count]
