@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import struct
 from typing import Any
 
 import jax
@@ -51,15 +50,6 @@ def _listing(keys) -> str:
   return shown + (f" and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
 
 
-def _looks_like_safetensors(path: pathlib.Path) -> bool:
-  with open(path, "rb") as f:
-    head = f.read(9)
-  if len(head) < 9:
-    return False
-  (header_len,) = struct.unpack("<Q", head[:8])
-  return head[8:9] == b"{" and 0 < header_len < path.stat().st_size
-
-
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a ResNet `.pth` (PyTorch zip archive) or safetensors file as NumPy arrays.
 
@@ -73,7 +63,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
     raise CheckpointError(f"{path}: no such backbone checkpoint file.")
-  if not torch_zip.is_torch_zip(path) and not _looks_like_safetensors(path):
+  if not torch_zip.is_torch_zip(path) and not checkpoints.is_safetensors(path):
     raise CheckpointError(
       f"{path}: not a backbone checkpoint this library can read. Expected a torchvision "
       "or timm ResNet state dict saved by torch.save (a PyTorch zip archive; re-save "

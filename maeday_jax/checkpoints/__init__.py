@@ -30,13 +30,15 @@ __all__ = [
   "DownloadError",
   "RemoteFile",
   "convert",
+  "is_safetensors",
   "load_mae",
   "read_state_dict",
   "resolve",
 ]
 
 
-def _is_safetensors(path: pathlib.Path) -> bool:
+def is_safetensors(path: pathlib.Path) -> bool:
+  """Whether `path` starts like a safetensors file (a little-endian header size, then JSON)."""
   with open(path, "rb") as f:
     head = f.read(9)
   if len(head) < 9:
@@ -68,7 +70,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = pathlib.Path(path)
   if torch_zip.is_torch_zip(path):
     return _unwrap(torch_zip.load(path), str(path))
-  if _is_safetensors(path):
+  if is_safetensors(path):
     from safetensors.numpy import load_file
 
     try:
