@@ -1,10 +1,11 @@
-"""`tools/benchmark.py` runs both tasks end to end on the JAX side (PyTorch is optional).
+"""`tools/benchmark.py` runs every task end to end on the JAX side (PyTorch is optional).
 
 Only that the tool works and its figures are consistent is tested here; the timings
 themselves are what the tool is for, and are never asserted.
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -13,11 +14,15 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
 import benchmark  # noqa: E402
 import benchmark_finetune  # noqa: E402
+import benchmark_patchcore  # noqa: E402
+
+# The PyTorch side of the PatchCore test (plain torch suffices); skipped where absent.
+TORCH_PYTHON = os.environ.get("MAEDAY_TORCH_PYTHON", "/work/venv-torch/bin/python")
 
 
-def _run(tmp_path, *argv) -> dict:
+def _run(tmp_path, *argv, arch="test", torch=("--no-torch",)) -> dict:
   out = tmp_path / "bench.json"
-  assert benchmark.main([*argv, "--arch", "test", "--no-torch", "--json", str(out)]) == 0
+  assert benchmark.main([*argv, "--arch", arch, *torch, "--json", str(out)]) == 0
   return json.loads(out.read_text())
 
 
@@ -47,6 +52,46 @@ def test_zero_shot_task(tmp_path):
   assert result["work"]["per_image"] == 2 * result["work"]["per_mask"]["total"]
 
 
+PATCHCORE_ARGS = ("--task", "patchcore", "--batch", "8", "--steps", "1", "--warmup", "0")
+
+
+def test_patchcore_task(tmp_path, capsys):
+  result = _run(tmp_path, *PATCHCORE_ARGS, arch="test_wide")
+  jx, work = result["jax"], result["work"]
+  # test_wide: layer2 (32 channels) + layer3 (64) on a 28 x 28 grid at 224 px; one shot
+  # at coreset ratio 0.1 keeps int(784 * 0.1) rows, the check bank all 784.
+  assert work["embedding_dim"] == 96 and work["bank_rows"] == 78
+  assert jx["bank_shape"] == [78, 96] and jx["check_bank_shape"] == [784, 96]
+  assert len(jx["scores"]) == 8 and all(s > 0 for s in jx["check_scores"])
+  assert jx["fit_median_s"] > 0 and jx["peak_rss_bytes"] > 0
+  report = capsys.readouterr().out
+  assert "bank 78 x 96" in report and "backbone test_wide" in report
+
+
+@pytest.mark.skipif(not os.access(TORCH_PYTHON, os.X_OK), reason=f"no {TORCH_PYTHON}")
+def test_patchcore_sides_agree(tmp_path):
+  torch = ("--interleave", "--torch-python", TORCH_PYTHON, "--torch-patchcore", "plain")
+  result = _run(tmp_path, *PATCHCORE_ARGS, arch="test_wide", torch=torch)
+  jx, pt = result["jax"], result["pytorch"]
+  assert result["same_inputs"] and pt["implementation"].startswith("plain PyTorch")
+  assert pt["bank_shape"] == jx["bank_shape"] and pt["check_bank_shape"] == jx["check_bank_shape"]
+  assert result["score_max_rel_diff"] < 1e-4
+
+
+def test_patchcore_flop_count():
+  # torchvision's published multiply-adds of the whole networks: 11.4 G and 1.81 G.
+  for name, gmacs in (("wide_resnet50_2", 11.4), ("resnet18", 1.81)):
+    arch = benchmark.RESNET_ARCHS[name]
+    count = benchmark_patchcore.backbone_flops(arch, last_layer=4) / 2e9
+    assert count == pytest.approx(gmacs, rel=5e-3)
+
+
 def test_bad_arguments_are_refused():
   with pytest.raises(SystemExit):
     benchmark.parse_args(["--task", "finetune", "--rank", "0"])
+  with pytest.raises(SystemExit):  # an MAE for PatchCore
+    benchmark.parse_args(["--task", "patchcore", "--arch", "base"])
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(["--task", "patchcore", "--coreset-ratio", "0"])
+  assert benchmark.parse_args(["--task", "patchcore"]).arch == "wide_resnet50_2"
+  assert benchmark.parse_args([]).arch == "base"

@@ -1,8 +1,8 @@
 """MAEDAY speed: the JAX port against the PyTorch reference, same machine, same work.
 
-Two tasks, both run by JAX and (optionally) by the independent PyTorch reference on the
-same random weights (official key layout, generated from `--seed` by NumPy on both
-sides):
+Three tasks, each run by JAX and (optionally) by an independent PyTorch implementation
+on the same random weights (official key layout, generated from `--seed` by NumPy on
+both sides):
 
 - `--task zero_shot` (default; `benchmark_zero_shot.py`): score B images (`--batch`, 8)
   under N = 32 random masks: reconstruction, blurred squared error, mean, max. The two
@@ -12,6 +12,14 @@ sides):
   SGD; the paper's fine-tune is `--iterations` (50) such steps, and the report projects
   its duration. A check on one fixed batch (losses before and after two SGD updates from
   the same LoRA factors) must agree between the sides.
+- `--task patchcore` (`benchmark_patchcore.py`): PatchCore on a ResNet (`--arch
+  wide_resnet50_2`, the default for this task; `resnet18`; the tiny `test_wide`): the fit
+  (`--shots` (1) images -> a memory bank of `--coreset-ratio` (0.1) of their patch
+  embeddings) and the scoring of `--batch` (8) images. PyTorch runs anomalib's
+  `PatchcoreModel` when the `--torch-python` interpreter has anomalib, otherwise the same
+  computation in plain PyTorch (`--torch-patchcore`). Image scores with the full bank
+  (coreset ratio 1.0) must agree between the sides. Reported besides: the fit time, the
+  bank size and each side's peak memory.
 
 Reported: step time, throughput, achieved GFLOP/s against an analytic FLOP count
 (matmuls only), the ratio of the two sides, compile / first-iteration time apart from
@@ -28,6 +36,8 @@ CPU (the commands behind the README's figures):
         --torch-python /work/venv-torch/bin/python --json runs/bench_base_cpu.json
     python tools/benchmark.py --task finetune --arch base --steps 3 --warmup 1 \\
         --interleave --torch-python /work/venv-torch/bin/python
+    python tools/benchmark.py --task patchcore --arch wide_resnet50_2 --shots 1 --batch 8 \\
+        --steps 3 --warmup 1 --interleave --torch-python /work/venv-anomalib/bin/python
 
 By default PyTorch runs all its steps first, then JAX. `--interleave` keeps both alive
 and alternates single steps (the order flipping every round), so that a shared machine's
@@ -52,7 +62,8 @@ default: all masks in one vmapped pass, B x N reconstructions at once like the P
 side; k: a loop over chunks of k masks, which bounds memory) and XLA flags through the
 environment (`XLA_FLAGS=...`). PyTorch tries fused (`F.scaled_dot_product_attention`)
 and unfused (explicit softmax) attention and reports the faster one unless
-`--torch-attention` picks one.
+`--torch-attention` picks one (the MAE tasks; PatchCore has no attention). For PatchCore on
+GPU/TPU see `benchmark_patchcore.py`.
 
 Timings on shared machines are noisy: the report includes the load average at the start
 and the end, every step's wall and process CPU time, and the medians are what the ratio
@@ -69,8 +80,18 @@ import shutil
 import sys
 
 import benchmark_finetune
+import benchmark_patchcore
 import benchmark_zero_shot
-from benchmark_common import ARCHS, TorchProcess, emit, log, machine_info, torch_importable
+from benchmark_common import (
+  ARCHS,
+  RESNET_ARCHS,
+  TorchProcess,
+  emit,
+  log,
+  machine_info,
+  modules_importable,
+  torch_importable,
+)
 
 # Per task: the module with describe_work/compare/report_lines and WORKER_ARGS, and the
 # JAX and PyTorch sides.
@@ -85,9 +106,28 @@ TASKS = {
     benchmark_finetune.JaxFinetune,
     benchmark_finetune.TorchFinetune,
   ),
+  "patchcore": (
+    benchmark_patchcore,
+    benchmark_patchcore.JaxPatchcore,
+    benchmark_patchcore.TorchPatchcore,
+  ),
 }
-DEFAULT_BATCH = {"zero_shot": 8, "finetune": 32}
-TITLES = {"zero_shot": "zero-shot scoring", "finetune": "few-shot LoRA fine-tuning"}
+DEFAULT_BATCH = {"zero_shot": 8, "finetune": 32, "patchcore": 8}
+TITLES = {
+  "zero_shot": "zero-shot scoring",
+  "finetune": "few-shot LoRA fine-tuning",
+  "patchcore": "PatchCore fit and scoring",
+}
+# The architectures each task runs (`--arch`), and its default one.
+ARCH_TABLES = {"zero_shot": ARCHS, "finetune": ARCHS, "patchcore": RESNET_ARCHS}
+DEFAULT_ARCH = {"zero_shot": "base", "finetune": "base", "patchcore": "wide_resnet50_2"}
+
+
+def torch_modes(args) -> list[str]:
+  """The PyTorch runs the worker times: the attention paths of the MAE, or PatchCore's one."""
+  if args.task == "patchcore":
+    return list(benchmark_patchcore.TORCH_MODES)
+  return ["unfused", "fused"] if args.torch_attention == "both" else [args.torch_attention]
 
 
 def torch_worker(args, arch: dict) -> int:
@@ -144,7 +184,7 @@ def run_interleaved(args, arch: dict, python: str) -> tuple[dict, dict]:
   worker = _torch_process(args, python, serve=True)
   worker.read()  # set up, first iterations and warm-up done
   bench = TASKS[args.task][1](args, arch)
-  modes = ["unfused", "fused"] if args.torch_attention == "both" else [args.torch_attention]
+  modes = torch_modes(args)
   for i in range(args.steps):
     order = ["jax", *modes] if i % 2 == 0 else [*modes, "jax"]
     for side in order:
@@ -156,19 +196,27 @@ def run_interleaved(args, arch: dict, python: str) -> tuple[dict, dict]:
   return bench.summary(), worker.finish()
 
 
+def _mae_arch_line(cfg: dict, arch: dict) -> str:
+  return (
+    f"arch {cfg['arch']}: {arch['img_size']} px, patch {arch['patch_size']}, encoder "
+    f"{arch['embed_dim']}/{arch['depth']}/{arch['num_heads']}, decoder "
+    f"{arch['decoder_embed_dim']}/{arch['decoder_depth']}/{arch['decoder_num_heads']}"
+  )
+
+
 def report(result: dict) -> str:
   """The human-readable summary printed at the end."""
   cfg, arch, mach = result["config"], result["arch"], result["machine"]
+  task = TASKS[cfg["task"]][0]
+  arch_line = task.arch_line if cfg["task"] == "patchcore" else _mae_arch_line
   lines = [
     f"MAEDAY {TITLES[cfg['task']]} benchmark, {result['timestamp_utc']}",
     f"machine: {mach['cpu_model']}, {mach['cpu_count']} CPUs "
     f"({mach.get('cpus_usable', '?')} usable), load average at start "
     f"{mach.get('load_average_1_5_15')}, at the end {result.get('load_average_end_1_5_15')}",
-    f"arch {cfg['arch']}: {arch['img_size']} px, patch {arch['patch_size']}, encoder "
-    f"{arch['embed_dim']}/{arch['depth']}/{arch['num_heads']}, decoder "
-    f"{arch['decoder_embed_dim']}/{arch['decoder_depth']}/{arch['decoder_num_heads']}",
+    arch_line(cfg, arch),
   ]
-  return "\n".join(lines + TASKS[cfg["task"]][0].report_lines(result))
+  return "\n".join(lines + task.report_lines(result))
 
 
 def parse_args(argv=None):
@@ -176,9 +224,17 @@ def parse_args(argv=None):
     description=__doc__.split("\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--task", choices=sorted(TASKS), default="zero_shot")
-  parser.add_argument("--arch", choices=sorted(ARCHS), default="base")
   parser.add_argument(
-    "--batch", type=int, default=None, help="images (zero_shot, 8) or copies (finetune, 32)"
+    "--arch",
+    choices=sorted({*ARCHS, *RESNET_ARCHS}),
+    default=None,
+    help="MAE (zero_shot, finetune; default base) or ResNet (patchcore; default wide_resnet50_2)",
+  )
+  parser.add_argument(
+    "--batch",
+    type=int,
+    default=None,
+    help="images (zero_shot, 8; patchcore, 8 scored) or copies (finetune, 32)",
   )
   parser.add_argument("--mask-ratio", type=float, default=0.75)
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
@@ -197,8 +253,13 @@ def parse_args(argv=None):
   g.add_argument(
     "--torch-mask-chunk", type=int, default=0, help="masks per forward pass (0 = all at once)"
   )
-  g = parser.add_argument_group("finetune")
-  g.add_argument("--shots", type=int, default=1, help="normal images repeated into the batch")
+  g = parser.add_argument_group("finetune, patchcore")
+  g.add_argument(
+    "--shots",
+    type=int,
+    default=1,
+    help="normal images: repeated into the batch (finetune), the bank's images (patchcore)",
+  )
   g.add_argument("--rank", type=int, default=32, help="LoRA rank")
   g.add_argument(
     "--iterations", type=int, default=50, help="steps of the fine-tune whose time is projected"
@@ -209,12 +270,24 @@ def parse_args(argv=None):
     default="activations",
     help="JAX: few_shot's lora.compute (PyTorch always works on the activations)",
   )
+  g = parser.add_argument_group("patchcore")
+  g.add_argument(
+    "--coreset-ratio", type=float, default=0.1, help="share of the embeddings the bank keeps"
+  )
+  g.add_argument(
+    "--torch-patchcore",
+    choices=["auto", "anomalib", "plain"],
+    default="auto",
+    help="PyTorch side: anomalib's PatchcoreModel (auto: when importable and it knows the "
+    "backbone) or the same computation in plain PyTorch",
+  )
   g = parser.add_argument_group("sides")
   g.add_argument("--no-jax", action="store_true", help="PyTorch only")
   g.add_argument("--no-torch", action="store_true", help="JAX only")
   g.add_argument(
     "--torch-python",
-    help="interpreter with torch + timm (default: this one, if it has them)",
+    help="interpreter with torch + timm (patchcore: torch, and anomalib if available; "
+    "default: this one, if it has them)",
   )
   g.add_argument("--torch-device", choices=["cpu", "cuda"], default="cpu")
   g.add_argument("--torch-attention", choices=["both", "fused", "unfused"], default="both")
@@ -228,6 +301,13 @@ def parse_args(argv=None):
   parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--torch-serve", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.arch is None:
+    args.arch = DEFAULT_ARCH[args.task]
+  if args.arch not in ARCH_TABLES[args.task]:
+    parser.error(
+      f"--arch {args.arch} is not a {args.task} architecture; choose one of "
+      f"{', '.join(sorted(ARCH_TABLES[args.task]))}."
+    )
   if args.batch is None:
     args.batch = DEFAULT_BATCH[args.task]
   if min(args.batch, args.num_masks, args.steps, args.shots, args.rank, args.iterations) < 1:
@@ -236,6 +316,10 @@ def parse_args(argv=None):
     parser.error("--warmup must be >= 0.")
   if not 0.0 <= args.mask_ratio < 1.0:
     parser.error("--mask-ratio must be in [0, 1).")
+  if not 0.0 < args.coreset_ratio <= 1.0:
+    parser.error("--coreset-ratio must be in (0, 1].")
+  if args.task == "patchcore" and benchmark_patchcore.bank_rows(args.shots, args.coreset_ratio) < 1:
+    parser.error("--coreset-ratio keeps no embedding of the shots: raise it or --shots.")
   return args
 
 
@@ -246,16 +330,20 @@ def _torch_python(args) -> str | None:
   python = args.torch_python
   if python and not (shutil.which(python) or os.access(python, os.X_OK)):
     raise SystemExit(f"--torch-python {python}: no such executable.")
-  if python is None and torch_importable():
+  if args.task == "patchcore":
+    importable, needed = modules_importable(benchmark_patchcore.TORCH_MODULES), "torch"
+  else:
+    importable, needed = torch_importable(), "torch/timm"
+  if python is None and importable:
     python = sys.executable
   if python is None:
-    log("[torch] skipped: torch/timm not importable here; pass --torch-python PATH.")
+    log(f"[torch] skipped: {needed} not importable here; pass --torch-python PATH.")
   return python
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  arch = ARCHS[args.arch]
+  arch = ARCH_TABLES[args.task][args.arch]
   if args.torch_worker:
     return torch_worker(args, arch)
 

@@ -361,3 +361,110 @@ def ratio_line(result: dict) -> str:
     f"ratio JAX / PyTorch (throughput): {r:.3f} ({'JAX' if r >= 1 else 'PyTorch'} faster); "
     f"CPU seconds per step PyTorch / JAX: {result['cpu_time_ratio_torch_over_jax']:.3f}"
   )
+
+
+# ----------------------------------------------------------------------------------------
+# ResNet backbones (`--task patchcore`), NumPy only.
+# ----------------------------------------------------------------------------------------
+
+# The torchvision-layout ResNets PatchCore runs on, spelled out here for the same reason
+# as `ARCHS`; they equal `maeday_jax.backbones.VARIANTS` (the JAX side checks) and the
+# fields of `torch_resnet_reference.ResNet`. `test_wide` is the tiny wide bottleneck
+# model of the tests.
+RESNET_ARCHS: dict[str, dict] = {
+  "wide_resnet50_2": dict(block="bottleneck", layers=(3, 4, 6, 3), width=64, width_per_group=128),
+  "resnet18": dict(block="basic", layers=(2, 2, 2, 2), width=64, width_per_group=64),
+  "test_wide": dict(block="bottleneck", layers=(1, 2, 1, 1), width=4, width_per_group=8),
+}
+RESNET_EXPANSION = {"basic": 1, "bottleneck": 4}
+RESNET_NUM_CLASSES = 1000
+
+
+def resnet_stage_channels(arch: dict, layer: int) -> int:
+  """Output channels of `layer{layer}` (1 .. 4), e.g. 512 for wide_resnet50_2's layer2."""
+  return arch["width"] * 2 ** (layer - 1) * RESNET_EXPANSION[arch["block"]]
+
+
+def random_resnet_state_dict(arch: dict, seed: int) -> dict[str, np.ndarray]:
+  """Random weights in torchvision's ResNet state-dict layout (PyTorch shapes), NumPy only.
+
+  Keys and shapes are torchvision's (`conv1.weight`, `bn1.running_mean`,
+  `layer2.0.downsample.0.weight`, ..., `fc.bias`), in its module order, so both sides load
+  the same dict: conv weights OIHW ~ N(0, 2 / fan_out) (torchvision's kaiming-normal),
+  BatchNorm running mean ~ N(0, 0.1), variance ~ U(0.5, 1.5), weight ~ U(0.5, 1.5) and
+  bias ~ N(0, 0.1) (the last BatchNorm of every residual branch gets weight ~ U(0.1, 0.3),
+  so the residual sums stay of order one through the deep stages), and the classifier
+  uniform in +-1/sqrt(fan_in). Every statistic is non-trivial, so a mix-up of mean and
+  variance or of the affine parameters shows.
+  """
+  rng = np.random.default_rng([seed, 6])
+  block, width = arch["block"], arch["width"]
+  state: dict[str, np.ndarray] = {}
+
+  def conv(name, cout, cin, k):
+    std = np.sqrt(2.0 / (cout * k * k))
+    state[f"{name}.weight"] = (rng.standard_normal((cout, cin, k, k), np.float32) * std).astype(
+      np.float32
+    )
+
+  def norm(name, n, scale=(0.5, 1.5)):
+    state[f"{name}.weight"] = rng.uniform(*scale, n).astype(np.float32)
+    state[f"{name}.bias"] = rng.normal(0.0, 0.1, n).astype(np.float32)
+    state[f"{name}.running_mean"] = rng.normal(0.0, 0.1, n).astype(np.float32)
+    state[f"{name}.running_var"] = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    state[f"{name}.num_batches_tracked"] = np.array(1, np.int64)
+
+  last_scale = (0.1, 0.3)
+  conv("conv1", width, 3, 7)
+  norm("bn1", width)
+  inplanes = width
+  for k, blocks in enumerate(arch["layers"]):
+    planes = width * 2**k
+    inner = arch["width_per_group"] * 2**k
+    out = planes * RESNET_EXPANSION[block]
+    for i in range(blocks):
+      b = f"layer{k + 1}.{i}"
+      stride = 2 if k > 0 and i == 0 else 1
+      if block == "basic":
+        conv(f"{b}.conv1", planes, inplanes, 3)
+        norm(f"{b}.bn1", planes)
+        conv(f"{b}.conv2", planes, planes, 3)
+        norm(f"{b}.bn2", planes, last_scale)
+      else:
+        conv(f"{b}.conv1", inner, inplanes, 1)
+        norm(f"{b}.bn1", inner)
+        conv(f"{b}.conv2", inner, inner, 3)
+        norm(f"{b}.bn2", inner)
+        conv(f"{b}.conv3", out, inner, 1)
+        norm(f"{b}.bn3", out, last_scale)
+      if stride != 1 or inplanes != out:
+        conv(f"{b}.downsample.0", out, inplanes, 1)
+        norm(f"{b}.downsample.1", out)
+      inplanes = out
+  bound = 1.0 / np.sqrt(inplanes)
+  state["fc.weight"] = rng.uniform(-bound, bound, (RESNET_NUM_CLASSES, inplanes)).astype(np.float32)
+  state["fc.bias"] = rng.uniform(-bound, bound, RESNET_NUM_CLASSES).astype(np.float32)
+  return state
+
+
+def arrays_digest(*arrays: np.ndarray) -> str:
+  """Short hash of any number of arrays (both sides' inputs and weights agree)."""
+  h = hashlib.sha256()
+  for a in arrays:
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
+
+
+def peak_rss_bytes() -> int | None:
+  """This process's peak resident memory (`getrusage(RUSAGE_SELF).ru_maxrss`), in bytes."""
+  try:
+    import resource
+  except ImportError:  # not on this platform
+    return None
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(peak if sys.platform == "darwin" else peak * 1024)  # kB on Linux, bytes on macOS
+
+
+def modules_importable(names) -> bool:
+  """Whether every module of `names` can be imported by this interpreter."""
+  return all(importlib.util.find_spec(m) is not None for m in names)
