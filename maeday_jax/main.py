@@ -39,8 +39,10 @@ def _job(name: str):
     from maeday_jax.jobs import few_shot as job
   elif name == "pretrain":
     from maeday_jax import pretrain as job
+  elif name == "score":
+    from maeday_jax.jobs import score as job
   else:
-    raise ConfigError(f"--config.job: unknown job {name!r} (zero_shot, few_shot, pretrain).")
+    raise ConfigError(f"--config.job: unknown job {name!r} (zero_shot, few_shot, pretrain, score).")
   return job
 
 

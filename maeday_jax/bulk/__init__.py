@@ -1,0 +1,12 @@
+"""Bulk zero-shot scoring of very many images on many hosts, exactly once, resumable.
+
+- `source`: list a folder, a glob or a manifest once, sorted, sharded by process.
+- `reader`: decode one process's images in fixed-size batches, ahead of the model.
+- `engine`: score the batches, commit the rows atomically, resume, merge `scores.csv`.
+
+The job is `maeday_jax.jobs.score` (`configs/score.py`).
+"""
+
+from maeday_jax.bulk import engine, reader, source
+
+__all__ = ["engine", "reader", "source"]

@@ -1,0 +1,125 @@
+"""Decoding one process's images in fixed-size batches, ahead of the model.
+
+`num_workers` threads read and preprocess (`data.images.read_image`, then
+`data.preprocess.preprocess_image`: resized to the model's input, ImageNet-normalised)
+the images of the next `prefetch` batches while the current one is scored, so at most
+`(prefetch + 1) * batch_size` images are in memory. Batch `b` always holds the shard
+positions `[b * batch_size, (b + 1) * batch_size)`; positions past the shard's end are
+padding (`valid` False, position -1), so the last batch, and any batch past a short
+shard's end, has the same shape. A file that cannot be read is reported in the batch's
+`skipped` (position, path, reason) and left invalid; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from maeday_jax.data.errors import DataError
+from maeday_jax.data.images import read_image
+from maeday_jax.data.preprocess import preprocess_image
+
+
+@dataclasses.dataclass
+class Batch:
+  """One fixed-size batch of a shard.
+
+  Attributes:
+    index: the batch's number in the shard (its positions start at index * batch size).
+    images: float32 (B, S, S, 3) model inputs (zeros where not valid).
+    valid: bool (B,): a decoded image.
+    positions: int64 (B,): each row's position in the shard, -1 for padding.
+    skipped: (position, path, reason) of the files of this batch that could not be read.
+  """
+
+  index: int
+  images: np.ndarray
+  valid: np.ndarray
+  positions: np.ndarray
+  skipped: list[tuple[int, str, str]]
+
+  @property
+  def covered(self) -> int:
+    """How many shard positions this batch accounts for (scored or skipped)."""
+    return int((self.positions >= 0).sum())
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+  """One file as a normalised float32 (image_size, image_size, 3) model input."""
+  return preprocess_image(read_image(path), image_size)
+
+
+def _reason(error: BaseException) -> str:
+  if isinstance(error, DataError):
+    return error.reason
+  return f"cannot decode ({type(error).__name__}: {error})"
+
+
+def num_batches(count: int, batch_size: int) -> int:
+  """Batches needed for `count` positions."""
+  return -(-count // batch_size)
+
+
+def read_batches(
+  paths: Sequence[str],
+  batch_size: int,
+  image_size: int,
+  *,
+  first_batch: int = 0,
+  stop_batch: int | None = None,
+  num_workers: int = 4,
+  prefetch: int = 2,
+) -> Iterator[Batch]:
+  """Yields batches `first_batch, ..., stop_batch - 1` of the shard whose files are `paths`.
+
+  Args:
+    paths: this shard's files, in shard order (position i is `paths[i]`).
+    batch_size: rows per batch.
+    image_size: the square model input size.
+    first_batch: the first batch to yield (resuming).
+    stop_batch: one past the last batch (default: enough for `paths`); batches past the
+      shard's end are all padding, so every process can run the same number.
+    num_workers: decoding threads.
+    prefetch: batches decoded ahead of the one being consumed.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  stop_batch = num_batches(len(paths), batch_size) if stop_batch is None else stop_batch
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="bulk")
+  pending: collections.deque = collections.deque()
+
+  def submit(batch: int) -> None:
+    start = batch * batch_size
+    positions = [p for p in range(start, start + batch_size) if p < len(paths)]
+    futures = [pool.submit(load_image, paths[p], image_size) for p in positions]
+    pending.append((batch, positions, futures))
+
+  def assemble(batch: int, positions: list[int], futures) -> Batch:
+    images = np.zeros((batch_size, image_size, image_size, 3), np.float32)
+    valid = np.zeros((batch_size,), bool)
+    rows = np.full((batch_size,), -1, np.int64)
+    skipped = []
+    for row, (position, future) in enumerate(zip(positions, futures, strict=True)):
+      rows[row] = position
+      try:
+        images[row] = future.result()
+      except Exception as e:  # An unreadable file must never stop the run.
+        skipped.append((position, str(paths[position]), _reason(e)))
+        continue
+      valid[row] = True
+    return Batch(batch, images, valid, rows, skipped)
+
+  try:
+    submitted = first_batch
+    for batch in range(first_batch, stop_batch):
+      while submitted < min(stop_batch, batch + 1 + max(0, prefetch)):
+        submit(submitted)
+        submitted += 1
+      yield assemble(*pending.popleft())
+  finally:
+    # Stopping early (break, exception) must not leave threads decoding the rest.
+    pool.shutdown(wait=True, cancel_futures=True)
