@@ -66,6 +66,8 @@ BLUR_SIZE = 2 * int(4.0 * BLUR_SIGMA + 0.5) + 1  # 33 taps
 # nearest-neighbour search (patches x chunk floats at a time).
 CORESET_CHUNK_SIZE = 16384
 BANK_CHUNK_SIZE = 2048
+# Shots run through the backbone at once when fitting a bank.
+EMBED_BATCH = 16
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 products (no TF32), as PyTorch by default
 
@@ -359,7 +361,14 @@ def fit(
   All K * h * w embeddings (`embed`) form the candidates; `coreset_indices(embeddings, key,
   coreset_ratio)` chooses the rows kept (sharded over `mesh`, default every device).
   """
-  embeddings = embed(model, variables, shots)
+  # The backbone runs on `EMBED_BATCH` shots at a time: a few hundred shots then need
+  # memory for their embeddings (K x h x w x D floats), not for all their activations.
+  embeddings = jnp.concatenate(
+    [
+      embed(model, variables, shots[i : i + EMBED_BATCH])
+      for i in range(0, shots.shape[0], EMBED_BATCH)
+    ]
+  )
   _, h, w, dim = embeddings.shape
   flat = embeddings.reshape(-1, dim)
   indices = coreset_indices(flat, key, coreset_ratio, chunk_size=chunk_size, mesh=mesh)

@@ -241,6 +241,16 @@ def test_coreset_ratio_one_keeps_all_rows_in_order(backbone):
   assert bank.grid == (8, 8) and bank.rows.dtype == jnp.float32
 
 
+def test_many_shots_are_embedded_in_batches(backbone, monkeypatch):
+  """The bank of 5 shots embedded 2 at a time is the NumPy embedding of all 5."""
+  model, variables = backbone
+  shots = random_images(11, (5, 64, 64, 3))
+  monkeypatch.setattr(patchcore, "EMBED_BATCH", 2)
+  bank = patchcore.fit(model, variables, shots, jax.random.key(9), coreset_ratio=1.0)
+  expected = np_embed(model, variables, shots).reshape(-1, 24)
+  np.testing.assert_allclose(bank.rows, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_coreset_settings_are_checked():
   for ratio in (0.0, -0.1, 1.5):
     with pytest.raises(ValueError, match="coreset_ratio"):
