@@ -9,10 +9,14 @@ columns `path[,label][,mask]` (relative paths are read from the manifest's folde
 several hosts run the same command on each with `--distributed`: each host scores its
 own contiguous share of the sorted list.
 
-Outputs: `scores.csv` (file as listed, score, label when the manifest gives one),
-`summary.json` (images, skipped files with reasons, images/s per process), and the
-committed parts under `shards/`. Anomaly maps, overlays and other pictures are NOT
-written: this job is for scores at scale (use `configs/zero_shot.py` for pictures).
+Outputs: `scores.csv` (file as listed, score, label when the manifest gives one,
+predicted_label with a fixed threshold), `scores.parquet` (the same rows; only when
+`pyarrow` is installed, it is not a dependency), `summary.json` (images, skipped files
+with reasons, images/s per process, image AUROC / AP / F1-max when the manifest has
+labels, None with the reason where undefined, e.g. one class only), and the committed
+parts under `shards/`. Anomaly maps (model resolution) are stored only with
+`outputs.maps`, pictures only with `outputs.top_pictures` (use `configs/zero_shot.py` for
+panels, ROC curves and reconstructions).
 
 The run commits every `commit_every` batches; rerunning the same command on the same
 --workdir resumes after the last commit, and a finished run does nothing again. A rerun
@@ -24,6 +28,17 @@ Fields (besides those of `maeday_jax.defaults.zero_shot_config`):
                          kill, more write fewer files.
   compilation_cache_dir  JAX's persistent compilation cache (default <workdir>/jax_cache,
                          '' = none): reruns and resumed runs skip recompiling.
+  threshold.method       'none' (default) or 'fixed': scores.csv gets predicted_label, 1
+                         where score >= threshold.value (other methods are refused here).
+  threshold.value        the fixed threshold.
+  outputs.maps           'none' (default), 'float16' or 'uint8': each commit also stores
+                         its images' maps in shards/process_<i>/maps_<n>.npz, listed in
+                         maps_index.csv (`maeday_jax.bulk.maps_store.load_map` reads one
+                         back). uint8 (per-map scale and offset) is within scale/255,
+                         float16 within 1e-3 relative; a 224 x 224 map is 49 KiB as
+                         uint8, 98 KiB as float16.
+  outputs.top_pictures   draw heatmap overlays of this many highest-scoring images into
+                         pictures/<rank>_<name>.png (default 0 = none; needs outputs.maps).
   batch_size, num_masks, mask_ratio, mask_batch_size, seed, model.*, data.num_workers,
   data.prefetch          as for zero-shot scoring. An image's score depends only on its
                          pixels, the model and `seed`.
@@ -44,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.name = "folder"
   config.commit_every = 50
   config.compilation_cache_dir = config_dict.placeholder(str)  # None: <workdir>/jax_cache.
-  # Scores only: no threshold, no pictures.
+  # Scores by default: no threshold, no maps, no pictures.
   config.threshold.method = "none"
-  del config.outputs
+  config.outputs = ml_collections.ConfigDict(dict(maps="none", top_pictures=0))
   return config

@@ -95,3 +95,11 @@ def test_bad_arguments_are_refused():
     benchmark.parse_args(["--task", "patchcore", "--coreset-ratio", "0"])
   assert benchmark.parse_args(["--task", "patchcore"]).arch == "wide_resnet50_2"
   assert benchmark.parse_args([]).arch == "base"
+
+
+def test_input_benchmark_runs(capsys):
+  import benchmark_input
+
+  assert benchmark_input.main(["--seconds", "0.05", "--threads", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "mvtec_rgb_png_1024: 1 thread(s)" in out and "cores per chip" in out

@@ -13,8 +13,10 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from maeday_jax.bulk import engine, source
+from maeday_jax import metrics
+from maeday_jax.bulk import engine, maps_store, source
 from maeday_jax.config_errors import ConfigError
 from maeday_jax.data import testing
 from maeday_jax.jobs import score as score_job
@@ -33,8 +35,12 @@ def _config(path, **fields):
   config.data.num_workers = 2
   config.commit_every = 1
   config.compilation_cache_dir = ""  # Leaves this test process's JAX settings alone.
-  for key, value in fields.items():
-    config[key] = value
+  for key, value in fields.items():  # Nested fields as "outputs.maps".
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
   return config
 
 
@@ -162,13 +168,15 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_scores(tmp_path):
   os.mkfifo(killed / blocked)  # Reading it blocks until the test is done killing.
   for folder in (reference, killed):
     (folder / "list.txt").write_text("\n".join(names))
-  score_job.run(_config(reference / "list.txt"), tmp_path / "reference_work")
+  maps = {"outputs.maps": "uint8"}
+  score_job.run(_config(reference / "list.txt", **maps), tmp_path / "reference_work")
 
   workdir = tmp_path / "work"
   args = [
     *("-m", "maeday_jax.main", "--config", "configs/score.py:runlocal", "--workdir"),
     *(str(workdir), f"--config.data.path={killed / 'list.txt'}", "--config.commit_every=1"),
     *("--config.compilation_cache_dir=", "--config.data.num_workers=2"),
+    "--config.outputs.maps=uint8",
   ]
   with open(tmp_path / "killed.log", "w") as log:
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=log, stderr=log)
@@ -188,13 +196,28 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_scores(tmp_path):
   assert not (workdir / "scores.csv").exists()
   # A kill between a part and its record leaves a part the record does not count.
   (shard / f"part_{record['parts']}.csv").write_text("index,file,score,label\n0,x,1.0,\n")
+  maps_store.write_shard(shard / f"maps_{record['parts']}.npz", np.ones((1, 2, 2)), ["x"], "uint8")
   (killed / blocked).unlink()
   shutil.copy(reference / blocked, killed / blocked)
 
-  summary = score_job.run(_config(killed / "list.txt"), workdir)
+  summary = score_job.run(_config(killed / "list.txt", **maps), workdir)
   resumed, expected = _rows(workdir), _rows(tmp_path / "reference_work")
   assert resumed == expected  # Same files, same order, identical scores, no duplicates.
   assert [r["file"] for r in resumed] == names and summary["images"] == len(names)
+  with open(workdir / "maps_index.csv", newline="") as f:
+    index = list(csv.DictReader(f))
+  assert [e["file"] for e in index] == names  # Every image's map once, none of the stale.
+  assert len({(e["shard"], e["row"]) for e in index}) == len(names)
+  loaded = maps_store.load_maps(workdir, names)
+  for row in resumed:  # A score is its map's maximum: uint8 keeps the maximum exactly.
+    values = loaded[row["file"]]
+    assert values.ndim == 2 and values.dtype == np.float32
+    np.testing.assert_allclose(values.max(), float(row["score"]), rtol=1e-5)
+  np.testing.assert_allclose(
+    maps_store.load_map(workdir, names[3]),
+    maps_store.load_map(tmp_path / "reference_work", names[3]),
+    rtol=1e-6,
+  )
 
 
 # One process of a two-process run with 4 simulated CPU devices each (8 in all, as the
@@ -210,7 +233,7 @@ assert jax.local_device_count() == 4 and jax.device_count() == 8
 from maeday_jax.jobs import score
 from tests.test_bulk import _config
 
-score.run(_config(images), workdir)
+score.run(_config(images, **{"outputs.maps": "float16"}), workdir)
 """
 
 
@@ -226,14 +249,142 @@ def test_two_processes_write_exactly_the_rows_of_one(folder_run, tmp_path):
     [float(r["score"]) for r in two_rows], [float(r["score"]) for r in one_rows], rtol=1e-5
   )
   assert (tmp_path / "work/shards/process_1/progress.json").is_file()
+  with open(tmp_path / "work/maps_index.csv", newline="") as f:
+    index = list(csv.DictReader(f))
+  assert [e["file"] for e in index] == [r["file"] for r in two_rows]
+  assert {e["shard"].split("/")[1] for e in index} == {"process_0", "process_1"}
+  for row in two_rows[::4]:  # Each process's maps are its own rows' maps.
+    values = maps_store.load_map(tmp_path / "work", row["file"])
+    np.testing.assert_allclose(values.max(), float(row["score"]), rtol=1e-3)
   assert engine.SCORES_FILE == "scores.csv"
 
 
 def test_compilation_cache_defaults_to_the_workdir(tmp_path):
   config = score_config.get_config("runlocal")
-  assert config.commit_every == 50 and "outputs" not in config
+  assert config.commit_every == 50 and config.threshold.method == "none"
+  assert config.outputs.maps == "none" and config.outputs.top_pictures == 0
   assert score_job.compilation_cache_dir(config, tmp_path) == str(tmp_path / "jax_cache")
   config.compilation_cache_dir = ""
   assert score_job.compilation_cache_dir(config, tmp_path) == ""
   config.compilation_cache_dir = str(tmp_path / "shared_cache")
   assert score_job.compilation_cache_dir(config, tmp_path) == str(tmp_path / "shared_cache")
+
+
+def test_maps_round_trip_in_both_dtypes(tmp_path):
+  rng = np.random.default_rng(0)
+  maps = rng.gamma(2.0, 0.01, size=(5, 16, 12)).astype(np.float32)
+  maps[2] = 0.25  # A constant map.
+  names = [f"dir/{i}.png" for i in range(5)]
+  for dtype in ("uint8", "float16"):
+    path = maps_store.write_shard(tmp_path / f"{dtype}.npz", maps, names, dtype)
+    with np.load(path, allow_pickle=False) as arrays:
+      assert arrays["maps"].dtype == np.dtype(dtype) and arrays["maps"].shape == maps.shape
+      assert sorted(arrays.files) == (
+        ["files", "maps", "offset", "scale"] if dtype == "uint8" else ["files", "maps"]
+      )
+      decoded = maps_store.decode(arrays)
+      if dtype == "uint8":
+        scale = arrays["scale"][:, None, None]
+        assert np.all(np.abs(decoded - maps) <= scale / 255 + 1e-7)
+      else:
+        np.testing.assert_allclose(decoded, maps, rtol=1e-3)
+    assert maps_store.shard_files(path) == names
+  maps_store.write_index(tmp_path, [(n, "uint8.npz", r) for r, n in enumerate(names)])
+  np.testing.assert_allclose(
+    maps_store.load_map(tmp_path, "dir/3.png"), maps[3], atol=maps[3].max() / 255
+  )
+  with pytest.raises(KeyError, match="lists no map"):
+    maps_store.load_map(tmp_path, "dir/9.png")
+
+
+def test_threshold_and_output_fields_are_validated(tmp_path):
+  config = _config(tmp_path, **{"threshold.method": "f1"})
+  with pytest.raises(ConfigError, match=r"threshold\.method: 'f1'"):
+    score_job.validate(config)
+  config = _config(tmp_path, **{"outputs.maps": "float32"})
+  with pytest.raises(ConfigError, match=r"outputs\.maps"):
+    score_job.validate(config)
+  config = _config(tmp_path, **{"outputs.top_pictures": 3})
+  with pytest.raises(ConfigError, match=r"outputs\.top_pictures.*outputs\.maps"):
+    score_job.validate(config)
+  score_job.validate(_config(tmp_path, **{"threshold.method": "fixed"}))
+
+
+def test_metrics_are_none_with_the_reason_for_one_class():
+  one_class = engine._image_metrics(np.array([0.1, 0.2, 0.3]), np.array([0, 0, -1]))
+  assert one_class["image_auroc"] is None and one_class["image_f1_max"] is None
+  assert "anomalous" in one_class["undefined"]["image_auroc"] and one_class["labelled"] == 2
+  both = engine._image_metrics(np.array([0.1, 0.2, 0.3]), np.array([0, 1, 1]))
+  assert both["image_auroc"] == 1.0 and both["image_f1_max"] == 1.0 and not both["undefined"]
+
+
+@pytest.fixture(scope="module")
+def labelled_run(folder_run, tmp_path_factory):
+  """A labelled CSV manifest of the folder images: fixed threshold, float16 maps, 3 pictures."""
+  images, single, _ = folder_run
+  known = {r["file"]: float(r["score"]) for r in _rows(single)}
+  tmp = tmp_path_factory.mktemp("bulk_labelled")
+  manifest = tmp / "list.csv"
+  names = sorted(known)
+  labels = ["1" if i % 3 == 0 else "0" for i in range(len(names))]
+  labels[-1] = ""  # Unknown: not counted by the metrics.
+  lines = [f"{images / name},{label}" for name, label in zip(names, labels, strict=True)]
+  manifest.write_text("path,label\n" + "\n".join(lines) + "\n")
+  value = float(np.median(list(known.values())))
+  fields = {
+    "threshold.method": "fixed",
+    "threshold.value": value,
+    "outputs.maps": "float16",
+    "outputs.top_pictures": 3,
+  }
+  summary = score_job.run(_config(manifest, **fields), tmp / "work")
+  return tmp / "work", summary, known, value
+
+
+def test_labelled_run_predicts_measures_and_draws_the_top_images(labelled_run, folder_run):
+  workdir, summary, known, value = labelled_run
+  rows = _rows(workdir)
+  assert list(rows[0]) == ["file", "score", "label", "predicted_label"]
+  scores = np.array([float(r["score"]) for r in rows])
+  np.testing.assert_allclose(
+    scores,
+    [known[pathlib.Path(r["file"]).relative_to(folder_run[0]).as_posix()] for r in rows],
+    rtol=1e-5,
+  )
+  assert [int(r["predicted_label"]) for r in rows] == [int(s >= value) for s in scores]
+  assert summary["predicted_anomalous"] == int((scores >= value).sum())
+  assert summary["threshold"] == {"method": "fixed", "value": value}
+  labels = np.array([int(r["label"]) for r in rows])
+  measured = summary["metrics"]
+  assert measured["labelled"] == len(rows) - 1 and not measured["undefined"]
+  assert measured["image_auroc"] == pytest.approx(metrics.image_auroc(scores, labels))
+  assert measured["image_ap"] == pytest.approx(metrics.image_ap(scores, labels))
+  assert measured["image_f1_max"] == pytest.approx(metrics.f1_max(scores, labels))
+  for row in rows:  # float16 maps: the maximum within 1e-3 of the score.
+    np.testing.assert_allclose(
+      maps_store.load_map(workdir, row["file"]).max(), float(row["score"]), rtol=1e-3
+    )
+  top = sorted(rows, key=lambda r: -float(r["score"]))[:3]
+  drawn = summary["pictures"]
+  assert [p["file"] for p in drawn] == [r["file"] for r in top]
+  assert [p["rank"] for p in drawn] == [1, 2, 3]
+  for picture in drawn:
+    path = pathlib.Path(picture["picture"])
+    assert path.parent == workdir / "pictures" and path.name.startswith(f"{picture['rank']}_")
+    assert Image.open(path).size == Image.open(picture["file"]).size
+  assert sorted(p.name for p in (workdir / "pictures").iterdir()) == sorted(
+    pathlib.Path(p["picture"]).name for p in drawn
+  )
+
+
+def test_scores_parquet_has_the_csv_rows(labelled_run):
+  pq = pytest.importorskip("pyarrow.parquet")
+  workdir, summary, _, _ = labelled_run
+  table = pq.read_table(workdir / "scores.parquet").to_pydict()
+  rows = _rows(workdir)
+  assert list(table) == ["file", "score", "label", "predicted_label"]
+  assert table["file"] == [r["file"] for r in rows]
+  assert table["score"] == [float(r["score"]) for r in rows]
+  assert table["label"] == [int(r["label"]) for r in rows]
+  assert table["predicted_label"] == [int(r["predicted_label"]) for r in rows]
+  assert summary["scores_parquet"] == str(workdir / "scores.parquet")

@@ -3,10 +3,11 @@
 - `source`: list a folder, a glob or a manifest once, sorted, sharded by process.
 - `reader`: decode one process's images in fixed-size batches, ahead of the model.
 - `engine`: score the batches, commit the rows atomically, resume, merge `scores.csv`.
+- `maps_store`: the optional anomaly-map shards and their index (`load_map`).
 
 The job is `maeday_jax.jobs.score` (`configs/score.py`).
 """
 
-from maeday_jax.bulk import engine, reader, source
+from maeday_jax.bulk import engine, maps_store, reader, source
 
-__all__ = ["engine", "reader", "source"]
+__all__ = ["engine", "maps_store", "reader", "source"]

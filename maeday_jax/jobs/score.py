@@ -4,9 +4,14 @@
       --config.data.path=/photos --config.model.checkpoint=mae_vit_large
 
 Outputs under the work directory (see `maeday_jax.bulk.engine` for the layout):
-  scores.csv      file (as listed), score, and label when a CSV manifest gives one
-  summary.json    images scored, skipped files with reasons, images/s per process
-  shards/         each process's committed parts and progress record
+  scores.csv      file (as listed), score, label when a CSV manifest gives one, and
+                  predicted_label with `threshold.method='fixed'`
+  scores.parquet  the same rows, when `pyarrow` can be imported (otherwise not written)
+  summary.json    images scored, skipped files with reasons, images/s per process, image
+                  AUROC / AP / F1-max when labelled, the maps and pictures written
+  maps_index.csv  with `outputs.maps`: file, map shard, row (`bulk.maps_store.load_map`)
+  pictures/       with `outputs.top_pictures`: `<rank>_<name>.png` heatmap overlays
+  shards/         each process's committed parts (and map shards) and progress record
   jax_cache/      the persistent compilation cache (`compilation_cache_dir`)
   config.json     the resolved configuration
 
@@ -23,7 +28,7 @@ import jax
 import ml_collections
 
 from maeday_jax import evaluation
-from maeday_jax.bulk import engine, source
+from maeday_jax.bulk import engine, maps_store, source
 from maeday_jax.jobs import common
 
 log = logging.getLogger("maeday_jax")
@@ -39,6 +44,40 @@ def compilation_cache_dir(config: ml_collections.ConfigDict, workdir) -> str:
   return str(pathlib.Path(value).expanduser()) if value else ""
 
 
+THRESHOLD_METHODS = ("fixed", "none")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the bulk job's own fields (threshold and outputs)."""
+  common.require(
+    config.commit_every >= 1, "commit_every", f"must be >= 1 batch, got {config.commit_every}."
+  )
+  method = config.threshold.method
+  common.require(
+    method in THRESHOLD_METHODS,
+    "threshold.method",
+    f"{method!r}: this job predicts labels only with a fixed threshold; use 'fixed' (with "
+    "--config.threshold.value) or 'none'.",
+  )
+  outputs = config.outputs
+  common.require(
+    outputs.maps in maps_store.MAP_DTYPES,
+    "outputs.maps",
+    f"{outputs.maps!r} is not one of {', '.join(maps_store.MAP_DTYPES)}.",
+  )
+  common.require(
+    outputs.top_pictures >= 0,
+    "outputs.top_pictures",
+    f"must be >= 0 (0 = none), got {outputs.top_pictures}.",
+  )
+  common.require(
+    outputs.top_pictures == 0 or outputs.maps != "none",
+    "outputs.top_pictures",
+    f"{outputs.top_pictures} pictures need the maps: set --config.outputs.maps to float16 "
+    "or uint8 (it is 'none').",
+  )
+
+
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Scores every listed image once (resuming a previous run); returns the summary."""
   cache = compilation_cache_dir(config, workdir)
@@ -46,9 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     # Before anything compiles: later runs and the other hosts reuse the compiled step.
     jax.config.update("jax_compilation_cache_dir", cache)
   common.validate_scoring(config)
-  common.require(
-    config.commit_every >= 1, "commit_every", f"must be >= 1 batch, got {config.commit_every}."
-  )
+  validate(config)
   listing = source.list_source(config.data.path)
   log.info(
     "%s: %d images (%s), %d per process on %d process(es).",
@@ -72,6 +109,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     make_scoring=make_scoring,
     batch_size=config.batch_size,
     commit_every=config.commit_every,
+    threshold=float(config.threshold.value) if config.threshold.method == "fixed" else None,
+    maps=config.outputs.maps,
+    top_pictures=config.outputs.top_pictures,
   )
   if jax.process_index() == 0:
     print(
