@@ -103,3 +103,13 @@ def test_input_benchmark_runs(capsys):
   assert benchmark_input.main(["--seconds", "0.05", "--threads", "1"]) == 0
   out = capsys.readouterr().out
   assert "mvtec_rgb_png_1024: 1 thread(s)" in out and "cores per chip" in out
+
+
+def test_bulk_task_is_dispatched(monkeypatch):
+  import benchmark_bulk
+
+  seen = []
+  monkeypatch.setattr(benchmark_bulk, "main", lambda argv: seen.append(argv) or 0)
+  assert benchmark.main(["--task", "bulk", "--images", "8"]) == 0
+  assert benchmark.main(["--images=4", "--task=bulk"]) == 0
+  assert seen == [["--images", "8"], ["--images=4"]]

@@ -156,49 +156,75 @@ def test_changed_file_list_or_process_count_is_refused(tmp_path):
     score_job.run(config, workdir)
 
 
+def _run_and_kill(workdir, manifest, log_path, parts: int) -> dict:
+  """Runs the job as a command, SIGKILLs it once `parts` parts are committed; the record."""
+  args = [
+    *("-m", "maeday_jax.main", "--config", "configs/score.py:runlocal", "--workdir"),
+    *(str(workdir), f"--config.data.path={manifest}", "--config.commit_every=1"),
+    *("--config.compilation_cache_dir=", "--config.data.num_workers=2"),
+    "--config.outputs.maps=uint8",
+  ]
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=log, stderr=log)
+  shard = workdir / "shards/process_0"
+
+  def committed() -> int:
+    try:
+      return json.loads((shard / "progress.json").read_text())["parts"]
+    except (OSError, ValueError, KeyError):
+      return 0
+
+  try:
+    deadline = time.monotonic() + 240
+    while committed() < parts:
+      assert proc.poll() is None, log_path.read_text()[-3000:]
+      assert time.monotonic() < deadline, f"no commit {parts} within 240 s"
+      time.sleep(0.05)
+    time.sleep(0.5)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  return json.loads((shard / "progress.json").read_text())
+
+
+def _unblock(killed, reference, name) -> None:
+  (killed / name).unlink()
+  shutil.copy(reference / name, killed / name)
+
+
 def test_killed_run_resumes_to_exactly_the_uninterrupted_scores(tmp_path):
-  """SIGKILL after the first commit, then rerun: the same rows as one uninterrupted run."""
+  """SIGKILL after the first commits, rerun, SIGKILL again, rerun: the same rows as one
+  uninterrupted run."""
   names = [f"img_{i:03d}.png" for i in range(30)]
-  blocked = names[18]  # In the third batch of 8: the run waits there, after one commit.
+  # Reading a named pipe blocks until the test replaces it: the first run waits in the
+  # third batch of 8 (after its first commit), the second in the fourth.
+  first_block, second_block = names[18], names[26]
   reference, killed = tmp_path / "reference", tmp_path / "killed"
   for name in names:
     testing.write_image(reference / name)
   shutil.copytree(reference, killed)
-  (killed / blocked).unlink()
-  os.mkfifo(killed / blocked)  # Reading it blocks until the test is done killing.
+  for name in (first_block, second_block):
+    (killed / name).unlink()
+    os.mkfifo(killed / name)
   for folder in (reference, killed):
     (folder / "list.txt").write_text("\n".join(names))
   maps = {"outputs.maps": "uint8"}
   score_job.run(_config(reference / "list.txt", **maps), tmp_path / "reference_work")
 
   workdir = tmp_path / "work"
-  args = [
-    *("-m", "maeday_jax.main", "--config", "configs/score.py:runlocal", "--workdir"),
-    *(str(workdir), f"--config.data.path={killed / 'list.txt'}", "--config.commit_every=1"),
-    *("--config.compilation_cache_dir=", "--config.data.num_workers=2"),
-    "--config.outputs.maps=uint8",
-  ]
-  with open(tmp_path / "killed.log", "w") as log:
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=log, stderr=log)
   shard = workdir / "shards/process_0"
-  try:
-    deadline = time.monotonic() + 240
-    while not (shard / "part_0.csv").exists():
-      assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-      assert time.monotonic() < deadline, "no commit within 240 s"
-      time.sleep(0.05)
-    time.sleep(0.5)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  record = json.loads((shard / "progress.json").read_text())
+  record = _run_and_kill(workdir, killed / "list.txt", tmp_path / "killed1.log", parts=1)
   assert record["parts"] >= 1 and not record["done"]
   assert not (workdir / "scores.csv").exists()
+  _unblock(killed, reference, first_block)
+  # The engine commits a batch once the next one is on its way: the second run commits
+  # the second batch, then waits for the fourth's pipe before committing the third.
+  second = _run_and_kill(workdir, killed / "list.txt", tmp_path / "killed2.log", parts=2)
+  assert second["parts"] > record["parts"] and not second["done"]
   # A kill between a part and its record leaves a part the record does not count.
-  (shard / f"part_{record['parts']}.csv").write_text("index,file,score,label\n0,x,1.0,\n")
-  maps_store.write_shard(shard / f"maps_{record['parts']}.npz", np.ones((1, 2, 2)), ["x"], "uint8")
-  (killed / blocked).unlink()
-  shutil.copy(reference / blocked, killed / blocked)
+  (shard / f"part_{second['parts']}.csv").write_text("index,file,score,label\n0,x,1.0,\n")
+  maps_store.write_shard(shard / f"maps_{second['parts']}.npz", np.ones((1, 2, 2)), ["x"], "uint8")
+  _unblock(killed, reference, second_block)
 
   summary = score_job.run(_config(killed / "list.txt", **maps), workdir)
   resumed, expected = _rows(workdir), _rows(tmp_path / "reference_work")

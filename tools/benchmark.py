@@ -20,6 +20,9 @@ both sides):
   computation in plain PyTorch (`--torch-patchcore`). Image scores with the full bank
   (coreset ratio 1.0) must agree between the sides. Reported besides: the fit time, the
   bank size and each side's peak memory.
+- `--task bulk` (`benchmark_bulk.py`, JAX only, its own options): the bulk scoring job
+  (`configs/score.py`) end to end on a synthetic folder, for the tiny and `small` models
+  with 1 and 2 processes, and the input pipeline alone.
 
 Reported: step time, throughput, achieved GFLOP/s against an analytic FLOP count
 (matmuls only), the ratio of the two sides, compile / first-iteration time apart from
@@ -341,7 +344,23 @@ def _torch_python(args) -> str | None:
   return python
 
 
+def _bulk_arguments(argv) -> list[str] | None:
+  """The other arguments when `--task bulk` is asked for (see `benchmark_bulk.py`)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  for i, arg in enumerate(argv):
+    if arg == "--task=bulk":
+      return argv[:i] + argv[i + 1 :]
+    if arg == "--task" and argv[i + 1 : i + 2] == ["bulk"]:
+      return argv[:i] + argv[i + 2 :]
+  return None
+
+
 def main(argv=None) -> int:
+  bulk = _bulk_arguments(argv)
+  if bulk is not None:  # The whole bulk job, not a step of one side against the other.
+    import benchmark_bulk
+
+    return benchmark_bulk.main(bulk)
   args = parse_args(argv)
   arch = ARCH_TABLES[args.task][args.arch]
   if args.torch_worker:

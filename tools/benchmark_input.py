@@ -1,7 +1,7 @@
 """Input pipeline throughput: decode + resize + normalise per CPU core, as bulk scoring does.
 
     python tools/benchmark_input.py                      # every case, 1 and 2 threads
-    python tools/benchmark_input.py --seconds 5 --threads 1,2,4
+    python tools/benchmark_input.py --seconds 5 --threads 1,2,4 --processes 2
 
 Each case writes a few synthetic images of a realistic size and format to a temporary
 folder, then times `maeday_jax.data.images.read_image` + `data.preprocess_image` (what
@@ -60,16 +60,21 @@ def _write(folder: pathlib.Path, name: str, case) -> list[pathlib.Path]:
   return paths
 
 
-def _one(path: pathlib.Path, size: int) -> None:
-  preprocess.preprocess_image(image_io.read_image(path), size)
+def _one(path: pathlib.Path, size: int) -> np.ndarray:
+  return preprocess.preprocess_image(image_io.read_image(path), size)
 
 
-def _rate(paths, size: int, threads: int, seconds: float) -> float:
-  """Images per second over at least `seconds` of repeated passes over `paths`."""
-  done, start = 0, time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+def _rate(paths, size: int, workers: int, seconds: float, processes: bool = False) -> float:
+  """Images per second over at least `seconds` of repeated passes over `paths`, decoded
+  by a pool of `workers` threads (or processes, whose results travel back pickled)."""
+  pool_type = (
+    concurrent.futures.ProcessPoolExecutor if processes else concurrent.futures.ThreadPoolExecutor
+  )
+  with pool_type(workers) as pool:
+    list(pool.map(_one, paths[:workers], [size] * workers))  # Start the workers.
+    done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-      list(pool.map(lambda p: _one(p, size), paths))
+      list(pool.map(_one, paths, [size] * len(paths)))
       done += len(paths)
   return done / (time.perf_counter() - start)
 
@@ -78,10 +83,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per case")
   parser.add_argument("--threads", default="1,2", help="thread-pool sizes to time")
+  parser.add_argument("--processes", default="", help="process-pool sizes to time too")
   parser.add_argument("--size", type=int, default=224, help="model input size")
   parser.add_argument("--target", type=float, default=200.0, help="images/s per chip")
   args = parser.parse_args(argv)
   threads = [int(t) for t in args.threads.split(",")]
+  processes = [int(t) for t in args.processes.split(",") if t]
   load = os.getloadavg()
   print(
     f"input pipeline benchmark: {platform.processor() or platform.machine()}, "
@@ -95,8 +102,10 @@ def main(argv=None) -> int:
       _rate(paths[:2], args.size, 1, 0.2)  # Warm caches.
       rates = {t: _rate(paths, args.size, t, args.seconds) for t in threads}
       per_core[name] = rates[1] if 1 in rates else rates[min(rates)] / min(rates)
-      cells = ", ".join(f"{t} thread(s) {r:.1f} img/s" for t, r in rates.items())
-      print(f"  {name}: {cells}")
+      cells = [f"{t} thread(s) {r:.1f} img/s" for t, r in rates.items()]
+      for n in processes:
+        cells.append(f"{n} process(es) {_rate(paths, args.size, n, args.seconds, True):.1f} img/s")
+      print(f"  {name}: {', '.join(cells)}")
   print(f"cores per chip at {args.target:g} images/s (one decode per image, per-core rate):")
   for name, rate in per_core.items():
     print(f"  {name}: {args.target / rate:.1f} cores")
