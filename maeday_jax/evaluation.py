@@ -134,13 +134,16 @@ class Scoring:
       prefetch=config.data.prefetch,
     )
 
-  def with_function(self, score_fn: Callable, replicated, image_size: int, model=None) -> Scoring:
+  def with_function(
+    self, score_fn: Callable, replicated, image_size: int, model=None, params=None
+  ) -> Scoring:
     """The same batches and mesh for another detector: `score_fn(replicated, images, ids,
-    key) -> (maps, scores)` on images read at `image_size` (see `ensemble`)."""
+    key) -> (maps, scores)` on images read at `image_size` (see `ensemble`); `model` and
+    `params` when it has an MAE to draw reconstructions with."""
     return dataclasses.replace(
       self,
       model=model,
-      params=None,
+      params=params,
       replicated=replicated,
       score_fn=score_fn,
       image_size=image_size,
@@ -157,6 +160,16 @@ class Scoring:
     )
 
 
+def _score_batch(scoring: Scoring, local_images: np.ndarray):
+  """(maps, scores) of this process's rows of one batch (its images keyed by content)."""
+  ids = zero_shot.image_ids(local_images)
+  images, ids = parallel.shard_batch((local_images, ids), scoring.mesh)
+  if scoring.resize_fn is not None:
+    images = scoring.resize_fn(images)
+  outputs = scoring.score_fn(scoring.replicated, images, ids, scoring.key)
+  return parallel.to_local_numpy(outputs, scoring.mesh)
+
+
 def score_images(scoring: Scoring, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Maps and scores of a few images this process holds (every process the same ones),
   e.g. held-out normals for normalisation statistics; returns NumPy (N, H, W), (N,)."""
@@ -165,12 +178,7 @@ def score_images(scoring: Scoring, images: np.ndarray) -> tuple[np.ndarray, np.n
   padded = -(-max(count, 1) // per_device) * per_device
   batch = np.zeros((padded, *images.shape[1:]), np.float32)
   batch[:count] = images
-  ids = zero_shot.image_ids(batch)
-  sharded, ids = parallel.shard_batch((batch, ids), scoring.mesh)
-  if scoring.resize_fn is not None:
-    sharded = scoring.resize_fn(sharded)
-  outputs = scoring.score_fn(scoring.replicated, sharded, ids, scoring.key)
-  maps, scores = parallel.to_local_numpy(outputs, scoring.mesh)
+  maps, scores = _score_batch(scoring, batch)
   return maps[:count], scores[:count]
 
 
@@ -216,12 +224,7 @@ def score_split(
       num_workers=scoring.num_workers,
       prefetch=scoring.prefetch,
     ):
-      ids = zero_shot.image_ids(batch["image"])
-      images, ids = parallel.shard_batch((batch["image"], ids), scoring.mesh)
-      if scoring.resize_fn is not None:
-        images = scoring.resize_fn(images)
-      outputs = scoring.score_fn(scoring.replicated, images, ids, scoring.key)
-      maps, batch_scores = parallel.to_local_numpy(outputs, scoring.mesh)
+      maps, batch_scores = _score_batch(scoring, batch["image"])
       valid = batch["valid"]
       for i in np.flatnonzero(valid):
         names.append(batch["file_name"][i])

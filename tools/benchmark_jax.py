@@ -14,6 +14,17 @@ import time
 from benchmark_common import MLP_RATIO, log, random_state_dict, step_stats, timed
 
 
+def data_mesh(batch: int):
+  """The data mesh over every JAX device; refuses a `--batch` that does not divide over it."""
+  from maeday_jax import parallel
+
+  mesh = parallel.data_mesh()
+  devices = mesh.devices.size
+  if batch % devices:
+    raise SystemExit(f"--batch {batch} must be a multiple of the {devices} JAX devices.")
+  return mesh
+
+
 class JaxSide:
   """`maeday_jax`'s model on the benchmark weights; subclasses compile and time a step.
 
@@ -37,10 +48,7 @@ class JaxSide:
     }
     if mismatched or self.model.mlp_ratio != MLP_RATIO:
       raise RuntimeError(f"ARCHS[{args.arch!r}] disagrees with maeday_jax: {mismatched}")
-    self.mesh = parallel.data_mesh()
-    devices = self.mesh.devices.size
-    if args.batch % devices:
-      raise SystemExit(f"--batch {args.batch} must be a multiple of the {devices} JAX devices.")
+    self.mesh = data_mesh(args.batch)
     state = random_state_dict(arch, args.seed)
     params = state_dict.to_params(state, models.param_shapes(self.model), "benchmark weights")
     self.params = parallel.replicate(params, self.mesh)

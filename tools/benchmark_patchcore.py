@@ -79,8 +79,8 @@ from benchmark_common import (
   timed,
   timing_words,
 )
-from benchmark_jax import JaxSide
-from benchmark_torch import TorchSide
+from benchmark_jax import JaxSide, data_mesh
+from benchmark_torch import TorchSide, torch_device
 
 IMAGE_SIZE = 224
 LAYERS = ("layer2", "layer3")
@@ -405,14 +405,7 @@ class TorchPatchcore(TorchSide):
 
     self.torch, self.args, self.arch = torch, args, arch
     self.flops_per_item = describe_work(args, arch)["per_image"]
-    threads = args.torch_threads or (
-      len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    )
-    torch.set_num_threads(threads)
-    self.device = torch.device(args.torch_device)
-    self.cuda = self.device.type == "cuda"
-    if self.cuda and not torch.cuda.is_available():
-      raise SystemExit("--torch-device cuda: this torch build sees no CUDA device.")
+    self.device, self.cuda = torch_device(torch, args)
     if self.cuda:
       # As XLA on GPUs: TF32 convolutions; distances in full float32 (maeday_jax's HIGHEST).
       torch.backends.cudnn.allow_tf32 = True
@@ -573,10 +566,7 @@ class JaxPatchcore(JaxSide):
         f"RESNET_ARCHS[{args.arch!r}] disagrees with maeday_jax: {self.model} vs "
         f"{backbones.create(args.arch, dtype=dtype)}"
       )
-    self.mesh = mesh = parallel.data_mesh()
-    devices = mesh.devices.size
-    if args.batch % devices:
-      raise SystemExit(f"--batch {args.batch} must be a multiple of the {devices} JAX devices.")
+    self.mesh = mesh = data_mesh(args.batch)
     self.variables = parallel.replicate(jax.tree.map(jnp.asarray, variables), mesh)
     self.shots_np, self.images_np = make_inputs(args.shots, args.batch, args.seed)
     self.digest = arrays_digest(self.shots_np, self.images_np, *state.values())

@@ -13,6 +13,20 @@ import os
 from benchmark_common import log, machine_info, random_state_dict, step_stats, timed
 
 
+def torch_device(torch, args):
+  """(device, is CUDA) of `--torch-device`, with `--torch-threads` (default: every CPU
+  this process may use) set; refuses CUDA when this torch build has none."""
+  threads = args.torch_threads or (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  )
+  torch.set_num_threads(threads)
+  device = torch.device(args.torch_device)
+  cuda = device.type == "cuda"
+  if cuda and not torch.cuda.is_available():
+    raise SystemExit("--torch-device cuda: this torch build sees no CUDA device.")
+  return device, cuda
+
+
 class TorchSide:
   """The PyTorch reference model on the benchmark weights; `step(mode)` times one step.
 
@@ -27,14 +41,7 @@ class TorchSide:
 
     self.torch, self.args, self.arch = torch, args, arch
     self.flops_per_item = flops_per_item
-    threads = args.torch_threads or (
-      len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    )
-    torch.set_num_threads(threads)
-    self.device = torch.device(args.torch_device)
-    self.cuda = self.device.type == "cuda"
-    if self.cuda and not torch.cuda.is_available():
-      raise SystemExit("--torch-device cuda: this torch build sees no CUDA device.")
+    self.device, self.cuda = torch_device(torch, args)
     if self.cuda:
       # JAX's default float32 matmul precision on GPUs is TF32; PyTorch's is full float32.
       # Match JAX, or the float32 comparison measures two different arithmetics.

@@ -21,7 +21,6 @@ Outputs under the work directory:
                         times, ensemble statistics
 """
 
-import dataclasses
 import logging
 
 import jax
@@ -236,9 +235,9 @@ class Detectors:
       score_fn = ensemble.sum_score_fn([m.score_fn for m in members], norms)
       replicated = tuple(m.replicated for m in members)
       first = members[0]
-      out[name] = first.with_function(score_fn, replicated, first.image_size, model=first.model)
-      if first.model is not None:
-        out[name] = dataclasses.replace(out[name], params=first.params)
+      out[name] = first.with_function(
+        score_fn, replicated, first.image_size, model=first.model, params=first.params
+      )
     return out
 
 
@@ -263,14 +262,10 @@ def _patchcore_score_fn(model, mesh):
 
 def write_comparisons(seed_dir, names, outcomes: dict, category: str, config) -> None:
   """Side-by-side maps of every method for the category's showcase images (process 0)."""
-  count = (
-    len(outcomes[names[0]].result.file_names)
-    if config.outputs.panels < 0
-    else (config.outputs.panels)
-  )
+  first = outcomes[names[0]]
+  count = len(first.result.file_names) if config.outputs.panels < 0 else config.outputs.panels
   if len(names) < 2 or count <= 0 or jax.process_index() != 0:
     return
-  first = outcomes[names[0]]
   split = first.splits[0]
   by_name = {split.file_name(i): i for i in range(len(split))}
   for position in category_run.showcase_order(first.result)[:count]:
