@@ -21,7 +21,15 @@ from ml_collections import config_dict
 # `model.checkpoint` value that means "randomly initialised weights of `model.variant`"
 # (MAE pre-training from scratch, smoke tests).
 RANDOM_WEIGHTS = "random"
-DTYPES = ("float32", "bfloat16")
+# Compute dtypes; 'auto' = bfloat16 on GPUs and TPUs, float32 on CPUs (parameters,
+# LayerNorm statistics, the softmax and the error maps are float32 in every case).
+DTYPES = ("auto", "float32", "bfloat16")
+# How attention is computed (`models.resolve_attention`): 'auto' = explicit einsums on
+# CPUs, cuDNN's fused kernel on GPUs in half precision, XLA's fusion otherwise.
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+# Mask schedules (`models.masking`): i.i.d. random masks (the paper), or groups of masks
+# whose visible patches partition the image, so every patch is seen equally often.
+MASKINGS = ("random", "stratified")
 
 # The fields that define an MAE architecture (what a converted checkpoint's config
 # records), with their types. `models.ARCH_FIELDS` is this tuple's keys.
@@ -82,7 +90,10 @@ def model_config(
       the checkpoint's value. With 'random' they override the variant; with a checkpoint
       `num_heads` / `decoder_num_heads` set the head counts (not in the tensor shapes)
       and the others must agree with the checkpoint.
-    dtype: compute dtype, 'float32' (default) or 'bfloat16' (accelerators).
+    dtype: compute dtype: 'auto' (default: bfloat16 on GPUs and TPUs, float32 on CPUs),
+      'float32' or 'bfloat16'.
+    attention: 'auto' (default), 'einsum', 'xla' or 'cudnn' (`ATTENTION_IMPLEMENTATIONS`);
+      every choice computes the same function, at different speeds per backend.
     cache_dir: download/conversion cache ('' = $MAEDAY_CACHE_DIR or ~/.cache/maeday_jax).
   """
   config = ml_collections.ConfigDict()
@@ -90,7 +101,8 @@ def model_config(
   config.variant = variant
   for field, field_type in ARCH_FIELD_TYPES.items():
     config[field] = config_dict.placeholder(field_type)
-  config.dtype = "float32"
+  config.dtype = "auto"
+  config.attention = "auto"
   config.cache_dir = ""
   return config
 
@@ -151,7 +163,12 @@ def zero_shot_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_masks = 32
   config.mask_ratio = 0.75
   config.batch_size = 8  # Global batch (images); a multiple of the device count.
-  config.mask_batch_size = 0  # Reconstruct this many masks at a time (0 = all 32 at once).
+  # 'random' (the paper's i.i.d. masks) or 'stratified' (groups of masks whose visible
+  # patches partition the image; see `models.masking.stratified_noise`).
+  config.masking = "random"
+  # Reconstruct this many masks at a time (0 = chosen from the device's free memory:
+  # all masks in one pass when they fit).
+  config.mask_batch_size = 0
   config.eval_size = 0  # Pixel-metric resolution (0 = the model's input size, 224).
 
   config.threshold = ml_collections.ConfigDict(dict(method="auto", percentile=99.0, value=0.0))

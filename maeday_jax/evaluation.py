@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from maeday_jax import data, metrics, parallel, reports, thresholds, zero_shot
+from maeday_jax import data, memory_budget, metrics, parallel, reports, thresholds, zero_shot
 from maeday_jax.models import MaskedAutoencoder
 
 # `on_map(file_name, anomaly_map, original_size)`: one scored image's map (model
@@ -63,6 +63,7 @@ class Scoring:
       differs (pixel metrics of models of every resolution then use the same masks).
     eval_size: pixel-metric resolution (None: the maps' own).
     num_workers, prefetch: image decoding threads and batches read ahead.
+    masking: the mask schedule, 'random' or 'stratified' (`zero_shot.image_noise`).
   """
 
   model: MaskedAutoencoder | None
@@ -77,6 +78,7 @@ class Scoring:
   num_workers: int = 4
   prefetch: int = 2
   resize_fn: Callable | None = None
+  masking: str = "random"
 
   @classmethod
   def create(
@@ -94,21 +96,29 @@ class Scoring:
     mesh=None,
     num_workers: int = 4,
     prefetch: int = 2,
+    masking: str = "random",
   ) -> Scoring:
     """Compiles the scoring step for `model` and places `params` on every device.
+
+    `mask_batch_size` None: chosen from the device's free memory
+    (`memory_budget.mask_batch_size`; all masks in one pass when they fit).
 
     Raises:
       ValueError: `batch_size` does not divide over the devices.
     """
     mesh = parallel.data_mesh() if mesh is None else mesh
     parallel.local_batch_size(batch_size, mesh)  # Early error for a bad batch size.
+    if mask_batch_size is None:
+      mask_batch_size = memory_budget.mask_batch_size(
+        model, batch_size // mesh.size, num_masks, mask_ratio, mesh.devices.flat[0]
+      )
     image_size = image_size or model.img_size
     return cls(
       model=model,
       params=params,
       replicated=parallel.replicate(params, mesh),
       mesh=mesh,
-      score_fn=zero_shot.make_scorer(model, mesh, num_masks, mask_ratio, mask_batch_size),
+      score_fn=zero_shot.make_scorer(model, mesh, num_masks, mask_ratio, mask_batch_size, masking),
       key=jax.random.key(0) if key is None else key,
       batch_size=batch_size,
       image_size=image_size,
@@ -116,6 +126,7 @@ class Scoring:
       num_workers=num_workers,
       prefetch=prefetch,
       resize_fn=_input_resizer(model.img_size, mesh) if image_size != model.img_size else None,
+      masking=masking,
     )
 
   @classmethod
@@ -132,6 +143,7 @@ class Scoring:
       eval_size=config.eval_size or None,
       num_workers=config.data.num_workers,
       prefetch=config.data.prefetch,
+      masking=config.get("masking", "random"),
     )
 
   def with_function(

@@ -20,6 +20,23 @@ from maeday_jax.config_errors import require
 log = logging.getLogger("maeday_jax")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Backends whose matrix units run bfloat16 at several times their float32 rate.
+_BFLOAT16_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def compute_dtype(name: str, backend: str | None = None):
+  """The compute dtype a `model.dtype` setting stands for on `backend` (default: JAX's).
+
+  'auto' is bfloat16 on GPUs and TPUs and float32 on CPUs (where bfloat16 matmuls are
+  emulated and slower); parameters, LayerNorm statistics, the softmax and the error maps
+  stay float32 either way.
+  """
+  if name == "auto":
+    backend = backend or jax.default_backend()
+    return jnp.bfloat16 if backend in _BFLOAT16_BACKENDS else jnp.float32
+  return DTYPES[name]
+
+
 # Head counts are not in the tensor shapes: with a checkpoint they are passed to the loader.
 _HEAD_FIELDS = ("num_heads", "decoder_num_heads")
 
@@ -35,9 +52,15 @@ def _architecture_overrides(model_config: ml_collections.ConfigDict) -> dict:
 def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
   """Checks the settings that need no file access (before any long work starts)."""
   require(
-    model_config.dtype in DTYPES,
+    model_config.dtype in defaults.DTYPES,
     "model.dtype",
-    f"{model_config.dtype!r} is not one of {sorted(DTYPES)}.",
+    f"{model_config.dtype!r} is not one of {', '.join(defaults.DTYPES)}.",
+  )
+  attention = model_config.get("attention", "auto")
+  require(
+    attention in defaults.ATTENTION_IMPLEMENTATIONS,
+    "model.attention",
+    f"{attention!r} is not one of {', '.join(defaults.ATTENTION_IMPLEMENTATIONS)}.",
   )
   require(
     bool(model_config.checkpoint),
@@ -65,10 +88,11 @@ def build_model(model_config: ml_collections.ConfigDict, key: jax.Array):
       pass another one).
   """
   validate_model_config(model_config)
-  dtype = DTYPES[model_config.dtype]
+  dtype = compute_dtype(model_config.dtype)
+  attention = model_config.get("attention", "auto")
   overrides = _architecture_overrides(model_config)
   if model_config.checkpoint == defaults.RANDOM_WEIGHTS:
-    model = models.create(model_config.variant, dtype=dtype, **overrides)
+    model = models.create(model_config.variant, dtype=dtype, attention=attention, **overrides)
     return (
       model,
       models.init_params(model, key),
@@ -80,6 +104,7 @@ def build_model(model_config: ml_collections.ConfigDict, key: jax.Array):
       **{field: overrides.get(field) for field in _HEAD_FIELDS},
       dtype=dtype,
       cache_dir=model_config.get("cache_dir") or None,
+      attention=attention,
     )
   except checkpoints.CheckpointError as e:
     raise checkpoints.CheckpointError(

@@ -25,7 +25,8 @@ import numpy as np
 
 from maeday_jax import parallel
 from maeday_jax.blur import gaussian_blur
-from maeday_jax.models import MaskedAutoencoder, masking
+from maeday_jax.models import MaskedAutoencoder
+from maeday_jax.models import masking as patch_masking
 
 DEFAULT_NUM_MASKS = 32
 DEFAULT_MASK_RATIO = 0.75
@@ -79,13 +80,23 @@ def anomaly_maps_from_noise(
   return gaussian_blur(errors.mean(axis=1), BLUR_SIZE, BLUR_SIGMA)
 
 
-def image_noise(keys: jax.Array, num_masks: int, num_patches: int) -> jax.Array:
+def image_noise(
+  keys: jax.Array,
+  num_masks: int,
+  num_patches: int,
+  mask_ratio: float = DEFAULT_MASK_RATIO,
+  schedule: str = "random",
+) -> jax.Array:
   """Masking noise (B, N, L) from one PRNG key per image.
 
   Keying each image separately makes its masks independent of the batch it lands in,
-  of the batch size and of the number of devices.
+  of the batch size and of the number of devices. `schedule` is 'random' (i.i.d.
+  masks, the paper) or 'stratified' (`masking.stratified_noise`: groups of masks whose
+  visible patches partition the image).
   """
-  return jax.vmap(lambda k: masking.random_noise(k, (num_masks,), num_patches))(keys)
+  return jax.vmap(
+    lambda k: patch_masking.schedule_noise(k, num_masks, num_patches, mask_ratio, schedule)
+  )(keys)
 
 
 def example_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
@@ -119,7 +130,9 @@ def image_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i[0]), i[1]))(ids)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_masks", "mask_ratio", "mask_batch_size"))
+@functools.partial(
+  jax.jit, static_argnames=("model", "num_masks", "mask_ratio", "mask_batch_size", "masking")
+)
 def anomaly_maps(
   model: MaskedAutoencoder,
   params: Any,
@@ -128,14 +141,16 @@ def anomaly_maps(
   num_masks: int = DEFAULT_NUM_MASKS,
   mask_ratio: float = DEFAULT_MASK_RATIO,
   mask_batch_size: int | None = None,
+  masking: str = "random",
 ) -> jax.Array:
-  """Pixel anomaly maps (B, H, W) of `images` (B, H, W, 3) under `num_masks` random masks.
+  """Pixel anomaly maps (B, H, W) of `images` (B, H, W, 3) under `num_masks` masks.
 
-  Image b uses the key `fold_in(key, b)`; see `image_noise`. Compiled once per model,
-  shape and setting (the model is a static, hashable argument).
+  Image b uses the key `fold_in(key, b)`; see `image_noise` (and for `masking`,
+  'random' or 'stratified'). Compiled once per model, shape and setting (the model is a
+  static, hashable argument).
   """
   keys = example_keys(key, jnp.arange(images.shape[0]))
-  noise = image_noise(keys, num_masks, model.num_patches)
+  noise = image_noise(keys, num_masks, model.num_patches, mask_ratio, masking)
   return anomaly_maps_from_noise(model, params, images, noise, mask_ratio, mask_batch_size)
 
 
@@ -150,6 +165,7 @@ def make_scorer(
   num_masks: int = DEFAULT_NUM_MASKS,
   mask_ratio: float = DEFAULT_MASK_RATIO,
   mask_batch_size: int | None = None,
+  masking: str = "random",
 ):
   """One compiled, data-parallel scoring step over `mesh`.
 
@@ -157,11 +173,12 @@ def make_scorer(
   and `ids` (B, 2) (`image_ids` of the images) are split over the mesh's data
   axis (B a multiple of its size), `params` (placed with `parallel.replicate`) and `key`
   are replicated. Image i's masks come from `image_keys(key, ids)[i]`, so results do not
-  depend on batching, devices or the other images.
+  depend on batching, devices or the other images. `masking`: 'random' (the paper's
+  i.i.d. masks) or 'stratified' (see `image_noise`).
   """
 
   def score(params, images, ids, key):
-    noise = image_noise(image_keys(key, ids), num_masks, model.num_patches)
+    noise = image_noise(image_keys(key, ids), num_masks, model.num_patches, mask_ratio, masking)
     maps = anomaly_maps_from_noise(model, params, images, noise, mask_ratio, mask_batch_size)
     return maps, image_scores(maps)
 
@@ -183,7 +200,7 @@ def reconstructions(
 
   def one_mask(noise_b):
     pred = model.apply({"params": params}, images, noise=noise_b, mask_ratio=mask_ratio)
-    patch_mask = masking.from_noise(noise_b, mask_ratio).mask  # (B, L)
+    patch_mask = patch_masking.from_noise(noise_b, mask_ratio).mask  # (B, L)
     hidden = jnp.repeat(patch_mask[..., None], model.patch_dim, axis=-1)
     return model.unpatchify(pred), model.unpatchify(hidden)[..., 0]
 

@@ -88,6 +88,7 @@ import benchmark_zero_shot
 from benchmark_common import (
   ARCHS,
   RESNET_ARCHS,
+  BackgroundLoad,
   TorchProcess,
   emit,
   log,
@@ -243,6 +244,21 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument(
+    "--attention",
+    choices=["auto", "einsum", "xla", "cudnn"],
+    default="auto",
+    help="JAX: the model's attention implementation (auto: einsum on CPU, cuDNN on GPU in "
+    "half precision, XLA otherwise)",
+  )
+  parser.add_argument(
+    "--background-load",
+    type=int,
+    default=0,
+    metavar="N",
+    help="run N competing CPU-bound processes during the benchmark (a shared machine, "
+    "reproducibly)",
+  )
   parser.add_argument("--seed", type=int, default=0, help="inputs and weights")
   parser.add_argument("--json", metavar="OUT", help="also write every figure to this file")
   g = parser.add_argument_group("zero_shot")
@@ -377,10 +393,11 @@ def main(argv=None) -> int:
     "work": task.describe_work(args, arch),
   }
   python = _torch_python(args)
-  if args.interleave and python and not args.no_jax:
-    result["jax"], result["pytorch"] = run_interleaved(args, arch, python)
-  else:
-    result["jax"], result["pytorch"] = run_sequential(args, arch, python)
+  with BackgroundLoad(args.background_load):
+    if args.interleave and python and not args.no_jax:
+      result["jax"], result["pytorch"] = run_interleaved(args, arch, python)
+    else:
+      result["jax"], result["pytorch"] = run_sequential(args, arch, python)
   result = {k: v for k, v in result.items() if v is not None}
 
   jx, pt = result.get("jax"), result.get("pytorch")

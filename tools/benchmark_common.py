@@ -251,6 +251,34 @@ def machine_info() -> dict:
   return info
 
 
+class BackgroundLoad:
+  """`count` competing CPU-bound processes (a Python busy loop each) while in the block.
+
+  Makes "the machine is shared" reproducible: `--background-load 1` on a 2-core machine
+  leaves the benchmarked sides one core's worth of CPU between them and the load.
+  """
+
+  def __init__(self, count: int):
+    self.count, self.processes = count, []
+
+  def __enter__(self):
+    import subprocess
+
+    for _ in range(self.count):
+      self.processes.append(
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+      )
+    if self.count:
+      log(f"[load] started {self.count} busy-loop process(es)")
+    return self
+
+  def __exit__(self, *exc):
+    for process in self.processes:
+      process.kill()
+      process.wait()
+    return False
+
+
 def log(msg: str) -> None:
   # Progress goes to stderr: stdout of the worker carries the result lines.
   print(msg, file=sys.stderr, flush=True)

@@ -25,6 +25,17 @@ def data_mesh(batch: int):
   return mesh
 
 
+def models_attention(model) -> str:
+  """The attention implementation the model's setting resolves to on this backend."""
+  from maeday_jax import models
+
+  if not isinstance(model, models.MaskedAutoencoder):
+    return "-"  # A backbone (PatchCore) has no attention.
+  head_dim = model.embed_dim // model.num_heads
+  resolved = models.resolve_attention(model.attention, model.dtype, head_dim)
+  return resolved if model.attention == resolved else f"{model.attention} -> {resolved}"
+
+
 class JaxSide:
   """`maeday_jax`'s model on the benchmark weights; subclasses compile and time a step.
 
@@ -42,7 +53,9 @@ class JaxSide:
     self.jax, self.args, self.arch = jax, args, arch
     self.flops_per_item = flops_per_item
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    self.model = models.create(args.arch, dtype=dtype, mask_ratio=args.mask_ratio)
+    self.model = models.create(
+      args.arch, dtype=dtype, mask_ratio=args.mask_ratio, attention=args.attention
+    )
     mismatched = {
       k: (getattr(self.model, k), v) for k, v in arch.items() if getattr(self.model, k) != v
     }
@@ -104,6 +117,7 @@ class JaxSide:
       "devices": [str(d) for d in jax.devices()],
       "device_kind": jax.devices()[0].device_kind,
       "dtype": self.args.dtype,
+      "attention": models_attention(self.model),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       **self.compile_times,
       **step_stats(self.wall, self.cpu, self.args.batch, self.flops_per_item),

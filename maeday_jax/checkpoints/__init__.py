@@ -87,8 +87,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   )
 
 
-def _build(arch: dict, dtype, mask_ratio: float) -> MaskedAutoencoder:
-  return MaskedAutoencoder(**arch, dtype=dtype, mask_ratio=mask_ratio)
+def _build(arch: dict, dtype, mask_ratio: float, attention: str = "auto") -> MaskedAutoencoder:
+  return MaskedAutoencoder(**arch, dtype=dtype, mask_ratio=mask_ratio, attention=attention)
 
 
 def _load_file(path: pathlib.Path, num_heads, decoder_num_heads):
@@ -146,6 +146,7 @@ def load_mae(
   dtype: Any = jnp.float32,
   mask_ratio: float = 0.75,
   cache_dir: str | os.PathLike | None = None,
+  attention: str = "auto",
 ) -> tuple[MaskedAutoencoder, dict]:
   """Loads an MAE with its decoder; returns `(model, params)`.
 
@@ -157,6 +158,7 @@ def load_mae(
     dtype: compute dtype of the returned model; parameters are float32 regardless.
     mask_ratio: the model's default mask ratio.
     cache_dir: where known names are downloaded and converted.
+    attention: 'auto', 'einsum', 'xla' or 'cudnn' (`models.resolve_attention`).
 
   Raises:
     CheckpointError: with the file, what is wrong and what to do instead.
@@ -173,9 +175,9 @@ def load_mae(
       arch["num_heads"] = num_heads
     if decoder_num_heads:
       arch["decoder_num_heads"] = decoder_num_heads
-    model = _build(arch, dtype, mask_ratio)
+    model = _build(arch, dtype, mask_ratio, attention)
     params = orbax_format.load_params(path, param_shapes(model))
   else:
     arch, params = _load_file(path, num_heads, decoder_num_heads)
-    model = _build(arch, dtype, mask_ratio)
+    model = _build(arch, dtype, mask_ratio, attention)
   return model, jax.tree.map(jnp.asarray, params)

@@ -95,7 +95,7 @@ def write_reconstructions(
     example = data.load_example(split, index, model.img_size)
     image = jnp.asarray(example["image"])[None]
     keys = zero_shot.image_keys(scoring.key, zero_shot.image_ids(example["image"][None]))
-    noise = zero_shot.image_noise(keys, num_masks, model.num_patches)
+    noise = zero_shot.image_noise(keys, num_masks, model.num_patches, mask_ratio, scoring.masking)
     recon, hidden = zero_shot.reconstructions(model, params, image, noise, mask_ratio)
     # Small models get their tiles enlarged (nearest) so captions stay readable.
     zoom = -(-_MIN_TILE // model.img_size)

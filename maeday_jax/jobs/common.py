@@ -36,7 +36,12 @@ def validate_scoring(config: ml_collections.ConfigDict) -> None:
   require(
     config.mask_batch_size >= 0,
     "mask_batch_size",
-    f"must be >= 0 (0 = all masks at once), got {config.mask_batch_size}.",
+    f"must be >= 0 (0 = chosen from the device's memory), got {config.mask_batch_size}.",
+  )
+  require(
+    config.get("masking", "random") in defaults.MASKINGS,
+    "masking",
+    f"{config.get('masking')!r} is not one of {', '.join(defaults.MASKINGS)}.",
   )
   require(
     config.eval_size >= 0,

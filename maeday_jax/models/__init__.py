@@ -3,6 +3,7 @@
 from maeday_jax.models import masking, patches, pos_embed
 from maeday_jax.models.vit_mae import (
   ARCH_FIELDS,
+  ATTENTION_IMPLEMENTATIONS,
   VARIANTS,
   MaskedAutoencoder,
   architecture,
@@ -10,10 +11,12 @@ from maeday_jax.models.vit_mae import (
   init_params,
   num_params,
   param_shapes,
+  resolve_attention,
 )
 
 __all__ = [
   "ARCH_FIELDS",
+  "ATTENTION_IMPLEMENTATIONS",
   "VARIANTS",
   "MaskedAutoencoder",
   "architecture",
@@ -22,6 +25,7 @@ __all__ = [
   "masking",
   "num_params",
   "param_shapes",
+  "resolve_attention",
   "patches",
   "pos_embed",
 ]

@@ -31,16 +31,63 @@ _token_init = nn.initializers.normal(stddev=0.02)
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=jnp.float32)
 
 
+# How attention is computed (`MaskedAutoencoder.attention`); see `resolve_attention`.
+ATTENTION_IMPLEMENTATIONS = defaults.ATTENTION_IMPLEMENTATIONS
+# cuDNN's fused (flash) attention: half-precision inputs, head dims a multiple of 8, <= 128.
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_attention(attention: str, dtype, head_dim: int, backend: str | None = None) -> str:
+  """The implementation `attention` stands for on `backend` (default: JAX's default).
+
+  'auto' is 'einsum' on CPUs (explicit batched matrix products, fastest on XLA:CPU),
+  'cudnn' on GPUs when the compute dtype is bfloat16/float16 and the head dimension
+  suits cuDNN's fused kernel, and 'xla' (`jax.nn.dot_product_attention`, XLA's own
+  fusion; the TPU path) otherwise. Explicit names are returned as given.
+  """
+  if attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention={attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
+  if attention != "auto":
+    return attention
+  backend = backend or jax.default_backend()
+  if backend == "cpu":
+    return "einsum"
+  if backend in ("gpu", "cuda") and _cudnn_suits(dtype, head_dim):
+    return "cudnn"
+  return "xla"
+
+
+def _cudnn_suits(dtype, head_dim: int) -> bool:
+  return jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES] and (
+    head_dim % 8 == 0 and head_dim <= 128
+  )
+
+
+def _einsum_attention(qkv: jax.Array) -> jax.Array:
+  """Softmax attention of (B, T, 3, heads, head_dim) -> (B, T, heads, head_dim)."""
+  # Heads go before tokens, so that both attention products are plain batched matrix
+  # products over (B, heads): on CPUs this layer ran 1.4x faster forward and 1.2x
+  # backward than `jax.nn.dot_product_attention` on (B, N, heads, head_dim).
+  q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # float32 softmax
+  return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (official layout).
 
   Attributes:
     num_heads: number of heads; the width must be divisible by it.
     dtype: compute dtype.
+    attention: 'auto', 'einsum', 'xla' or 'cudnn' (see `resolve_attention`). 'auto'
+      with an explicit cuDNN failure (an unsupported GPU or shape) falls back to 'xla'.
   """
 
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -51,18 +98,21 @@ class Attention(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_dense_init)
     qkv = dense(3 * width, name="qkv")(x)
     # The official reshape is (B, N, 3, heads, head_dim): q, k, v are contiguous thirds.
-    # Heads go before tokens, so that both attention products are plain batched matrix
-    # products over (B, heads): on CPUs this layer ran 1.4x faster forward and 1.2x
-    # backward than with `jax.nn.dot_product_attention` on (B, N, heads, head_dim).
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    scores = jnp.einsum(
-      "bhqd,bhkd->bhqk", q * jnp.asarray(head_dim**-0.5, q.dtype), k,
-      preferred_element_type=jnp.float32,
-    )  # fmt: skip
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # float32 softmax
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    out = self._attend(qkv, head_dim)
     return dense(width, name="proj")(out.reshape(batch, tokens, width))
+
+  def _attend(self, qkv: jax.Array, head_dim: int) -> jax.Array:
+    implementation = resolve_attention(self.attention, self.dtype, head_dim)
+    if implementation == "einsum":
+      return _einsum_attention(qkv)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if implementation == "cudnn" and self.attention == "auto":
+      try:  # Checked while tracing: an unsupported GPU or shape raises here.
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+      except (RuntimeError, ValueError, NotImplementedError, TypeError):
+        implementation = "xla"
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 class Mlp(nn.Module):
@@ -85,12 +135,13 @@ class Block(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
     y = LayerNorm(name="norm1")(x).astype(self.dtype)
-    x = x + Attention(self.num_heads, self.dtype, name="attn")(y)
+    x = x + Attention(self.num_heads, self.dtype, self.attention, name="attn")(y)
     y = LayerNorm(name="norm2")(x).astype(self.dtype)
     return x + Mlp(int(width * self.mlp_ratio), self.dtype, name="mlp")(y)
 
@@ -144,6 +195,8 @@ class MaskedAutoencoder(nn.Module):
     in_chans: input channels (3).
     mask_ratio: default fraction of patches removed.
     dtype: compute dtype (parameters stay float32).
+    attention: how attention is computed, 'auto' (per backend), 'einsum', 'xla' or
+      'cudnn' (see `resolve_attention`); every choice computes the same function.
   """
 
   img_size: int = 224
@@ -158,6 +211,7 @@ class MaskedAutoencoder(nn.Module):
   in_chans: int = 3
   mask_ratio: float = 0.75
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @property
   def grid_size(self) -> int:
@@ -184,7 +238,7 @@ class MaskedAutoencoder(nn.Module):
       "pos_embed", _fixed_pos_embed(self.embed_dim, grid), (1, length, self.embed_dim)
     )
     self.blocks = [
-      Block(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")
+      Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention, name=f"blocks_{i}")
       for i in range(self.depth)
     ]
     self.norm = LayerNorm()
@@ -196,7 +250,13 @@ class MaskedAutoencoder(nn.Module):
       (1, length, self.decoder_embed_dim),
     )
     self.decoder_blocks = [
-      Block(self.decoder_num_heads, self.mlp_ratio, self.dtype, name=f"decoder_blocks_{i}")
+      Block(
+        self.decoder_num_heads,
+        self.mlp_ratio,
+        self.dtype,
+        self.attention,
+        name=f"decoder_blocks_{i}",
+      )
       for i in range(self.decoder_depth)
     ]
     self.decoder_norm = LayerNorm()
