@@ -284,6 +284,14 @@ def pretrain_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.mask_ratio = 0.75
   config.train.loss = "masked"  # 'masked' (official) or 'all' patches.
   config.train.norm_pix_loss = False  # Per-patch normalised targets (not for scoring).
+  # The loss: pixel_weight * pixel_loss ('mse', official, or 'l1') + ssim_weight *
+  # (1 - SSIM) + adversarial_weight * the pseudo-label predictor's CE (MALA stage 1;
+  # 0 turns a term off; the predictor, Adam at predictor_lr, exists only when > 0).
+  config.train.pixel_loss = "mse"
+  config.train.pixel_weight = 1.0
+  config.train.ssim_weight = 0.0
+  config.train.adversarial_weight = 0.0
+  config.train.predictor_lr = 2e-4
   config.train.load_size = 0  # Resolution images are kept at; 0 = the model's img_size.
   config.train.normal_only = True  # Skip images labelled anomalous.
   config.train.augment = ml_collections.ConfigDict()
@@ -329,3 +337,94 @@ def patchcore_config() -> ml_collections.ConfigDict:
       cache_dir="",
     )
   )
+
+
+def mala_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The MALA detector (`configs/mala.py`): stage 1 MAE, stage 2 segmenter, evaluation.
+
+  `arg='runlocal'`: a few steps of the tiny test model (a smoke test).
+
+  Sections:
+    model: the MAE stage 1 starts from ('random' + variant: from scratch; or any
+      checkpoint, e.g. `<workdir>/model` of `configs/pretrain.py`).
+    data, extra_data: the normal training images of every category of every source,
+      all in one model (multi-class).
+    stage1: a pre-training `train` section (`pretrain_config`); MALA's loss
+      `pixel_weight * L1 + ssim_weight * (1 - SSIM) + adversarial_weight * CE`.
+      `epochs=0` and `steps=0` skip stage 1: stage 2 starts from `model.checkpoint`.
+    stage2: the segmenter's training: AdamW, `l1_weight * L1 + focal_weight * focal`
+      against synthetic defects (`stage2.synthetic`: anomaly_prob, beta_range,
+      threshold, textures = comma-separated 'images', 'procedural', 'folder' (with
+      texture_dir, e.g. the DTD images, max_textures), foreground (+ threshold) for object
+      categories, flips).
+    pool_size: k of the image score, the max of the k x k average-pooled map.
+    eval: the test images (`eval.data`; by default the same source, split `test`),
+      batch_size, eval_size (pixel-metric resolution), maeday (also score the stage-1
+      MAE's reconstruction error, 32 masks, for comparison), threshold and outputs as in
+      zero-shot scoring.
+  """
+  if arg not in (None, "", "runlocal"):
+    raise ValueError(f"Unknown config argument {arg!r}; the only one is 'runlocal'.")
+  runlocal = arg == "runlocal"
+  pretrain = pretrain_config(arg)
+  config = ml_collections.ConfigDict()
+  config.job = "mala"
+  config.seed = 0
+  config.model = pretrain.model
+  config.data = training_source("train")
+  config.extra_data = []
+
+  stage1 = pretrain.train
+  stage1.loss = "all"  # The segmenter and MAEDAY both read every patch's output.
+  stage1.pixel_loss = "l1"
+  stage1.ssim_weight = 1.0
+  stage1.adversarial_weight = 0.1
+  config.stage1 = stage1
+
+  stage2 = ml_collections.ConfigDict()
+  stage2.batch_size = 8 if runlocal else 16
+  stage2.epochs = 50.0
+  stage2.steps = 4 if runlocal else 0  # > 0 overrides epochs.
+  stage2.warmup_epochs = 1.0
+  stage2.warmup_steps = ml_collections.FieldReference(1 if runlocal else None, int)
+  stage2.lr = 2e-4
+  stage2.min_lr = 0.0
+  stage2.weight_decay = 0.01
+  stage2.b1 = 0.9
+  stage2.b2 = 0.999
+  stage2.grad_clip = 1.0
+  stage2.l1_weight = 1.0
+  stage2.focal_weight = 1.0
+  stage2.focal_gamma = 2.0
+  stage2.synthetic = ml_collections.ConfigDict(
+    dict(
+      anomaly_prob=0.5,
+      beta_range=(0.0, 0.8),
+      threshold=0.5,
+      textures="images,procedural",
+      texture_dir="",
+      max_textures=0,
+      foreground=False,
+      foreground_threshold=0.1,
+      hflip=True,
+      vflip=True,
+    )
+  )
+  config.stage2 = stage2
+
+  config.checkpoint_every = 2 if runlocal else 200
+  config.keep_checkpoints = 2
+  config.log_every = 1 if runlocal else 10
+  config.pool_size = 16
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.data = data_config()
+  config.eval.batch_size = 8
+  config.eval.eval_size = 224
+  config.eval.maeday = True
+  config.eval.num_masks = 4 if runlocal else 32
+  config.eval.mask_ratio = 0.75
+  scoring = zero_shot_config(arg)
+  config.eval.threshold = scoring.threshold
+  config.eval.outputs = scoring.outputs
+  return config

@@ -41,8 +41,12 @@ def _job(name: str):
     from maeday_jax import pretrain as job
   elif name == "score":
     from maeday_jax.jobs import score as job
+  elif name == "mala":
+    from maeday_jax.jobs import mala as job
   else:
-    raise ConfigError(f"--config.job: unknown job {name!r} (zero_shot, few_shot, pretrain, score).")
+    raise ConfigError(
+      f"--config.job: unknown job {name!r} (zero_shot, few_shot, pretrain, score, mala)."
+    )
   return job
 
 

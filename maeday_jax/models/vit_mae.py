@@ -264,6 +264,14 @@ class MaskedAutoencoder(nn.Module):
 
   def encode(self, images: jax.Array, ids_keep: jax.Array) -> jax.Array:
     """Encodes the visible patches: (B, H, W, C), (B, K) -> (B, 1 + K, D)."""
+    return self.encode_tokens(images, ids_keep)[1]
+
+  def encode_tokens(self, images: jax.Array, ids_keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(first block's output, normalised last block's output), each (B, 1 + K, D).
+
+    The first layer's tokens keep the local detail the last layer abstracts away (the
+    token balance of `maeday_jax.mala` uses both).
+    """
     # Position tables are fixed in MAE: never let an optimiser move them.
     pos = jax.lax.stop_gradient(self.pos_embed).astype(self.dtype)
     x = self.patch_embed(images.astype(self.dtype)) + pos[:, 1:]
@@ -272,12 +280,19 @@ class MaskedAutoencoder(nn.Module):
       self.cls_token.astype(self.dtype) + pos[:, :1], (x.shape[0], 1, x.shape[-1])
     )
     x = jnp.concatenate([cls, x], axis=1)
+    first = None
     for block in self.blocks:
       x = block(x)
-    return self.norm(x).astype(self.dtype)
+      first = x if first is None else first
+    return first, self.norm(x).astype(self.dtype)
 
   def decode(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
     """Predicts every patch from the latent tokens: (B, 1 + K, D) -> (B, L, p*p*C)."""
+    x = self.decoder_pred(self.decode_tokens(latent, ids_restore))
+    return x[:, 1:].astype(jnp.float32)
+
+  def decode_tokens(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    """The decoder's normalised last-layer tokens, cls first: (B, 1 + L, decoder width)."""
     x = self.decoder_embed(latent)
     batch, visible, width = x.shape
     num_masked = ids_restore.shape[1] + 1 - visible
@@ -288,8 +303,7 @@ class MaskedAutoencoder(nn.Module):
     x = x + jax.lax.stop_gradient(self.decoder_pos_embed).astype(self.dtype)
     for block in self.decoder_blocks:
       x = block(x)
-    x = self.decoder_pred(self.decoder_norm(x).astype(self.dtype))
-    return x[:, 1:].astype(jnp.float32)
+    return self.decoder_norm(x).astype(self.dtype)
 
   def __call__(
     self,

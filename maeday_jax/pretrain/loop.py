@@ -37,8 +37,8 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
-class _Run:
-  """One (re)start of a pre-training run: what every step below reads."""
+class TrainingRun:
+  """One (re)start of a training run: what every step below (and `train_loop`) reads."""
 
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
@@ -56,7 +56,7 @@ class _Run:
     return jax.process_index() == 0
 
 
-def _schedule_lengths(config, num_images: int) -> tuple[int, int, int]:
+def schedule_lengths(config, num_images: int) -> tuple[int, int, int]:
   """(steps per epoch, total steps, warm-up steps) from epochs or explicit steps."""
   train = config.train
   per_epoch = inputs.steps_per_epoch(num_images, train.batch_size)
@@ -95,8 +95,18 @@ def _train_spec(config, model, total_steps: int, warmup_steps: int) -> step_lib.
       b2=float(train.b2),
       grad_clip=float(train.get("grad_clip") or 0.0),
     ),
-    loss=step_lib.LossConfig(float(train.mask_ratio), train.loss, bool(train.norm_pix_loss)),
+    loss=step_lib.LossConfig(
+      float(train.mask_ratio),
+      train.loss,
+      bool(train.norm_pix_loss),
+      pixel_loss=train.get("pixel_loss", "mse"),
+      pixel_weight=float(train.get("pixel_weight", 1.0)),
+      ssim_weight=float(train.get("ssim_weight", 0.0)),
+      adversarial_weight=float(train.get("adversarial_weight", 0.0)),
+    ),
     augment=tuple(sorted(_augment_options(train).items())),
+    predictor_lr=float(train.get("predictor_lr", 2e-4)),
+    seed=int(config.seed),
   )
 
 
@@ -113,9 +123,11 @@ def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   images, _ = inputs.load_images(
     sources, load_size, train.normal_only, num_workers=config.data.num_workers
   )
-  per_epoch, total_steps, warmup_steps = _schedule_lengths(config, len(images))
+  per_epoch, total_steps, warmup_steps = schedule_lengths(config, len(images))
   spec = _train_spec(config, model, total_steps, warmup_steps)
-  run = _Run(config, workdir, mesh, model, source, images, per_epoch, total_steps, spec, step_key)
+  run = TrainingRun(
+    config, workdir, mesh, model, source, images, per_epoch, total_steps, spec, step_key
+  )
   logger.info(
     "Pre-training %s (%s, %.1fM parameters) on %d images from %d source(s): %d steps "
     "(%d per epoch), batch %d, peak lr %.3g, warm-up %d",
@@ -133,33 +145,52 @@ def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   return run, params
 
 
-def _restore_or_init(run: _Run, params, manager, key_data) -> tuple[dict, int]:
+def _restore_or_init(run: TrainingRun, params, manager, key_data) -> tuple[dict, int]:
   """The replicated training state: fresh, or the newest checkpoint's."""
-  state = step_lib.replicated_init_state(params, run.spec, run.mesh)
+  return resume(
+    step_lib.replicated_init_state(params, run.spec, run.mesh), manager, key_data, run.mesh
+  )
+
+
+def resume(state: dict, manager, key_data, mesh) -> tuple[dict, int]:
+  """(`state`, 0), or the newest checkpoint's state and step when `manager` has one."""
   start_step = manager.latest_step() or 0
   if start_step:
-    restored = training.restore(manager, start_step, state, key_data)
-    state = parallel.replicate(restored, run.mesh)
-    logger.info("Resumed from %s at step %d", run.workdir / CHECKPOINT_DIR, start_step)
+    state = parallel.replicate(training.restore(manager, start_step, state, key_data), mesh)
+    logger.info("Resumed from %s at step %d", manager.directory, start_step)
   return state, start_step
 
 
-def _train(run: _Run, state: dict, start_step: int, manager, key_data) -> tuple[dict, dict]:
+def _train(run: TrainingRun, state: dict, start_step: int, manager, key_data) -> tuple[dict, dict]:
   """Steps from `start_step` to the end, logging and checkpointing; returns (state, stats)."""
+  compiled = step_lib.make_train_step(run.spec, run.mesh)
+  return train_loop(
+    run, state, start_step, manager, key_data, lambda s, b: compiled(s, b, run.step_key)
+  )
+
+
+def train_loop(
+  run, state: dict, start_step: int, manager, key_data, train_step, desc: str = "pretrain"
+) -> tuple[dict, dict]:
+  """The steps of a training run on in-memory images, logged and checkpointed.
+
+  `run` has `config` (`train.batch_size`, `seed`, `log_every`, `checkpoint_every`),
+  `workdir`, `mesh`, `images` (N, H, W, 3) uint8, `per_epoch`, `total_steps`, `is_main`;
+  `train_step(state, batch) -> (state, metrics)` with metrics including `loss` and
+  `learning_rate`. Batches depend only on the seed and the step, so a resumed run
+  repeats an uninterrupted one. Returns (state, {"final_loss", "train_seconds"}).
+  """
   config, train = run.config, run.config.train
   log = logs.MetricsLog(run.workdir / logs.METRICS_FILE, resume_step=start_step)
-  train_step = step_lib.make_train_step(run.spec, run.mesh)
   rows = inputs.local_rows(train.batch_size)
   log_every = max(1, int(config.get("log_every", 10)))
   checkpoint_every = max(1, int(config.checkpoint_every))
-  bar = tqdm.tqdm(
-    total=run.total_steps, initial=start_step, desc="pretrain", disable=not run.is_main
-  )
+  bar = tqdm.tqdm(total=run.total_steps, initial=start_step, desc=desc, disable=not run.is_main)
   train_seconds, last_time, last_step, record = 0.0, None, start_step, None
   for step in range(start_step, run.total_steps):
     indices = inputs.batch_indices(len(run.images), train.batch_size, step, config.seed)
     batch = parallel.shard_batch(run.images[indices[rows]], run.mesh)
-    state, step_metrics = train_step(state, batch, run.step_key)
+    state, step_metrics = train_step(state, batch)
     done = step + 1
     if last_time is None:
       # Throughput is measured from the end of the first (compiling) step.
@@ -188,7 +219,7 @@ def _train(run: _Run, state: dict, start_step: int, manager, key_data) -> tuple[
   return state, {"final_loss": record["loss"] if record else None, "train_seconds": train_seconds}
 
 
-def _evaluate(run: _Run, params) -> dict | None:
+def _evaluate(run: TrainingRun, params) -> dict | None:
   """Zero-shot metrics of the trained model when `config.eval.enabled`."""
   eval_config = run.config.get("eval")
   if eval_config is None or not eval_config.enabled:

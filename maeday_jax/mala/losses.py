@@ -1,0 +1,122 @@
+"""MALA's training losses: reconstruction (L1, SSIM) and segmentation (focal, L1), BCE.
+
+Stage 1 (the MAE) minimises `a1 * l1 + a2 * ssim_loss + a3 * CE`, CE being the pseudo-label
+predictor's verdict (`plpm.adversarial_loss`); stage 2 (the segmenter) minimises
+`b1 * segmentation_l1 + b2 * focal_loss` against the synthetic defect mask.
+
+Segmenter outputs are 2-channel logits (B, H, W, 2): channel 0 = anomaly, channel 1 =
+normal, a softmax over the channels. Every loss is a mean (a scalar), pure `jax.numpy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from maeday_jax.mala import ssim as ssim_lib
+
+
+def l1(pred: jax.Array, target: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """Mean absolute error; with `weights` (broadcastable to pred), the weighted mean.
+
+  The weighted mean is sum(w |pred - target|) / sum(w) over the broadcast shape, and 0
+  where every weight is 0.
+  """
+  error = jnp.abs(pred - target)
+  if weights is None:
+    return error.mean()
+  weights = jnp.broadcast_to(jnp.asarray(weights, error.dtype), error.shape)
+  total = weights.sum()
+  # The guarded division keeps the value and the gradient finite for all-zero weights.
+  return jnp.where(total > 0, (weights * error).sum() / jnp.where(total > 0, total, 1), 0.0)
+
+
+def ssim_loss(
+  pred: jax.Array,
+  target: jax.Array,
+  data_range,
+  *,
+  win_size: int | None = None,
+  sigma: float = 1.5,
+  k1: float = 0.01,
+  k2: float = 0.03,
+) -> jax.Array:
+  """Mean over the batch of 1 - SSIM (`ssim.ssim`, scikit-image's Gaussian SSIM).
+
+  `pred`, `target`: (B, H, W, C); `data_range`: their value range, scalar or (B,).
+  """
+  similarity = ssim_lib.ssim(
+    pred, target, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2
+  )
+  return jnp.mean(1.0 - similarity)
+
+
+def _two_channels(logits: jax.Array, target_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  logits = jnp.asarray(logits)
+  if logits.shape[-1] != 2:
+    raise ValueError(f"Segmentation logits need 2 channels (anomaly, normal), got {logits.shape}.")
+  if jnp.shape(target_mask) != logits.shape[:-1]:
+    raise ValueError(
+      f"The mask {jnp.shape(target_mask)} must be the logits' shape {logits.shape} without "
+      "the channel axis."
+    )
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  return logits, jnp.asarray(target_mask, logits.dtype)
+
+
+def focal_loss(
+  logits: jax.Array,
+  target_mask: jax.Array,
+  *,
+  gamma: float = 2.0,
+  alpha: float | Sequence[float] | None = None,
+) -> jax.Array:
+  """Focal loss (Lin et al. 2017, as DRAEM trains its segmenter), mean over pixels.
+
+  Per pixel, with p = softmax(logits) and the target distribution q = [mask, 1 - mask]
+  (channel 0 = anomaly): `-sum_k alpha_k q_k (1 - p_k)^gamma log p_k`. For a binary mask
+  this is `-alpha_t (1 - p_t)^gamma log p_t`; gamma 0 and no alpha is the cross-entropy.
+  (DRAEM binarises the mask and clamps the one-hot target at 1e-5; neither is done here.)
+
+  Args:
+    logits: (..., 2) segmentation logits.
+    target_mask: (...) in [0, 1], 1 = anomalous.
+    gamma: the focusing exponent (>= 0): well-classified pixels count less.
+    alpha: None (no class weights); a float: weight alpha on the anomaly class and
+      1 - alpha on the normal class (Lin et al.'s alpha-balancing); or the two class
+      weights (anomaly, normal).
+  """
+  logits, mask = _two_channels(logits, target_mask)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  target = jnp.stack([mask, 1.0 - mask], axis=-1)
+  # With two classes 1 - p_k is the other class's probability, so (1 - p_k)^gamma is
+  # exp(gamma * log p_other): exact where p_k rounds to 1, and with a finite gradient.
+  modulating = jnp.exp(gamma * log_p[..., ::-1])
+  per_class = target * modulating * log_p
+  if alpha is not None:
+    weights = [alpha, 1.0 - alpha] if isinstance(alpha, (int, float)) else list(alpha)
+    if len(weights) != 2:
+      raise ValueError(f"focal_loss alpha needs 2 class weights, got {alpha!r}.")
+    per_class = per_class * jnp.asarray(weights, logits.dtype)
+  return -per_class.sum(axis=-1).mean()
+
+
+def segmentation_l1(logits: jax.Array, target_mask: jax.Array) -> jax.Array:
+  """Mean |softmax(logits)[..., 0] - mask|: the anomaly probability's L1 error per pixel."""
+  logits, mask = _two_channels(logits, target_mask)
+  return jnp.abs(jax.nn.softmax(logits, axis=-1)[..., 0] - mask).mean()
+
+
+def binary_cross_entropy_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean binary cross-entropy of sigmoid(logits) against labels in [0, 1].
+
+  Written as max(z, 0) - z y + log(1 + exp(-|z|)), which never overflows and is exact for
+  hard labels at large |z|.
+  """
+  logits = jnp.asarray(logits)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  labels = jnp.asarray(labels, logits.dtype)
+  per_item = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  return per_item.mean()

@@ -1,0 +1,313 @@
+"""MALA stage 2: the decoder and the Token Balance Module learn to segment synthetic defects.
+
+The MAE encoder (from stage 1) is frozen; every step draws DRAEM-style anomalies on the
+normal training images on device (`mala.synthetic`: Perlin masks filled with a blend of
+a foreign texture) and trains the segmenter with `l1_weight * L1 + focal_weight * focal`
+between its defect probability and the synthetic mask.
+
+Files under the stage's work directory: `checkpoints/` (resumable; rerunning resumes),
+`metrics.jsonl` and `training.png` (loss terms), `segmenter/` (the trained model:
+`mae/`, loadable by `checkpoints.load_mae`, and `token_balance/`), `summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from maeday_jax import checkpoints, imagenet, model_builder, parallel, training
+from maeday_jax.mala import losses, synthetic
+from maeday_jax.mala.segmenter import Segmenter, merge, segmenter_params, split_frozen
+from maeday_jax.pretrain import inputs, loop, optim
+
+logger = logging.getLogger(__name__)
+
+TEXTURE_SOURCES = ("images", "procedural", "folder")
+SEGMENTER_DIR = "segmenter"
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """How synthetic defects are drawn (see `mala.synthetic.synthesize`).
+
+  Attributes:
+    anomaly_prob: share of training images that get a defect.
+    beta_range: opacity range of the image inside the defect (0 = pure texture).
+    threshold: Perlin threshold (higher: smaller defects).
+    textures: sources the foreign texture of each defect is drawn from, uniformly:
+      'images' (other normal images of the batch, moved and recoloured), 'procedural'
+      (noise, stripes, checkerboards, dots) and 'folder' (a texture folder, e.g. DTD).
+    foreground: restrict defects to a heuristic foreground (object categories).
+    foreground_threshold: grey difference from the border that counts as foreground.
+    hflip, vflip: random flips of the normal images first.
+    grayscale: make every texture grey (set when the training images are grey: a
+      coloured defect would teach the segmenter that colour is the defect).
+  """
+
+  anomaly_prob: float = 0.5
+  beta_range: tuple[float, float] = (0.0, 0.8)
+  threshold: float = 0.5
+  textures: tuple[str, ...] = ("images", "procedural")
+  foreground: bool = False
+  foreground_threshold: float = 0.1
+  hflip: bool = True
+  vflip: bool = True
+  grayscale: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Spec:
+  """What the compiled stage-2 step depends on (hashable: the step is cached on it)."""
+
+  segmenter: Segmenter
+  optimizer: optim.OptimizerConfig
+  synthetic: SyntheticConfig = SyntheticConfig()
+  l1_weight: float = 1.0
+  focal_weight: float = 1.0
+  focal_gamma: float = 2.0
+
+
+def _flip(key: jax.Array, images: jax.Array, axis: int) -> jax.Array:
+  flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+  return jnp.where(flip, jnp.flip(images, axis=axis), images)
+
+
+def synthetic_batch(key: jax.Array, images_u8: jax.Array, config: SyntheticConfig, bank=None):
+  """(model inputs (B, H, W, 3) normalised, defect masks (B, H, W)) of normal images."""
+  k_h, k_v, k_source, k_tex, k_syn = jax.random.split(key, 5)
+  images = images_u8.astype(jnp.float32) / 255.0
+  if config.hflip:
+    images = _flip(k_h, images, 2)
+  if config.vflip:
+    images = _flip(k_v, images, 1)
+  batch, size = images.shape[0], images.shape[1:3]
+  tex_keys = jax.random.split(k_tex, len(config.textures))
+  candidates = []
+  for source, k in zip(config.textures, tex_keys, strict=True):
+    if source == "images":
+      candidates.append(synthetic.textures_from_images(k, images))
+    elif source == "procedural":
+      candidates.append(synthetic.procedural_textures(k, batch, size))
+    else:
+      candidates.append(synthetic.textures_from_bank(k, bank, batch))
+  choice = jax.random.randint(k_source, (batch,), 0, len(candidates))
+  textures = jnp.stack(candidates)[choice, jnp.arange(batch)]
+  if config.grayscale:
+    textures = jnp.broadcast_to(textures.mean(axis=-1, keepdims=True), textures.shape)
+  foreground = (
+    synthetic.foreground_mask(images, config.foreground_threshold) if config.foreground else None
+  )
+  anomalous, masks = synthetic.synthesize(
+    k_syn,
+    images,
+    textures,
+    foreground=foreground,
+    anomaly_prob=config.anomaly_prob,
+    beta_range=tuple(config.beta_range),
+    threshold=config.threshold,
+  )
+  return imagenet.normalize(anomalous * 255.0), masks
+
+
+def stage2_loss(spec: Stage2Spec, trainable, frozen, images, masks):
+  """(total loss, its terms) of the segmenter on a batch with defect masks."""
+  logits = spec.segmenter.apply({"params": merge(frozen, trainable)}, images)
+  l1 = losses.segmentation_l1(logits, masks)
+  focal = losses.focal_loss(logits, masks, gamma=spec.focal_gamma)
+  return spec.l1_weight * l1 + spec.focal_weight * focal, {"l1": l1, "focal": focal}
+
+
+@functools.lru_cache(maxsize=4)
+def make_step(spec: Stage2Spec, mesh):
+  """`step(state, frozen, bank, images_u8, key) -> (state, metrics)`, jitted over `mesh`.
+
+  `images_u8` is split over the data axis; the rest is replicated; the state is donated.
+  Step t's randomness is `fold_in(key, t)` and the example's row, so a resumed run
+  repeats an uninterrupted one.
+  """
+  optimizer, schedule = spec.optimizer.make(), spec.optimizer.schedule()
+
+  def step(state, frozen, bank, images_u8, key):
+    step_key = jax.random.fold_in(key, state["step"])
+    images, masks = synthetic_batch(step_key, images_u8, spec.synthetic, bank)
+    (loss, terms), grads = jax.value_and_grad(stage2_loss, argnums=1, has_aux=True)(
+      spec, state["params"], frozen, images, masks
+    )
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {
+      "loss": loss,
+      **terms,
+      "defect_fraction": masks.mean(),
+      "learning_rate": schedule(state["step"]),
+      "grad_norm": optax.tree.norm(grads),
+    }
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  whole, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(
+    step,
+    in_shardings=(whole, whole, whole, data, whole),
+    out_shardings=(whole, whole),
+    donate_argnums=0,
+  )
+
+
+def save_segmenter(directory: pathlib.Path, segmenter: Segmenter, params, source: str) -> None:
+  """Writes the trained segmenter: `mae/` (a converted MAE) and `token_balance/`."""
+  directory = pathlib.Path(directory)
+  training.export_model(directory / "mae", segmenter.mae, params["mae"], source)
+  tbm = training.to_host({k: v for k, v in params.items() if k != "mae"})
+  target = (directory / "token_balance").absolute()
+  if target.exists() and jax.process_index() == 0:
+    import shutil
+
+    shutil.rmtree(target)
+  parallel.barrier("maeday_jax: cleared the token balance directory")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(target, tbm)
+  checkpointer.wait_until_finished()
+
+
+def load_segmenter(directory, dtype="auto", attention: str = "auto") -> tuple[Segmenter, dict]:
+  """The segmenter `save_segmenter` wrote: (Segmenter, params)."""
+  directory = pathlib.Path(directory).expanduser()
+  mae, mae_params = checkpoints.load_mae(
+    directory / "mae", dtype=model_builder.compute_dtype(dtype), attention=attention
+  )
+  segmenter = Segmenter(mae)
+  shapes = jax.eval_shape(lambda: segmenter_params(segmenter, mae_params, jax.random.key(0)))
+  abstract = {k: v for k, v in shapes.items() if k != "mae"}
+  try:
+    tbm = ocp.StandardCheckpointer().restore((directory / "token_balance").absolute(), abstract)
+  except Exception as e:  # Orbax raises many types; all mean the same to a user.
+    raise checkpoints.CheckpointError(
+      f"{directory}: not a segmenter written by the MALA job ({type(e).__name__}: {e})."
+    ) from e
+  return segmenter, {"mae": mae_params, **tbm}
+
+
+def _spec(
+  config, segmenter: Segmenter, total: int, warmup: int, grayscale: bool = False
+) -> Stage2Spec:
+  train = config.train
+  syn = train.synthetic
+  return Stage2Spec(
+    segmenter=segmenter,
+    optimizer=optim.OptimizerConfig(
+      peak_lr=float(train.lr),
+      total_steps=total,
+      warmup_steps=warmup,
+      min_lr=float(train.min_lr),
+      weight_decay=float(train.weight_decay),
+      b1=float(train.b1),
+      b2=float(train.b2),
+      grad_clip=float(train.grad_clip),
+    ),
+    synthetic=SyntheticConfig(
+      anomaly_prob=float(syn.anomaly_prob),
+      beta_range=tuple(float(v) for v in syn.beta_range),
+      threshold=float(syn.threshold),
+      textures=tuple(_split(syn.textures)),
+      foreground=bool(syn.foreground),
+      foreground_threshold=float(syn.foreground_threshold),
+      hflip=bool(syn.hflip),
+      vflip=bool(syn.vflip),
+      grayscale=grayscale,
+    ),
+    l1_weight=float(train.l1_weight),
+    focal_weight=float(train.focal_weight),
+    focal_gamma=float(train.focal_gamma),
+  )
+
+
+def _split(value) -> list[str]:
+  names = value.split(",") if isinstance(value, str) else list(value)
+  return [n.strip() for n in names if n.strip()]
+
+
+def _texture_bank(syn, size: int) -> np.ndarray:
+  if "folder" not in _split(syn.textures):
+    return np.zeros((1, size, size, 3), np.uint8)
+  return synthetic.load_texture_folder(syn.texture_dir, size, syn.get("max_textures") or None)
+
+
+def run(config: ml_collections.ConfigDict, workdir, mae_checkpoint: str) -> dict:
+  """Trains the segmenter on `config` (a `defaults.mala_stage2_config()`-shaped section
+  with `model`, `data`, `extra_data`, `seed` and `checkpoint_every`), starting from
+  the MAE at `mae_checkpoint`; resumes from `workdir`. Returns the summary."""
+  wall_start = time.perf_counter()
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = parallel.data_mesh()
+  train = config.train
+  parallel.local_batch_size(train.batch_size, mesh)
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  mae, mae_params = checkpoints.load_mae(
+    mae_checkpoint,
+    dtype=model_builder.compute_dtype(config.model.dtype),
+    attention=config.model.attention,
+  )
+  segmenter = Segmenter(mae)
+  frozen, trainable = split_frozen(segmenter_params(segmenter, mae_params, init_key))
+  sources = inputs.training_sources([config.data, *config.get("extra_data", [])])
+  images, _ = inputs.load_images(sources, mae.img_size, True, config.data.num_workers)
+  per_epoch, total, warmup = loop.schedule_lengths(config, len(images))
+  grey = bool(np.all(images[..., :1] == images[..., 1:]))
+  spec = _spec(config, segmenter, total, warmup, grayscale=grey)
+  bank = parallel.replicate(jnp.asarray(_texture_bank(train.synthetic, mae.img_size)), mesh)
+  frozen = parallel.replicate(frozen, mesh)
+  logger.info(
+    "MALA stage 2 from %s on %d %simages: %d steps (%d per epoch), batch %d, lr %.3g",
+    mae_checkpoint,
+    len(images),
+    "grey " if grey else "",
+    total,
+    per_epoch,
+    train.batch_size,
+    train.lr,
+  )
+  key_data = np.asarray(jax.random.key_data(step_key))
+  manager = training.checkpoint_manager(workdir / loop.CHECKPOINT_DIR, max_to_keep=2)
+  fresh = parallel.replicate(training.init_state(trainable, spec.optimizer.make()), mesh)
+  state, start_step = loop.resume(fresh, manager, key_data, mesh)
+  run_ = loop.TrainingRun(
+    config, workdir, mesh, segmenter, mae_checkpoint, images, per_epoch, total, spec, step_key
+  )
+  compiled = make_step(spec, mesh)
+  state, stats = loop.train_loop(
+    run_,
+    state,
+    start_step,
+    manager,
+    key_data,
+    lambda s, b: compiled(s, frozen, bank, b, step_key),
+    desc="mala stage 2",
+  )
+  manager.close()
+  params = merge(frozen, state["params"])  # Replicated device arrays.
+  save_segmenter(workdir / SEGMENTER_DIR, segmenter, params, f"MALA stage 2: {workdir}")
+  summary = {
+    "workdir": str(workdir),
+    "steps": total,
+    "resumed_from_step": start_step,
+    "num_images": len(images),
+    "final_loss": stats["final_loss"],
+    "train_seconds_this_run": round(stats["train_seconds"], 1),
+    "wall_seconds": round(time.perf_counter() - wall_start, 1),
+    "segmenter_dir": str(workdir / SEGMENTER_DIR),
+  }
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
