@@ -10,6 +10,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from maeday_jax import cpu_limits
 from maeday_jax.checkpoints import CheckpointError
 from maeday_jax.config_errors import ConfigError
 from maeday_jax.data import DataError
@@ -57,6 +58,7 @@ def main(argv) -> None:
   # tfds logs every prepared file through absl at INFO; keep the console for our progress.
   absl_logging.set_verbosity(absl_logging.WARNING)
   config = _CONFIG.value
+  cpu_limits.fit_to_quota()  # Before JAX starts: XLA:CPU sizes its threads from this.
   if _DISTRIBUTED.value:
     import jax
 

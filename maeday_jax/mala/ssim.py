@@ -52,26 +52,30 @@ def _float_inputs(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x.astype(dtype), y.astype(dtype)
 
 
-def _gaussian_filter(stack: jax.Array, window: np.ndarray) -> jax.Array:
-  """Filters each channel of (B, H, W, K) with the separable window, same output size."""
+def _filter_matrix(size: int, window: np.ndarray) -> np.ndarray:
+  """(size, size) matrix of the 1-D filter with symmetric (half-sample) borders."""
   radius = (len(window) - 1) // 2
-  channels = stack.shape[-1]
-  stack = jnp.pad(stack, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="symmetric")
-  taps = jnp.asarray(window, stack.dtype)
-  # Depthwise (one group per channel) 1-D passes, first along H then along W. HIGHEST
-  # precision: accelerators would otherwise run float32 convolutions in TF32/bfloat16.
-  passes = (taps.reshape(-1, 1, 1, 1), taps.reshape(1, -1, 1, 1))
-  for kernel in passes:
-    stack = jax.lax.conv_general_dilated(
-      stack,
-      jnp.broadcast_to(kernel, kernel.shape[:3] + (channels,)),
-      window_strides=(1, 1),
-      padding="VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=channels,
-      precision=jax.lax.Precision.HIGHEST,
-    )
-  return stack
+  # Which source pixel each padded position reads (numpy's 'symmetric' = scipy 'reflect').
+  source = np.pad(np.arange(size), radius, mode="symmetric")
+  matrix = np.zeros((size, size), np.float64)
+  for i in range(size):
+    np.add.at(matrix[i], source[i : i + len(window)], window)
+  return matrix
+
+
+def _gaussian_filter(stack: jax.Array, window: np.ndarray) -> jax.Array:
+  """Filters each channel of (B, H, W, K) with the separable window, same output size.
+
+  Each 1-D pass is a product with a banded (H x H or W x W) matrix that includes the
+  symmetric borders: plain matrix products, fast forward and backward on every backend
+  (depthwise convolutions' gradients are slow on XLA:CPU). HIGHEST precision:
+  accelerators would otherwise multiply float32 in TF32/bfloat16.
+  """
+  rows = jnp.asarray(_filter_matrix(stack.shape[1], window), stack.dtype)
+  cols = jnp.asarray(_filter_matrix(stack.shape[2], window), stack.dtype)
+  highest = jax.lax.Precision.HIGHEST
+  stack = jnp.einsum("hi,biwk->bhwk", rows, stack, precision=highest)
+  return jnp.einsum("wj,bhjk->bhwk", cols, stack, precision=highest)
 
 
 def _constants(data_range, dtype, k1: float, k2: float) -> tuple[jax.Array, jax.Array]:
