@@ -25,3 +25,21 @@ def mt_sample_dir() -> pathlib.Path:
   if not path.is_dir():
     pytest.skip(f"{path} not found (only present on developer/CI machines)")
   return path
+
+
+def kill_at_step(monkeypatch, step: int, run) -> None:
+  """Calls `run()` with the training batch of `step` raising KeyboardInterrupt (a kill
+  after the previous checkpoint), then restores the batch function."""
+  from maeday_jax.pretrain import inputs
+
+  real = inputs.batch_indices
+
+  def killed(num, batch, at, seed):
+    if at == step:
+      raise KeyboardInterrupt("simulated kill")
+    return real(num, batch, at, seed)
+
+  monkeypatch.setattr(inputs, "batch_indices", killed)
+  with pytest.raises(KeyboardInterrupt):
+    run()
+  monkeypatch.setattr(inputs, "batch_indices", real)

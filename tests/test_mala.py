@@ -12,8 +12,10 @@ from maeday_jax import checkpoints, data, models, parallel
 from maeday_jax.data import testing
 from maeday_jax.mala import segmenter as seg
 from maeday_jax.mala import stage2
-from maeday_jax.pretrain import inputs, optim
+from maeday_jax.pretrain import optim
 from maeday_jax.pretrain import step as step_lib
+
+from .conftest import kill_at_step
 
 MAE = models.create("test")  # 32 px, patch 8 (16 patches), width 64, decoder 32
 
@@ -182,17 +184,7 @@ def test_stage2_resume_equals_uninterrupted(fake_tiles, tmp_path, monkeypatch):
 
   stage = ml_collections.ConfigDict({**section, "extra_data": [], "train": config.stage2})
   whole = stage2.run(stage, tmp_path / "whole", str(mae_dir))
-  real = inputs.batch_indices
-
-  def killed(num, batch, step, seed):
-    if step == 3:
-      raise KeyboardInterrupt("simulated kill")
-    return real(num, batch, step, seed)
-
-  monkeypatch.setattr(inputs, "batch_indices", killed)
-  with pytest.raises(KeyboardInterrupt):
-    stage2.run(stage, tmp_path / "resumed", str(mae_dir))
-  monkeypatch.setattr(inputs, "batch_indices", real)
+  kill_at_step(monkeypatch, 3, lambda: stage2.run(stage, tmp_path / "resumed", str(mae_dir)))
   resumed = stage2.run(stage, tmp_path / "resumed", str(mae_dir))
   assert whole["steps"] == 4 and resumed["resumed_from_step"] == 2
   _, a = stage2.load_segmenter(tmp_path / "whole" / stage2.SEGMENTER_DIR)

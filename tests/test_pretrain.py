@@ -16,7 +16,7 @@ from maeday_jax.data import testing
 from maeday_jax.pretrain import augmentation, inputs, loop, optim
 from maeday_jax.pretrain import step as step_lib
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, kill_at_step
 
 
 def _load_config(name: str, arg: str | None = None):
@@ -206,17 +206,7 @@ def test_resume_equals_uninterrupted_and_exports_a_loadable_model(
   assert whole["architecture"]["img_size"] == 32
 
   # Kill the second run when it asks for the batch of step 3 (after the step-2 save).
-  real = inputs.batch_indices
-
-  def killed(num, batch, step, seed):
-    if step == 3:
-      raise KeyboardInterrupt("simulated kill")
-    return real(num, batch, step, seed)
-
-  monkeypatch.setattr(inputs, "batch_indices", killed)
-  with pytest.raises(KeyboardInterrupt):
-    loop.run(config, tmp_path / "resumed")
-  monkeypatch.setattr(inputs, "batch_indices", real)
+  kill_at_step(monkeypatch, 3, lambda: loop.run(config, tmp_path / "resumed"))
   resumed = loop.run(config, tmp_path / "resumed")
   assert resumed["resumed_from_step"] == 2
 

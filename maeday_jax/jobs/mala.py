@@ -108,6 +108,22 @@ def _evaluate(scoring: evaluation.Scoring, config, checkpoint: str, workdir: pat
   return summary, outcomes
 
 
+def _maeday_scoring(mae, params, config, key, mesh=None) -> evaluation.Scoring:
+  """Zero-shot MAEDAY scoring of `mae` at the evaluation settings (images read at
+  `eval.eval_size` and resized on device to the model's input)."""
+  return evaluation.Scoring.create(
+    mae,
+    params,
+    num_masks=config.eval.num_masks,
+    mask_ratio=config.eval.mask_ratio,
+    batch_size=config.eval.batch_size,
+    key=key,
+    image_size=config.eval.eval_size,
+    eval_size=config.eval.eval_size,
+    mesh=mesh,
+  )
+
+
 def _comparison_table(summaries: dict[str, dict]) -> str:
   lines = [
     "| method | category | image AUROC | pixel AUROC | AUPRO |",
@@ -137,16 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   )
   mae = segmenter.mae
   key = jax.random.key(config.seed)
-  base = evaluation.Scoring.create(
-    mae,
-    params["mae"],
-    num_masks=config.eval.num_masks,
-    mask_ratio=config.eval.mask_ratio,
-    batch_size=config.eval.batch_size,
-    key=key,
-    image_size=config.eval.eval_size,
-    eval_size=config.eval.eval_size,
-  )
+  base = _maeday_scoring(mae, params["mae"], config, key)
   mesh = base.mesh
   mala_scoring = base.with_function(
     segmenter_lib.make_scorer(segmenter, mesh, config.pool_size),
@@ -161,17 +168,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       dtype=model_builder.compute_dtype(config.model.dtype),
       attention=config.model.attention,
     )
-    maeday = evaluation.Scoring.create(
-      stage1_mae,
-      stage1_params,
-      num_masks=config.eval.num_masks,
-      mask_ratio=config.eval.mask_ratio,
-      batch_size=config.eval.batch_size,
-      key=key,
-      image_size=config.eval.eval_size,
-      eval_size=config.eval.eval_size,
-      mesh=mesh,
-    )
+    maeday = _maeday_scoring(stage1_mae, stage1_params, config, key, mesh)
     name = f"MAEDAY (stage-1 MAE, {config.eval.num_masks} masks)"
     summaries[name], _ = _evaluate(maeday, config, mae_checkpoint, workdir / "maeday")
   if jax.process_index() == 0:

@@ -205,16 +205,7 @@ def _spec(
   syn = train.synthetic
   return Stage2Spec(
     segmenter=segmenter,
-    optimizer=optim.OptimizerConfig(
-      peak_lr=float(train.lr),
-      total_steps=total,
-      warmup_steps=warmup,
-      min_lr=float(train.min_lr),
-      weight_decay=float(train.weight_decay),
-      b1=float(train.b1),
-      b2=float(train.b2),
-      grad_clip=float(train.grad_clip),
-    ),
+    optimizer=optim.OptimizerConfig.from_train(train, train.lr, total, warmup),
     synthetic=SyntheticConfig(
       anomaly_prob=float(syn.anomaly_prob),
       beta_range=tuple(float(v) for v in syn.beta_range),

@@ -38,8 +38,12 @@ class MetricsLog:
       f.write(json.dumps(record) + "\n")
 
 
+# Loss terms besides `loss_*` that a training step may log (MALA stage 2).
+_TERMS = ("l1", "focal")
+
+
 def plot(records: list[dict], path: str | os.PathLike, title: str = "") -> pathlib.Path | None:
-  """Plots loss, learning rate and throughput against the step into a PNG."""
+  """Plots the loss (and its logged terms), learning rate and throughput into a PNG."""
   if not records:
     return None
   import matplotlib
@@ -54,13 +58,20 @@ def plot(records: list[dict], path: str | os.PathLike, title: str = "") -> pathl
     ("learning_rate", "learning rate", False),
     ("images_per_sec", "throughput (images/s)", False),
   )
+  terms = sorted({k for r in records for k in r if k.startswith("loss_") or k in _TERMS})
   for ax, (field, label, log_scale) in zip(axes, panels, strict=True):
-    pairs = [(s, r[field]) for s, r in zip(steps, records, strict=True) if r.get(field) is not None]
-    if pairs:
-      ax.plot(*zip(*pairs, strict=True), lw=1.2)
+    curves = [field, *terms] if field == "loss" else [field]
+    values = []
+    for name in curves:
+      pairs = [(s, r[name]) for s, r in zip(steps, records, strict=True) if r.get(name) is not None]
+      if pairs:
+        ax.plot(*zip(*pairs, strict=True), lw=1.2 if name == field else 0.9, label=name)
+        values += [v for _, v in pairs]
+    if len(curves) > 1:
+      ax.legend(fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel(label)
-    if log_scale and pairs and min(v for _, v in pairs) > 0:
+    if log_scale and values and min(values) > 0:
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
   if title:

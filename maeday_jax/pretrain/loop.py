@@ -85,16 +85,7 @@ def _train_spec(config, model, total_steps: int, warmup_steps: int) -> step_lib.
   peak_lr = train.get("lr") or optim.peak_learning_rate(train.base_lr, train.batch_size)
   return step_lib.TrainSpec(
     model=model,
-    optimizer=optim.OptimizerConfig(
-      peak_lr=float(peak_lr),
-      total_steps=total_steps,
-      warmup_steps=warmup_steps,
-      min_lr=float(train.min_lr),
-      weight_decay=float(train.weight_decay),
-      b1=float(train.b1),
-      b2=float(train.b2),
-      grad_clip=float(train.get("grad_clip") or 0.0),
-    ),
+    optimizer=optim.OptimizerConfig.from_train(train, peak_lr, total_steps, warmup_steps),
     loss=step_lib.LossConfig(
       float(train.mask_ratio),
       train.loss,

@@ -127,6 +127,20 @@ class OptimizerConfig:
   b2: float = 0.95
   grad_clip: float = 0.0
 
+  @classmethod
+  def from_train(cls, train, peak_lr: float, total_steps: int, warmup_steps: int):
+    """The optimiser of a config's `train` section (min_lr, weight_decay, b1, b2, grad_clip)."""
+    return cls(
+      peak_lr=float(peak_lr),
+      total_steps=total_steps,
+      warmup_steps=warmup_steps,
+      min_lr=float(train.min_lr),
+      weight_decay=float(train.weight_decay),
+      b1=float(train.b1),
+      b2=float(train.b2),
+      grad_clip=float(train.get("grad_clip") or 0.0),
+    )
+
   def schedule(self) -> optax.Schedule:
     return learning_rate_schedule(self.peak_lr, self.total_steps, self.warmup_steps, self.min_lr)
 
