@@ -27,8 +27,9 @@ import optax
 import orbax.checkpoint as ocp
 
 from maeday_jax import checkpoints, imagenet, model_builder, parallel, training
-from maeday_jax.mala import losses, synthetic
+from maeday_jax.mala import synthetic
 from maeday_jax.mala.segmenter import Segmenter, merge, segmenter_params, split_frozen
+from maeday_jax.objectives import losses
 from maeday_jax.pretrain import inputs, loop, optim
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from maeday_jax import imagenet, parallel, training
-from maeday_jax.mala import losses, plpm
 from maeday_jax.models import MaskedAutoencoder, masking
+from maeday_jax.objectives import losses, plpm
 from maeday_jax.pretrain import augmentation, optim
 
 LOSSES = ("masked", "all")
@@ -25,7 +25,7 @@ class LossConfig:
 
   The official MAE loss is `pixel_loss='mse'` alone. MALA's stage 1 (`maeday_jax.mala`)
   is `pixel_weight * L1 + ssim_weight * (1 - SSIM) + adversarial_weight * CE`, where CE
-  is the pseudo-label predictor's (`mala.plpm`) cross-entropy of the reconstructions
+  is the pseudo-label predictor's (`objectives.plpm`) cross-entropy of the reconstructions
   against the label 'original', the predictor being trained alongside to tell originals
   from reconstructions. SSIM and CE compare whole reconstructed images in [0, 1].
 

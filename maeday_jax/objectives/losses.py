@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from maeday_jax.mala import ssim as ssim_lib
+from maeday_jax.objectives import ssim as ssim_lib
 
 
 def l1(pred: jax.Array, target: jax.Array, weights: jax.Array | None = None) -> jax.Array:

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maeday_jax.mala.losses import binary_cross_entropy_with_logits
+from maeday_jax.objectives.losses import binary_cross_entropy_with_logits
 
 DEFAULT_WIDTHS = (32, 64, 128, 256)
 

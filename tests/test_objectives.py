@@ -9,8 +9,8 @@ import optax
 import pytest
 from sklearn.metrics import log_loss
 
-from maeday_jax.mala import losses, plpm
-from maeday_jax.mala import ssim as ssim_lib
+from maeday_jax.objectives import losses, plpm
+from maeday_jax.objectives import ssim as ssim_lib
 
 # Compiled once per shape: an eager call compiles each of its operations on its own, which
 # took 2-3 times as long on CPU.

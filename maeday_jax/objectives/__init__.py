@@ -1,0 +1,2 @@
+"""Training objectives shared by the trainers: SSIM, pixel and segmentation losses, the
+pseudo-label predictor (an adversarial image critic)."""
