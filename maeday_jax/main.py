@@ -57,6 +57,9 @@ def main(argv) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   # tfds logs every prepared file through absl at INFO; keep the console for our progress.
   absl_logging.set_verbosity(absl_logging.WARNING)
+  # ... which also raises the root logger to WARNING: keep this library's own INFO lines
+  # (what is trained, resumed, chosen).
+  logging.getLogger("maeday_jax").setLevel(logging.INFO)
   config = _CONFIG.value
   cpu_limits.fit_to_quota()  # Before JAX starts: XLA:CPU sizes its threads from this.
   if _DISTRIBUTED.value:
