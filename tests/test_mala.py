@@ -94,7 +94,7 @@ def test_a_few_stage2_steps_lower_the_loss(segmenter_and_params):
   segmenter, params = segmenter_and_params
   frozen, trainable = seg.split_frozen(params)
   spec = _spec(segmenter, 30)
-  mesh = parallel.data_mesh()
+  mesh = parallel.data_mesh(jax.devices()[:1])
   images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
   # One fixed synthetic batch to measure on (the training batches differ every step).
   fixed_inputs, fixed_masks = stage2.synthetic_batch(
