@@ -15,6 +15,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 
+try:  # JAX >= 0.7
+  from jax import shard_map as _shard_map
+
+  _UNCHECKED = {"check_vma": False}
+except ImportError:  # pragma: no cover - older JAX
+  from jax.experimental.shard_map import shard_map as _shard_map
+
+  _UNCHECKED = {"check_rep": False}
+
 
 def data_mesh(devices=None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes)."""
@@ -62,6 +71,13 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(x, sharding)
 
   return jax.tree.map(put, tree)
+
+
+def per_shard(fn, mesh: Mesh, in_specs, out_specs):
+  """`fn` run by each device on its own block (`shard_map` over `mesh`, unchecked
+  replication): what a step computes row by row, e.g. a data-augmentation pipeline,
+  stays on the device that holds the rows instead of being partitioned by XLA."""
+  return _shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **_UNCHECKED)
 
 
 def shard_batch(tree, mesh: Mesh):

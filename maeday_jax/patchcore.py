@@ -44,15 +44,6 @@ from jax.sharding import PartitionSpec
 from maeday_jax import parallel
 from maeday_jax.blur import gaussian_blur
 
-try:  # JAX >= 0.7
-  from jax import shard_map as _shard_map
-
-  _UNCHECKED = {"check_vma": False}
-except ImportError:  # pragma: no cover - older JAX
-  from jax.experimental.shard_map import shard_map as _shard_map
-
-  _UNCHECKED = {"check_rep": False}
-
 LAYERS = ("layer2", "layer3")
 DEFAULT_CORESET_RATIO = 0.1
 # anomalib `KCenterGreedy` builds `SparseRandomProjection(eps=0.9)`.
@@ -264,9 +255,7 @@ def _kcenter_sharded(rows, matrix, start, *, num_rows, size, chunk, mesh):
   features = rows if matrix is None else jnp.matmul(rows, matrix.T, precision=_HIGHEST)
   body = functools.partial(_greedy_shard, num_rows=num_rows, size=size, chunk=chunk)
   data = PartitionSpec(parallel.DATA_AXIS)
-  return _shard_map(
-    body, mesh=mesh, in_specs=(data, PartitionSpec()), out_specs=PartitionSpec(), **_UNCHECKED
-  )(features, start)
+  return parallel.per_shard(body, mesh, (data, PartitionSpec()), PartitionSpec())(features, start)
 
 
 def _select(rows, matrix, start, size, chunk_size, mesh) -> jax.Array:

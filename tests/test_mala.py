@@ -94,7 +94,7 @@ def test_a_few_stage2_steps_lower_the_loss(segmenter_and_params):
   segmenter, params = segmenter_and_params
   frozen, trainable = seg.split_frozen(params)
   spec = _spec(segmenter, 30)
-  mesh = parallel.data_mesh(jax.devices()[:1])
+  mesh = parallel.data_mesh()
   images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
   # One fixed synthetic batch to measure on (the training batches differ every step).
   fixed_inputs, fixed_masks = stage2.synthetic_batch(
@@ -228,3 +228,26 @@ def test_bad_settings_are_refused():
   config.stage2.synthetic.textures = "folder"
   with pytest.raises(ConfigError, match="texture_dir"):
     job.validate(config)
+
+
+def test_each_device_draws_its_own_defects():
+  """Inside the training step the generator runs per device (no collectives): the same
+  image on every device must still get a different defect on each."""
+  from jax.sharding import PartitionSpec as P
+
+  mesh = parallel.data_mesh()
+  devices = mesh.devices.size
+  image = np.random.default_rng(1).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
+  config = stage2.SyntheticConfig(anomaly_prob=1.0, threshold=0.3)
+  rows = P(parallel.DATA_AXIS)
+
+  def draw(key, images):
+    return stage2.synthetic_batch(key, images, config, None, axis_name=parallel.DATA_AXIS)
+
+  per_device = jax.jit(parallel.per_shard(draw, mesh, (P(), rows), (rows, rows)))
+  batch = parallel.shard_batch(np.repeat(image, devices, axis=0), mesh)
+  _, masks = per_device(jax.random.key(0), batch)
+  masks = np.asarray(masks).reshape(devices, -1)
+  assert masks.shape[0] == devices and masks.max() > 0
+  distinct = {m.tobytes() for m in masks}
+  assert len(distinct) == devices

@@ -84,20 +84,36 @@ def _flip(key: jax.Array, images: jax.Array, axis: int) -> jax.Array:
   return jnp.where(flip, jnp.flip(images, axis=axis), images)
 
 
-def synthetic_batch(key: jax.Array, images_u8: jax.Array, config: SyntheticConfig, bank=None):
-  """(model inputs (B, H, W, 3) normalised, defect masks (B, H, W)) of normal images."""
+def synthetic_batch(
+  key: jax.Array,
+  images_u8: jax.Array,
+  config: SyntheticConfig,
+  bank=None,
+  axis_name: str | None = None,
+):
+  """(model inputs (B, H, W, 3) normalised, defect masks (B, H, W)) of normal images.
+
+  With `axis_name` it runs per device inside `shard_map` over the batch (as the training
+  step does): each shard draws its own flips and defects (the key folded with the shard
+  index), and the 'images' textures come from the other images of the shard (from the
+  image itself, moved and recoloured, when a device holds one image). Nothing crosses
+  devices: a collective here would be in flight beside the update's gradient all-reduce,
+  and XLA:CPU can deadlock on two programs' collectives.
+  """
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   k_h, k_v, k_source, k_tex, k_syn = jax.random.split(key, 5)
-  images = images_u8.astype(jnp.float32) / 255.0
   if config.hflip:
-    images = _flip(k_h, images, 2)
+    images_u8 = _flip(k_h, images_u8, 2)
   if config.vflip:
-    images = _flip(k_v, images, 1)
+    images_u8 = _flip(k_v, images_u8, 1)
+  images = images_u8.astype(jnp.float32) / 255.0
   batch, size = images.shape[0], images.shape[1:3]
   tex_keys = jax.random.split(k_tex, len(config.textures))
   candidates = []
   for source, k in zip(config.textures, tex_keys, strict=True):
     if source == "images":
-      candidates.append(synthetic.textures_from_images(k, images))
+      candidates.append(_image_textures(k, images))
     elif source == "procedural":
       candidates.append(synthetic.procedural_textures(k, batch, size))
     else:
@@ -121,6 +137,14 @@ def synthetic_batch(key: jax.Array, images_u8: jax.Array, config: SyntheticConfi
   return imagenet.normalize(anomalous * 255.0), masks
 
 
+def _image_textures(key: jax.Array, images: jax.Array) -> jax.Array:
+  """Textures cut from the other images of the block, or from the image itself (moved,
+  turned, recoloured) when the block has one image."""
+  if images.shape[0] < 2:
+    return synthetic.texture_views(key, images)
+  return synthetic.textures_from_images(key, images)
+
+
 def stage2_loss(spec: Stage2Spec, trainable, frozen, images, masks):
   """(total loss, its terms) of the segmenter on a batch with defect masks."""
   logits = spec.segmenter.apply({"params": merge(frozen, trainable)}, images)
@@ -131,17 +155,31 @@ def stage2_loss(spec: Stage2Spec, trainable, frozen, images, masks):
 
 @functools.lru_cache(maxsize=4)
 def make_step(spec: Stage2Spec, mesh):
-  """`step(state, frozen, bank, images_u8, key) -> (state, metrics)`, jitted over `mesh`.
+  """`step(state, frozen, bank, images_u8, key) -> (state, metrics)` over `mesh`.
 
   `images_u8` is split over the data axis; the rest is replicated; the state is donated.
   Step t's randomness is `fold_in(key, t)` and the example's row, so a resumed run
-  repeats an uninterrupted one.
+  repeats an uninterrupted one (on the same number of devices).
+
+  Two compiled programs per step: the synthetic defects, drawn on each device for its
+  own rows (`synthetic_batch` inside `parallel.per_shard`), then the update. Compiled
+  as one program, XLA:CPU fuses the generator's long integer-hash chains into the
+  gradient's kernels and takes many minutes to compile them on 8 devices; apart, each
+  compiles in seconds, and the batch never leaves the devices in between.
   """
   optimizer, schedule = spec.optimizer.make(), spec.optimizer.schedule()
+  whole, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  rows, every = data.spec, whole.spec
 
-  def step(state, frozen, bank, images_u8, key):
-    step_key = jax.random.fold_in(key, state["step"])
-    images, masks = synthetic_batch(step_key, images_u8, spec.synthetic, bank)
+  def draw_shard(key, images_u8, bank):
+    return synthetic_batch(key, images_u8, spec.synthetic, bank, axis_name=parallel.DATA_AXIS)
+
+  @functools.partial(jax.jit, in_shardings=(whole, whole, data, whole), out_shardings=data)
+  def draw(key, step, images_u8, bank):
+    per_device = parallel.per_shard(draw_shard, mesh, (every, rows, every), (rows, rows))
+    return per_device(jax.random.fold_in(key, step), images_u8, bank)
+
+  def update(state, frozen, images, masks):
     (loss, terms), grads = jax.value_and_grad(stage2_loss, argnums=1, has_aux=True)(
       spec, state["params"], frozen, images, masks
     )
@@ -156,13 +194,18 @@ def make_step(spec: Stage2Spec, mesh):
     }
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  whole, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  return jax.jit(
-    step,
-    in_shardings=(whole, whole, whole, data, whole),
+  update = jax.jit(
+    update,
+    in_shardings=(whole, whole, data, data),
     out_shardings=(whole, whole),
     donate_argnums=0,
   )
+
+  def step(state, frozen, bank, images_u8, key):
+    images, masks = draw(key, state["step"], images_u8, bank)
+    return update(state, frozen, images, masks)
+
+  return step
 
 
 def save_segmenter(directory: pathlib.Path, segmenter: Segmenter, params, source: str) -> None:

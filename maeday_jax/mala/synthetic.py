@@ -343,6 +343,13 @@ def textures_from_images(key: jax.Array, images: jax.Array, *, jitter: bool = Tr
   return _views(seed, images[source], jitter)
 
 
+def texture_views(key: jax.Array, images: jax.Array, *, jitter: bool = True) -> jax.Array:
+  """Each image (B, H, W, 3) in [0, 1] seen through a random flip / rotation / zoom and,
+  with `jitter`, a random colour change: the textures of `textures_from_images` without
+  the exchange between images (for a batch of one)."""
+  return _views(_seed(key), images, jitter)
+
+
 def _fractal(seed: jax.Array, rows: jax.Array, cols: jax.Array, base: jax.Array) -> jax.Array:
   """Multi-octave Perlin noise (fBm), standardised per image to mean 0, std 1."""
   total = 0.0
