@@ -163,9 +163,9 @@ def make_step(spec: Stage2Spec, mesh):
 
   Two compiled programs per step: the synthetic defects, drawn on each device for its
   own rows (`synthetic_batch` inside `parallel.per_shard`), then the update. Compiled
-  as one program, XLA:CPU fuses the generator's long integer-hash chains into the
-  gradient's kernels and takes many minutes to compile them on 8 devices; apart, each
-  compiles in seconds, and the batch never leaves the devices in between.
+  as one program with a few images per device, XLA:CPU fuses the generator's long
+  integer-hash chains into the gradient's kernels and takes many minutes to compile
+  them; apart, each compiles in seconds, and the batch never leaves the devices.
   """
   optimizer, schedule = spec.optimizer.make(), spec.optimizer.schedule()
   whole, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -203,6 +203,9 @@ def make_step(spec: Stage2Spec, mesh):
 
   def step(state, frozen, bank, images_u8, key):
     images, masks = draw(key, state["step"], images_u8, bank)
+    # One program in flight at a time: XLA:CPU's simulated devices can miss the update's
+    # gradient all-reduce (and abort) while another program is queued on some of them.
+    jax.block_until_ready(masks)
     return update(state, frozen, images, masks)
 
   return step
