@@ -251,3 +251,11 @@ def test_each_device_draws_its_own_defects():
   assert masks.shape[0] == devices and masks.max() > 0
   distinct = {m.tobytes() for m in masks}
   assert len(distinct) == devices
+  # On one device the per-device draw is the whole batch's draw.
+  one = parallel.data_mesh(jax.devices()[:1])
+  images = np.random.default_rng(2).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+  single = jax.jit(parallel.per_shard(draw, one, (P(), rows), (rows, rows)))
+  inputs_a, masks_a = single(jax.random.key(3), parallel.shard_batch(images, one))
+  inputs_b, masks_b = stage2.synthetic_batch(jax.random.key(3), jnp.asarray(images), config)
+  np.testing.assert_allclose(masks_a, masks_b, atol=1e-6)
+  np.testing.assert_allclose(inputs_a, inputs_b, atol=1e-5)

@@ -100,7 +100,8 @@ def synthetic_batch(
   devices: a collective here would be in flight beside the update's gradient all-reduce,
   and XLA:CPU can deadlock on two programs' collectives.
   """
-  if axis_name is not None:
+  if axis_name is not None and jax.lax.axis_size(axis_name) > 1:
+    # Several devices: each its own draw. One device draws what the whole batch would.
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   k_h, k_v, k_source, k_tex, k_syn = jax.random.split(key, 5)
   if config.hflip:
