@@ -233,20 +233,13 @@ def test_bad_settings_are_refused():
 def test_each_device_draws_its_own_defects():
   """Inside the training step the generator runs per device (no collectives): the same
   image on every device must still get a different defect on each."""
-  from jax.sharding import PartitionSpec as P
-
   mesh = parallel.data_mesh()
   devices = mesh.devices.size
   image = np.random.default_rng(1).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
   config = stage2.SyntheticConfig(anomaly_prob=1.0, threshold=0.3)
-  rows = P(parallel.DATA_AXIS)
-
-  def draw(key, images):
-    return stage2.synthetic_batch(key, images, config, None, axis_name=parallel.DATA_AXIS)
-
-  per_device = jax.jit(parallel.per_shard(draw, mesh, (P(), rows), (rows, rows)))
+  per_device = jax.jit(stage2.per_device_draw(config, mesh))
   batch = parallel.shard_batch(np.repeat(image, devices, axis=0), mesh)
-  _, masks = per_device(jax.random.key(0), batch)
+  _, masks = per_device(jax.random.key(0), batch, None)
   masks = np.asarray(masks).reshape(devices, -1)
   assert masks.shape[0] == devices and masks.max() > 0
   distinct = {m.tobytes() for m in masks}
@@ -254,8 +247,8 @@ def test_each_device_draws_its_own_defects():
   # On one device the per-device draw is the whole batch's draw.
   one = parallel.data_mesh(jax.devices()[:1])
   images = np.random.default_rng(2).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
-  single = jax.jit(parallel.per_shard(draw, one, (P(), rows), (rows, rows)))
-  inputs_a, masks_a = single(jax.random.key(3), parallel.shard_batch(images, one))
+  single = jax.jit(stage2.per_device_draw(config, one))
+  inputs_a, masks_a = single(jax.random.key(3), parallel.shard_batch(images, one), None)
   inputs_b, masks_b = stage2.synthetic_batch(jax.random.key(3), jnp.asarray(images), config)
   np.testing.assert_allclose(masks_a, masks_b, atol=1e-6)
   np.testing.assert_allclose(inputs_a, inputs_b, atol=1e-5)

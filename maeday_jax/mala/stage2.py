@@ -97,8 +97,7 @@ def synthetic_batch(
   step does): each shard draws its own flips and defects (the key folded with the shard
   index), and the 'images' textures come from the other images of the shard (from the
   image itself, moved and recoloured, when a device holds one image). Nothing crosses
-  devices: a collective here would be in flight beside the update's gradient all-reduce,
-  and XLA:CPU can deadlock on two programs' collectives.
+  devices. `per_device_draw` wraps it so.
   """
   if axis_name is not None and jax.lax.axis_size(axis_name) > 1:
     # Several devices: each its own draw. One device draws what the whole batch would.
@@ -146,6 +145,18 @@ def _image_textures(key: jax.Array, images: jax.Array) -> jax.Array:
   return synthetic.textures_from_images(key, images)
 
 
+def per_device_draw(config: SyntheticConfig, mesh):
+  """`draw(key, images_u8, bank) -> (inputs, masks)`: `synthetic_batch` run by each device
+  of `mesh` on its own rows (batch-split in and out; key and bank replicated). Call it
+  inside `jax.jit`."""
+  rows, every = jax.sharding.PartitionSpec(parallel.DATA_AXIS), jax.sharding.PartitionSpec()
+
+  def draw(key, images_u8, bank):
+    return synthetic_batch(key, images_u8, config, bank, axis_name=parallel.DATA_AXIS)
+
+  return parallel.per_shard(draw, mesh, (every, rows, every), (rows, rows))
+
+
 def stage2_loss(spec: Stage2Spec, trainable, frozen, images, masks):
   """(total loss, its terms) of the segmenter on a batch with defect masks."""
   logits = spec.segmenter.apply({"params": merge(frozen, trainable)}, images)
@@ -163,21 +174,17 @@ def make_step(spec: Stage2Spec, mesh):
   repeats an uninterrupted one (on the same number of devices).
 
   Two compiled programs per step: the synthetic defects, drawn on each device for its
-  own rows (`synthetic_batch` inside `parallel.per_shard`), then the update. Compiled
+  own rows (`per_device_draw`), then the update. Compiled
   as one program with a few images per device, XLA:CPU fuses the generator's long
   integer-hash chains into the gradient's kernels and takes many minutes to compile
   them; apart, each compiles in seconds, and the batch never leaves the devices.
   """
   optimizer, schedule = spec.optimizer.make(), spec.optimizer.schedule()
   whole, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  rows, every = data.spec, whole.spec
-
-  def draw_shard(key, images_u8, bank):
-    return synthetic_batch(key, images_u8, spec.synthetic, bank, axis_name=parallel.DATA_AXIS)
+  per_device = per_device_draw(spec.synthetic, mesh)
 
   @functools.partial(jax.jit, in_shardings=(whole, whole, data, whole), out_shardings=data)
   def draw(key, step, images_u8, bank):
-    per_device = parallel.per_shard(draw_shard, mesh, (every, rows, every), (rows, rows))
     return per_device(jax.random.fold_in(key, step), images_u8, bank)
 
   def update(state, frozen, images, masks):
