@@ -13,7 +13,7 @@ zero-shot on mt_sample: image AUROC 0.486, pixel AUROC 0.630, AUPRO 0.406.
 
   nice -n 10 python -m maeday_jax.main --config=configs/pretrain_mt.py \
       --workdir=/work/runs/pretrain_mt
-  python tools/evaluate_mt.py /work/runs/pretrain_mt/model      # the figures again
+  python tools/studies/evaluate_mt.py /work/runs/pretrain_mt/model      # the figures again
 
 Paths are relative to the repository root (the shared folder beside the checkout);
 `--config.data.path=...` etc. point elsewhere. `configs/pretrain_mt.py:runlocal` does a

@@ -23,9 +23,23 @@ The run commits every `commit_every` batches; rerunning the same command on the 
 after the file list changed, or with another number of processes, is refused.
 
 Fields (besides those of `maeday_jax.defaults.zero_shot_config`):
+  detector               '' (default: zero-shot MAEDAY from `model`, `num_masks`, ...), a
+                         zero-shot method's name, or a fitted detector folder
+                         (`configs/fit.py` writes `<workdir>/detector`), which then
+                         decides the model and its settings.
   data.path              what to score (see above).
   commit_every           batches between commits (default 50): fewer lose less work to a
                          kill, more write fewer files.
+  group_size             transductive detectors only (an image's score depends on the
+                         other images scored with it, e.g. MuSc): how many consecutive
+                         images of the sorted listing are scored together (default 0 = not
+                         set, an error for such a detector). Rounded up to a multiple of
+                         the device count, it replaces batch_size (one global batch per
+                         group; on several processes each contributes a consecutive share
+                         of its shard), and every group is committed on its own
+                         (commit_every does not apply). A rerun forms the same groups; one
+                         with another group_size is refused. Other detectors ignore it (a
+                         log line says so).
   compilation_cache_dir  JAX's persistent compilation cache (default <workdir>/jax_cache,
                          '' = none): reruns and resumed runs skip recompiling.
   threshold.method       'none' (default) or 'fixed': scores.csv gets predicted_label, 1
@@ -58,8 +72,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.job = "score"
   config.data.name = "folder"
   config.commit_every = 50
+  config.group_size = 0  # Transductive detectors only; 0 = not set.
   config.compilation_cache_dir = config_dict.placeholder(str)  # None: <workdir>/jax_cache.
   # Scores by default: no threshold, no maps, no pictures.
   config.threshold.method = "none"
   config.outputs = ml_collections.ConfigDict(dict(maps="none", top_pictures=0))
+  # '' = zero-shot MAEDAY from the sections below; a method name or a fitted detector/.
+  defaults.detector_sections(config, runlocal=arg == "runlocal")
+  config.detector = ""
   return config

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maeday_jax import defaults
+from maeday_jax.settings import few_shot as few_shot_settings
 
-DEFAULT_MAX_ROTATION_DEG = defaults.MAX_ROTATION_DEG
-DEFAULT_CROP_SCALE = defaults.CROP_SCALE
-DEFAULT_FILL_MODE = defaults.FILL_MODE
+DEFAULT_MAX_ROTATION_DEG = few_shot_settings.MAX_ROTATION_DEG
+DEFAULT_CROP_SCALE = few_shot_settings.CROP_SCALE
+DEFAULT_FILL_MODE = few_shot_settings.FILL_MODE
 FILL_MODES = ("reflect", "mirror", "nearest", "wrap")
 # Random numbers per image: rotation angle, crop area, crop centre row and column.
 NUM_UNIFORMS = 4

@@ -103,7 +103,11 @@ def _hash_file(digest, path: pathlib.Path) -> None:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-  """Returns the hex SHA-256 of a file, read in chunks (memory stays flat)."""
+  """Returns the hex SHA-256 of a file, read in chunks (memory stays flat).
+
+  (`maeday_jax.models.weights.sha256_of` also fingerprints a directory, such as a
+  converted checkpoint.)
+  """
   digest = hashlib.sha256()
   _hash_file(digest, pathlib.Path(path))
   return digest.hexdigest()

@@ -23,7 +23,16 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from maeday_jax import data, memory_budget, metrics, parallel, reports, thresholds, zero_shot
+from maeday_jax import (
+  batch_step,
+  data,
+  memory_budget,
+  metrics,
+  parallel,
+  reports,
+  thresholds,
+  zero_shot,
+)
 from maeday_jax.models import MaskedAutoencoder
 
 # `on_map(file_name, anomaly_map, original_size)`: one scored image's map (model
@@ -79,6 +88,7 @@ class Scoring:
   prefetch: int = 2
   resize_fn: Callable | None = None
   masking: str = "random"
+  name: str = ""  # What scores, for messages (a detector's description, a checkpoint).
 
   @classmethod
   def create(
@@ -130,68 +140,64 @@ class Scoring:
     )
 
   @classmethod
-  def from_config(cls, model, params, config: ml_collections.ConfigDict, key=None) -> Scoring:
-    """`create` with the scoring fields of a job config (`defaults.zero_shot_config`)."""
-    return cls.create(
-      model,
-      params,
-      num_masks=config.num_masks,
-      mask_ratio=config.mask_ratio,
-      batch_size=config.batch_size,
-      key=jax.random.key(config.seed) if key is None else key,
-      mask_batch_size=config.mask_batch_size or None,
-      eval_size=config.eval_size or None,
-      num_workers=config.data.num_workers,
-      prefetch=config.data.prefetch,
-      masking=config.get("masking", "random"),
-    )
-
-  def with_function(
-    self, score_fn: Callable, replicated, image_size: int, model=None, params=None
+  def for_detector(
+    cls,
+    detector,
+    *,
+    batch_size: int = 8,
+    eval_size: int | None = None,
+    mesh=None,
+    num_workers: int = 4,
+    prefetch: int = 2,
   ) -> Scoring:
-    """The same batches and mesh for another detector: `score_fn(replicated, images, ids,
-    key) -> (maps, scores)` on images read at `image_size` (see `ensemble`); `model` and
-    `params` when it has an MAE to draw reconstructions with."""
-    return dataclasses.replace(
-      self,
+    """Scoring with a fitted `maeday_jax.detectors` detector: its compiled step over
+    `mesh`, its state on every device, images read at its input size, its own key."""
+    from maeday_jax import batch_step
+
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    parallel.local_batch_size(batch_size, mesh)  # Early error for a bad batch size.
+    model, params = detector.reconstructor or (None, None)
+    return cls(
       model=model,
       params=params,
-      replicated=replicated,
-      score_fn=score_fn,
-      image_size=image_size,
-      resize_fn=None,
+      replicated=parallel.replicate(detector.state, mesh),
+      mesh=mesh,
+      score_fn=batch_step.compile_step(detector, mesh, batch_size),
+      key=detector.scoring_key(),
+      batch_size=batch_size,
+      image_size=detector.input_size,
+      eval_size=eval_size,
+      num_workers=num_workers,
+      prefetch=prefetch,
+      masking=detector.settings.get("masking", "random"),
+      name=detector.describe(),
     )
 
-  def with_params(self, params, key: jax.Array | None = None) -> Scoring:
-    """The same scoring (and compiled step) for other parameters of the same model."""
-    return dataclasses.replace(
-      self,
-      params=params,
-      replicated=parallel.replicate(params, self.mesh),
-      key=self.key if key is None else key,
-    )
 
+def _score_batch(scoring: Scoring, local_images: np.ndarray, valid: np.ndarray | None = None):
+  """(maps, scores) of this process's rows of one batch (its images keyed by content).
 
-def _score_batch(scoring: Scoring, local_images: np.ndarray):
-  """(maps, scores) of this process's rows of one batch (its images keyed by content)."""
-  ids = zero_shot.image_ids(local_images)
-  images, ids = parallel.shard_batch((local_images, ids), scoring.mesh)
-  if scoring.resize_fn is not None:
-    images = scoring.resize_fn(images)
-  outputs = scoring.score_fn(scoring.replicated, images, ids, scoring.key)
-  return parallel.to_local_numpy(outputs, scoring.mesh)
+  `valid`: the rows that are images (not padding); a transductive detector scores the
+  batch's valid images as one group (`batch_step.dispatch`).
+  """
+  return batch_step.score_local(
+    scoring.score_fn,
+    scoring.replicated,
+    local_images,
+    scoring.key,
+    scoring.mesh,
+    scoring.resize_fn,
+    valid,
+  )
 
 
 def score_images(scoring: Scoring, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Maps and scores of a few images this process holds (every process the same ones),
-  e.g. held-out normals for normalisation statistics; returns NumPy (N, H, W), (N,)."""
-  count = len(images)
-  per_device = jax.local_device_count()
-  padded = -(-max(count, 1) // per_device) * per_device
-  batch = np.zeros((padded, *images.shape[1:]), np.float32)
-  batch[:count] = images
-  maps, scores = _score_batch(scoring, batch)
-  return maps[:count], scores[:count]
+  e.g. held-out normals for normalisation statistics; returns NumPy (N, H, W), (N,).
+  A transductive detector scores them as one group (`batch_step.score_arrays`)."""
+  return batch_step.score_arrays(
+    scoring.score_fn, scoring.replicated, images, scoring.key, scoring.mesh, scoring.resize_fn
+  )
 
 
 @dataclasses.dataclass
@@ -215,7 +221,8 @@ def score_split(
   """Scores every example of this process's shard of `split` in fixed-size batches.
 
   Pixel metrics are accumulated for labelled examples when the split has masks
-  (`result.pixels` is None otherwise, or when `pixel_metrics` is off).
+  (`result.pixels` is None otherwise, or when `pixel_metrics` is off). A transductive
+  detector scores each global batch's examples as one group (its padding left out).
   """
   local_batch = parallel.local_batch_size(scoring.batch_size, scoring.mesh)
   accumulator = metrics.PixelMetricAccumulator(resolution=scoring.eval_size)
@@ -236,8 +243,8 @@ def score_split(
       num_workers=scoring.num_workers,
       prefetch=scoring.prefetch,
     ):
-      maps, batch_scores = _score_batch(scoring, batch["image"])
       valid = batch["valid"]
+      maps, batch_scores = _score_batch(scoring, batch["image"], valid)
       for i in np.flatnonzero(valid):
         names.append(batch["file_name"][i])
         labels.append(int(batch["label"][i]))

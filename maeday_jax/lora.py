@@ -44,11 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from maeday_jax import defaults
+from maeday_jax.settings import few_shot as few_shot_settings
 
-# Every weight matrix of the MAE (spec §1); see `maeday_jax.defaults.LORA_TARGETS`.
-DEFAULT_RANK = defaults.LORA_RANK
-DEFAULT_TARGETS: tuple[str, ...] = defaults.LORA_TARGETS
+# Every weight matrix of the MAE (spec §1); see `maeday_jax.settings.few_shot.LORA_TARGETS`.
+DEFAULT_RANK = few_shot_settings.LORA_RANK
+DEFAULT_TARGETS: tuple[str, ...] = few_shot_settings.LORA_TARGETS
 
 
 def _path_str(path: tuple[str, ...]) -> str:

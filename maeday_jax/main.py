@@ -3,6 +3,7 @@
 Every job is an importable `run(config, workdir)` function; this file only parses flags.
 """
 
+import importlib
 import logging
 import sys
 
@@ -33,22 +34,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
 )
 
 
+# `config.job` -> the module whose `run(config, workdir)` runs it.
+JOBS = ("fit", "evaluate", "score", "zero_shot", "few_shot", "pretrain", "mala")
+
+
 def _job(name: str):
-  if name == "zero_shot":
-    from maeday_jax.jobs import zero_shot as job
-  elif name == "few_shot":
-    from maeday_jax.jobs import few_shot as job
-  elif name == "pretrain":
-    from maeday_jax import pretrain as job
-  elif name == "score":
-    from maeday_jax.jobs import score as job
-  elif name == "mala":
-    from maeday_jax.jobs import mala as job
-  else:
-    raise ConfigError(
-      f"--config.job: unknown job {name!r} (zero_shot, few_shot, pretrain, score, mala)."
-    )
-  return job
+  if name not in JOBS:
+    raise ConfigError(f"--config.job: unknown job {name!r} ({', '.join(JOBS)}).")
+  return importlib.import_module(f"maeday_jax.jobs.{name}")
 
 
 def main(argv) -> None:

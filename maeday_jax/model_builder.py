@@ -1,9 +1,9 @@
-"""The model a job runs, from its `config.model` section (`defaults.model_config`).
+"""The model a job runs, from its `config.model` section (`settings.model.model_config`).
 
     model, params, source = build_model(config.model, jax.random.key(config.seed))
 
 One function for every job: `checkpoint='random'` initialises `variant` (architecture
-fields override it), anything else is loaded by `checkpoints.load_mae`.
+fields override it), anything else is loaded by `models.mae_import.load_mae`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maeday_jax import checkpoints, defaults, models
+from maeday_jax import models
 from maeday_jax.config_errors import require
+from maeday_jax.models import mae_import
+from maeday_jax.settings import model as model_settings
+from maeday_jax.weight_files import CheckpointError
 
 log = logging.getLogger("maeday_jax")
 
@@ -52,23 +55,23 @@ def _architecture_overrides(model_config: ml_collections.ConfigDict) -> dict:
 def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
   """Checks the settings that need no file access (before any long work starts)."""
   require(
-    model_config.dtype in defaults.DTYPES,
+    model_config.dtype in model_settings.DTYPES,
     "model.dtype",
-    f"{model_config.dtype!r} is not one of {', '.join(defaults.DTYPES)}.",
+    f"{model_config.dtype!r} is not one of {', '.join(model_settings.DTYPES)}.",
   )
   attention = model_config.get("attention", "auto")
   require(
-    attention in defaults.ATTENTION_IMPLEMENTATIONS,
+    attention in model_settings.ATTENTION_IMPLEMENTATIONS,
     "model.attention",
-    f"{attention!r} is not one of {', '.join(defaults.ATTENTION_IMPLEMENTATIONS)}.",
+    f"{attention!r} is not one of {', '.join(model_settings.ATTENTION_IMPLEMENTATIONS)}.",
   )
   require(
     bool(model_config.checkpoint),
     "model.checkpoint",
-    f"is empty; give a known name, a path, or {defaults.RANDOM_WEIGHTS!r} for randomly "
+    f"is empty; give a known name, a path, or {model_settings.RANDOM_WEIGHTS!r} for randomly "
     "initialised weights of model.variant.",
   )
-  if model_config.checkpoint == defaults.RANDOM_WEIGHTS:
+  if model_config.checkpoint == model_settings.RANDOM_WEIGHTS:
     require(
       model_config.variant in models.VARIANTS,
       "model.variant",
@@ -91,23 +94,23 @@ def build_model(model_config: ml_collections.ConfigDict, key: jax.Array):
   dtype = compute_dtype(model_config.dtype)
   attention = model_config.get("attention", "auto")
   overrides = _architecture_overrides(model_config)
-  if model_config.checkpoint == defaults.RANDOM_WEIGHTS:
+  if model_config.checkpoint == model_settings.RANDOM_WEIGHTS:
     model = models.create(model_config.variant, dtype=dtype, attention=attention, **overrides)
     return (
       model,
       models.init_params(model, key),
-      f"{defaults.RANDOM_WEIGHTS}:{model_config.variant}",
+      f"{model_settings.RANDOM_WEIGHTS}:{model_config.variant}",
     )
   try:
-    model, params = checkpoints.load_mae(
+    model, params = mae_import.load_mae(
       model_config.checkpoint,
       **{field: overrides.get(field) for field in _HEAD_FIELDS},
       dtype=dtype,
       cache_dir=model_config.get("cache_dir") or None,
       attention=attention,
     )
-  except checkpoints.CheckpointError as e:
-    raise checkpoints.CheckpointError(
+  except CheckpointError as e:
+    raise CheckpointError(
       f"{e}\n(set the checkpoint with --config.model.checkpoint=PATH_OR_NAME)"
     ) from e
   arch = models.architecture(model)

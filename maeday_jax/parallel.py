@@ -40,6 +40,23 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def require_divides_devices(batch_size: int, field: str) -> None:
+  """Checks that a global batch splits evenly over every device of every host.
+
+  Raises:
+    ConfigError: naming `field` and the multiple to use.
+  """
+  from maeday_jax.config_errors import require
+
+  devices = jax.device_count()
+  require(
+    batch_size % devices == 0,
+    field,
+    f"{batch_size} is not a multiple of the number of devices ({devices}); use a "
+    f"multiple of {devices}.",
+  )
+
+
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """This process's share of the global batch; checks it divides over the devices."""
   devices = mesh.devices.size

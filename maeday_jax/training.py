@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from maeday_jax import models, parallel
-from maeday_jax.checkpoints import orbax_format
+from maeday_jax.weight_files import orbax_format
 
 # Parameters no training here changes: the MAE's position tables are fixed sin-cos (the
 # official model sets requires_grad=False). The model stop-gradients them, but weight
@@ -59,7 +59,9 @@ def to_host(tree):
   Saving host copies lets the next step donate the device buffers, and spares Orbax a
   per-device slicing program for every replicated array shape.
   """
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  return jax.tree.map(
+    lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x), tree
+  )
 
 
 def checkpoint_manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:

@@ -138,6 +138,7 @@ def anomaly_maps(
   params: Any,
   images: jax.Array,
   key: jax.Array,
+  *,
   num_masks: int = DEFAULT_NUM_MASKS,
   mask_ratio: float = DEFAULT_MASK_RATIO,
   mask_batch_size: int | None = None,
@@ -159,6 +160,24 @@ def image_scores(maps: jax.Array) -> jax.Array:
   return jnp.max(maps, axis=(-2, -1))
 
 
+def score_function(
+  model: MaskedAutoencoder,
+  num_masks: int = DEFAULT_NUM_MASKS,
+  mask_ratio: float = DEFAULT_MASK_RATIO,
+  mask_batch_size: int | None = None,
+  masking: str = "random",
+):
+  """The pure (not jitted) scoring function `score(params, images, ids, key) -> (maps,
+  scores)`: image i's masks come from `image_keys(key, ids)[i]` (see `make_scorer`)."""
+
+  def score(params, images, ids, key):
+    noise = image_noise(image_keys(key, ids), num_masks, model.num_patches, mask_ratio, masking)
+    maps = anomaly_maps_from_noise(model, params, images, noise, mask_ratio, mask_batch_size)
+    return maps, image_scores(maps)
+
+  return score
+
+
 def make_scorer(
   model: MaskedAutoencoder,
   mesh,
@@ -177,11 +196,7 @@ def make_scorer(
   i.i.d. masks) or 'stratified' (see `image_noise`).
   """
 
-  def score(params, images, ids, key):
-    noise = image_noise(image_keys(key, ids), num_masks, model.num_patches, mask_ratio, masking)
-    maps = anomaly_maps_from_noise(model, params, images, noise, mask_ratio, mask_batch_size)
-    return maps, image_scores(maps)
-
+  score = score_function(model, num_masks, mask_ratio, mask_batch_size, masking)
   data, whole = parallel.batch_sharded(mesh), parallel.replicated(mesh)
   return jax.jit(score, in_shardings=(whole, data, data, whole), out_shardings=(data, data))
 

@@ -1,4 +1,7 @@
-"""A local HTTP server for download tests: fixed bytes on 127.0.0.1, HTTP ranges optional."""
+"""A local HTTP server for download tests: fixed bytes on 127.0.0.1, HTTP ranges optional.
+
+Tests start one with the `file_server` fixture (tests/conftest.py), which closes it.
+"""
 
 import http.server
 import re

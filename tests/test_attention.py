@@ -1,8 +1,8 @@
 """Every attention implementation computes the PyTorch reference's outputs.
 
-Float32 paths must match the fixtures (written by tools/torch_mae_reference.py) to the
-parity tolerance; bfloat16 compute stays within the documented relative error. cuDNN's
-fused kernel runs only on a GPU (there, `tools/device_check.sh` runs this file).
+Float32 paths must match the fixtures (written by tools/references/torch_mae_reference.py)
+to the parity tolerance; bfloat16 compute stays within the documented relative error.
+cuDNN's fused kernel runs only on a GPU (there, `tools/device_check.sh` runs this file).
 """
 
 import jax

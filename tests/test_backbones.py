@@ -14,7 +14,6 @@ import pytest
 
 from maeday_jax import backbones, imagenet
 from maeday_jax.backbones import convert
-from tests.http_server import FileServer
 
 KINDS = {"basic": "test_resnet", "bottleneck": "test_wide"}
 
@@ -208,8 +207,8 @@ def _prefix(payload: bytes) -> str:
   return hashlib.sha256(payload).hexdigest()[:8]
 
 
-@pytest.fixture(scope="module")
-def server(fixtures_dir):
+@pytest.fixture
+def server(fixtures_dir, file_server):
   payload = (fixtures_dir / "resnet_ref_basic.pth").read_bytes()
   junk = b"<html>not a checkpoint</html>"
   files = {
@@ -217,9 +216,9 @@ def server(fixtures_dir):
     "test_resnet-0badc0de.pth": payload,  # The name's prefix is not the file's.
     f"junk-{_prefix(junk)}.pth": junk,
   }
-  with FileServer(files) as s:
-    s.payload, s.junk = payload, junk
-    yield s
+  s = file_server(files)
+  s.payload, s.junk = payload, junk
+  return s
 
 
 def test_a_known_name_downloads_once_and_is_cached(server, monkeypatch, tmp_path, fixtures_dir):

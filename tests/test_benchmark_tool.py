@@ -7,11 +7,14 @@ themselves are what the tool is for, and are never asserted.
 import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
+# The entry point, and the task modules beside it (it puts their folder on the path too).
+sys.path[:0] = [str(TOOLS), str(TOOLS / "benchmarks")]
 import benchmark  # noqa: E402
 import benchmark_finetune  # noqa: E402
 import benchmark_patchcore  # noqa: E402
@@ -105,11 +108,34 @@ def test_input_benchmark_runs(capsys):
   assert "mvtec_rgb_png_1024: 1 thread(s)" in out and "cores per chip" in out
 
 
-def test_bulk_task_is_dispatched(monkeypatch):
+def test_bulk_and_input_tasks_are_dispatched(monkeypatch):
   import benchmark_bulk
+  import benchmark_input
 
   seen = []
   monkeypatch.setattr(benchmark_bulk, "main", lambda argv: seen.append(argv) or 0)
   assert benchmark.main(["--task", "bulk", "--images", "8"]) == 0
   assert benchmark.main(["--images=4", "--task=bulk"]) == 0
   assert seen == [["--images", "8"], ["--images=4"]]
+  monkeypatch.setattr(benchmark_input, "main", lambda argv: seen.append(("input", argv)) or 0)
+  assert benchmark.main(["--task", "input", "--seconds", "1"]) == 0
+  assert seen[-1] == ("input", ["--seconds", "1"])
+
+
+@pytest.mark.parametrize(
+  "script",
+  [
+    "tools/benchmarks/benchmark_input.py",
+    "tools/benchmarks/benchmark_bulk.py",
+    "tools/studies/scoring_study.py",
+    "tools/studies/evaluate_mt.py",
+  ],
+)
+def test_moved_tools_run_from_their_folders(script):
+  """Each tool finds its shared module beside it when run as a script, from the root."""
+  root = TOOLS.parent
+  proc = subprocess.run(
+    [sys.executable, script, "--help"], cwd=root, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("usage:")

@@ -5,10 +5,6 @@ import json
 import os
 import pathlib
 import random
-import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -18,30 +14,18 @@ from PIL import Image
 from maeday_jax import metrics
 from maeday_jax.bulk import engine, maps_store, source
 from maeday_jax.config_errors import ConfigError
-from maeday_jax.data import testing
 from maeday_jax.jobs import score as score_job
-from tests.conftest import REPO_ROOT
+from tests import data_makers
+from tests.bulk_kill import blocking_copy, run_and_kill, unblock
 from tests.processes import run_processes
-
-sys.path.insert(0, str(REPO_ROOT))
-from configs import score as score_config  # noqa: E402
 
 GOOD = [f"line{i % 3}/{i:03d}.png" for i in range(11)]  # 11 + 2 bad: uneven shards.
 
 
-def _config(path, **fields):
-  config = score_config.get_config("runlocal")  # Tiny random-weight model, 4 masks.
-  config.data.path = str(path)
-  config.data.num_workers = 2
-  config.commit_every = 1
-  config.compilation_cache_dir = ""  # Leaves this test process's JAX settings alone.
-  for key, value in fields.items():  # Nested fields as "outputs.maps".
-    *parents, name = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
-  return config
+# The runs' settings besides `data.path`, on configs/score.py:runlocal (a tiny
+# random-weight model, 4 masks): a commit after every batch, and no compilation cache,
+# which leaves this test process's JAX settings alone.
+RUN = {"data.num_workers": 2, "commit_every": 1, "compilation_cache_dir": ""}
 
 
 def _rows(workdir) -> list[dict]:
@@ -50,16 +34,18 @@ def _rows(workdir) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def folder_run(tmp_path_factory):
+def folder_run(tmp_path_factory, job_config):
   """A folder of good images in sub-folders, a truncated file and a text file named .png."""
   tmp = tmp_path_factory.mktemp("bulk_folder")
   images = tmp / "images"
   for i, name in enumerate(GOOD):
-    testing.write_image(images / name, "rgb" if i % 2 else "gray")
-  testing.write_truncated(images / "line0/bad.png")
-  testing.write_not_image(images / "note.png")
-  testing.write_not_image(images / "readme.txt")  # Not an image suffix: not listed.
-  summary = score_job.run(_config(images), tmp / "work")
+    data_makers.write_image(images / name, "rgb" if i % 2 else "gray")
+  data_makers.write_truncated(images / "line0/bad.png")
+  data_makers.write_not_image(images / "note.png")
+  data_makers.write_not_image(images / "readme.txt")  # Not an image suffix: not listed.
+  summary = score_job.run(
+    job_config("score", "runlocal", data={"path": images}, **RUN), tmp / "work"
+  )
   return images, tmp / "work", summary
 
 
@@ -123,26 +109,27 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_scored(folder_run):
   assert summary["processes"][0]["images_per_second"] > 0
 
 
-def test_rerun_of_a_finished_run_does_no_work(folder_run, monkeypatch):
+def test_rerun_of_a_finished_run_does_no_work(folder_run, monkeypatch, job_config):
   images, workdir, summary = folder_run
   before = {p.name: p.stat().st_mtime_ns for p in (workdir / "shards/process_0").iterdir()}
 
   def no_model(*args, **kwargs):
     raise AssertionError("a finished run must not load the model")
 
-  monkeypatch.setattr(score_job.common, "load_model", no_model)
-  again = score_job.run(_config(images), workdir)
+  monkeypatch.setattr(score_job.detector_choice, "load", no_model)
+  again = score_job.run(job_config("score", "runlocal", data={"path": images}, **RUN), workdir)
   after = {p.name: p.stat().st_mtime_ns for p in (workdir / "shards/process_0").iterdir()}
   assert after == before
   assert again["images"] == summary["images"] and again["skipped"] == summary["skipped"]
 
 
-def test_changed_file_list_or_process_count_is_refused(tmp_path):
+def test_changed_file_list_or_process_count_is_refused(tmp_path, job_config):
   for name in GOOD[:3]:
-    testing.write_image(tmp_path / "images" / name)
+    data_makers.write_image(tmp_path / "images" / name)
   manifest = tmp_path / "list.txt"
   manifest.write_text("\n".join(f"images/{n}" for n in GOOD[:3]))
-  config, workdir = _config(manifest), tmp_path / "work"
+  config = job_config("score", "runlocal", data={"path": manifest}, **RUN)
+  workdir = tmp_path / "work"
   score_job.run(config, workdir)
   record = workdir / "shards/process_0/progress.json"
   finished = record.read_text()
@@ -150,83 +137,45 @@ def test_changed_file_list_or_process_count_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"scored by 2 process\(es\), this run has 1"):
     score_job.run(config, workdir)
   record.write_text(finished)
-  testing.write_image(tmp_path / "images/extra.png")
+  data_makers.write_image(tmp_path / "images/extra.png")
   manifest.write_text(manifest.read_text() + "\nimages/extra.png\n")
   with pytest.raises(ConfigError, match=r"changed since this run began: it had 3 files .* 4 files"):
     score_job.run(config, workdir)
 
 
-def _run_and_kill(workdir, manifest, log_path, parts: int) -> dict:
-  """Runs the job as a command, SIGKILLs it once `parts` parts are committed; the record."""
-  args = [
-    *("-m", "maeday_jax.main", "--config", "configs/score.py:runlocal", "--workdir"),
-    *(str(workdir), f"--config.data.path={manifest}", "--config.commit_every=1"),
-    *("--config.compilation_cache_dir=", "--config.data.num_workers=2"),
-    "--config.outputs.maps=uint8",
-  ]
-  with open(log_path, "w") as log:
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=log, stderr=log)
-  shard = workdir / "shards/process_0"
-
-  def committed() -> int:
-    try:
-      return json.loads((shard / "progress.json").read_text())["parts"]
-    except (OSError, ValueError, KeyError):
-      return 0
-
-  try:
-    deadline = time.monotonic() + 240
-    while committed() < parts:
-      assert proc.poll() is None, log_path.read_text()[-3000:]
-      assert time.monotonic() < deadline, f"no commit {parts} within 240 s"
-      time.sleep(0.05)
-    time.sleep(0.5)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  return json.loads((shard / "progress.json").read_text())
-
-
-def _unblock(killed, reference, name) -> None:
-  (killed / name).unlink()
-  shutil.copy(reference / name, killed / name)
-
-
-def test_killed_run_resumes_to_exactly_the_uninterrupted_scores(tmp_path):
+def test_killed_run_resumes_to_exactly_the_uninterrupted_scores(tmp_path, job_config):
   """SIGKILL after the first commits, rerun, SIGKILL again, rerun: the same rows as one
   uninterrupted run."""
   names = [f"img_{i:03d}.png" for i in range(30)]
   # Reading a named pipe blocks until the test replaces it: the first run waits in the
   # third batch of 8 (after its first commit), the second in the fourth.
   first_block, second_block = names[18], names[26]
-  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  reference = tmp_path / "reference"
   for name in names:
-    testing.write_image(reference / name)
-  shutil.copytree(reference, killed)
-  for name in (first_block, second_block):
-    (killed / name).unlink()
-    os.mkfifo(killed / name)
-  for folder in (reference, killed):
-    (folder / "list.txt").write_text("\n".join(names))
+    data_makers.write_image(reference / name)
+  killed = blocking_copy(reference, tmp_path / "killed", names, [first_block, second_block])
   maps = {"outputs.maps": "uint8"}
-  score_job.run(_config(reference / "list.txt", **maps), tmp_path / "reference_work")
+  config = job_config("score", "runlocal", data={"path": reference / "list.txt"}, **RUN, **maps)
+  score_job.run(config, tmp_path / "reference_work")
 
   workdir = tmp_path / "work"
   shard = workdir / "shards/process_0"
-  record = _run_and_kill(workdir, killed / "list.txt", tmp_path / "killed1.log", parts=1)
+  uint8 = "--config.outputs.maps=uint8"
+  record = run_and_kill(workdir, killed / "list.txt", tmp_path / "killed1.log", 1, uint8)
   assert record["parts"] >= 1 and not record["done"]
   assert not (workdir / "scores.csv").exists()
-  _unblock(killed, reference, first_block)
+  unblock(killed, reference, first_block)
   # The engine commits a batch once the next one is on its way: the second run commits
   # the second batch, then waits for the fourth's pipe before committing the third.
-  second = _run_and_kill(workdir, killed / "list.txt", tmp_path / "killed2.log", parts=2)
+  second = run_and_kill(workdir, killed / "list.txt", tmp_path / "killed2.log", 2, uint8)
   assert second["parts"] > record["parts"] and not second["done"]
   # A kill between a part and its record leaves a part the record does not count.
   (shard / f"part_{second['parts']}.csv").write_text("index,file,score,label\n0,x,1.0,\n")
   maps_store.write_shard(shard / f"maps_{second['parts']}.npz", np.ones((1, 2, 2)), ["x"], "uint8")
-  _unblock(killed, reference, second_block)
+  unblock(killed, reference, second_block)
 
-  summary = score_job.run(_config(killed / "list.txt", **maps), workdir)
+  config = job_config("score", "runlocal", data={"path": killed / "list.txt"}, **RUN, **maps)
+  summary = score_job.run(config, workdir)
   resumed, expected = _rows(workdir), _rows(tmp_path / "reference_work")
   assert resumed == expected  # Same files, same order, identical scores, no duplicates.
   assert [r["file"] for r in resumed] == names and summary["images"] == len(names)
@@ -257,9 +206,11 @@ port, pid, images, workdir = sys.argv[1:5]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
 assert jax.local_device_count() == 4 and jax.device_count() == 8
 from maeday_jax.jobs import score
-from tests.test_bulk import _config
+from tests.conftest import make_job_config
+from tests.test_bulk import RUN
 
-score.run(_config(images, **{"outputs.maps": "float16"}), workdir)
+maps = {"maps": "float16"}
+score.run(make_job_config("score", "runlocal", data={"path": images}, outputs=maps, **RUN), workdir)
 """
 
 
@@ -285,8 +236,8 @@ def test_two_processes_write_exactly_the_rows_of_one(folder_run, tmp_path):
   assert engine.SCORES_FILE == "scores.csv"
 
 
-def test_compilation_cache_defaults_to_the_workdir(tmp_path):
-  config = score_config.get_config("runlocal")
+def test_compilation_cache_defaults_to_the_workdir(tmp_path, job_config):
+  config = job_config("score", "runlocal")
   assert config.commit_every == 50 and config.threshold.method == "none"
   assert config.outputs.maps == "none" and config.outputs.top_pictures == 0
   assert score_job.compilation_cache_dir(config, tmp_path) == str(tmp_path / "jax_cache")
@@ -323,17 +274,25 @@ def test_maps_round_trip_in_both_dtypes(tmp_path):
     maps_store.load_map(tmp_path, "dir/9.png")
 
 
-def test_threshold_and_output_fields_are_validated(tmp_path):
-  config = _config(tmp_path, **{"threshold.method": "f1"})
+def test_threshold_and_output_fields_are_validated(tmp_path, job_config):
+  config = job_config(
+    "score", "runlocal", data={"path": tmp_path}, **RUN, threshold={"method": "f1"}
+  )
   with pytest.raises(ConfigError, match=r"threshold\.method: 'f1'"):
     score_job.validate(config)
-  config = _config(tmp_path, **{"outputs.maps": "float32"})
+  config = job_config(
+    "score", "runlocal", data={"path": tmp_path}, **RUN, outputs={"maps": "float32"}
+  )
   with pytest.raises(ConfigError, match=r"outputs\.maps"):
     score_job.validate(config)
-  config = _config(tmp_path, **{"outputs.top_pictures": 3})
+  config = job_config(
+    "score", "runlocal", data={"path": tmp_path}, **RUN, outputs={"top_pictures": 3}
+  )
   with pytest.raises(ConfigError, match=r"outputs\.top_pictures.*outputs\.maps"):
     score_job.validate(config)
-  score_job.validate(_config(tmp_path, **{"threshold.method": "fixed"}))
+  score_job.validate(
+    job_config("score", "runlocal", data={"path": tmp_path}, **RUN, threshold={"method": "fixed"})
+  )
 
 
 def test_metrics_are_none_with_the_reason_for_one_class():
@@ -345,7 +304,7 @@ def test_metrics_are_none_with_the_reason_for_one_class():
 
 
 @pytest.fixture(scope="module")
-def labelled_run(folder_run, tmp_path_factory):
+def labelled_run(folder_run, tmp_path_factory, job_config):
   """A labelled CSV manifest of the folder images: fixed threshold, float16 maps, 3 pictures."""
   images, single, _ = folder_run
   known = {r["file"]: float(r["score"]) for r in _rows(single)}
@@ -363,7 +322,8 @@ def labelled_run(folder_run, tmp_path_factory):
     "outputs.maps": "float16",
     "outputs.top_pictures": 3,
   }
-  summary = score_job.run(_config(manifest, **fields), tmp / "work")
+  config = job_config("score", "runlocal", data={"path": manifest}, **RUN, **fields)
+  summary = score_job.run(config, tmp / "work")
   return tmp / "work", summary, known, value
 
 

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 
 from maeday_jax import checkpoints
-from tests.http_server import FileServer
 
 
 @pytest.fixture
-def server(fixtures_dir):
+def server(fixtures_dir, file_server):
   payload = (fixtures_dir / "mae_ref_a.pth").read_bytes()
-  with FileServer({"mae_ref_a.pth": payload, "notes.pth": b"not a checkpoint at all"}) as s:
-    s.payload = payload
-    yield s
+  s = file_server({"mae_ref_a.pth": payload, "notes.pth": b"not a checkpoint at all"})
+  s.payload = payload
+  return s
 
 
 def _register(monkeypatch, url, sha256=None, size=None):

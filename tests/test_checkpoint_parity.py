@@ -1,7 +1,8 @@
 """The Flax port equals an independent PyTorch implementation (committed fixtures).
 
-The fixtures were written by tools/torch_mae_reference.py (timm Block/PatchEmbed, the
-official masking and decoder) with random non-trivial weights; see tests/fixtures/README.md.
+The fixtures were written by tools/references/torch_mae_reference.py (timm
+Block/PatchEmbed, the official masking and decoder) with random non-trivial weights; see
+tests/fixtures/README.md.
 """
 
 import numpy as np

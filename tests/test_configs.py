@@ -1,7 +1,8 @@
 """Config files: light to load, every field in one place, overrides that take effect.
 
-Also the package's layering: the library never imports `maeday_jax.jobs`, and no job
-imports another job.
+Also the package's layering: the library never imports `maeday_jax.jobs`,
+`maeday_jax.main` or the job configs of `maeday_jax.defaults` and holds no job, no job
+imports another job, and `maeday_jax.settings` stays light.
 """
 
 import ast
@@ -40,15 +41,6 @@ def _parse(fields: str, *args: str) -> subprocess.CompletedProcess:
   )
 
 
-def _load(name: str, arg=None):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_files_load_without_jax(name):
   import json
@@ -85,9 +77,9 @@ def test_a_misspelt_override_fails_naming_the_field():
   assert "rnk" in out.stderr and "rank" in out.stderr
 
 
-def test_the_training_step_sees_the_override():
+def test_the_training_step_sees_the_override(job_config):
   """What the job hands to `few_shot.adapt` (`config.train`) carries the new rank."""
-  config = _load("few_shot")
+  config = job_config("few_shot", None)
   config.train.lora.rank = 8
   config.lora.compute = "weights"
   strategy = few_shot.StepSettings.from_config(config.train).strategy
@@ -96,34 +88,114 @@ def test_the_training_step_sees_the_override():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_config_builds_with_one_random_weights_spelling(name):
+def test_every_config_builds_with_one_random_weights_spelling(name, job_config):
   for arg in (None, "runlocal"):
-    config = _load(name, arg)
+    config = job_config(name, arg)
     assert config.model.checkpoint in (defaults.RANDOM_WEIGHTS, "mae_vit_large")
   with pytest.raises(ValueError, match="runlocal"):
-    _load(name, "fast")
+    job_config(name, "fast")
+
+
+def _module_name(path) -> str:
+  return ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
 
 
 def _imports(path) -> set[str]:
+  """Every module `path` imports (relative imports resolved), and `module.name` of each
+  name taken from a module (a submodule imported as `from package import sub`); also the
+  string arguments of `importlib.import_module` / `__import__` calls."""
+  package = _module_name(path).split(".")
+  if path.name != "__init__.py":
+    package = package[:-1]
   names = set()
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
       names.update(alias.name for alias in node.names)
-    elif isinstance(node, ast.ImportFrom) and node.module:
-      names.add(node.module)
-      names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = package[: len(package) - node.level + 1] if node.level else []
+      module = ".".join(base + ([node.module] if node.module else []))
+      names.add(module)
+      names.update(f"{module}.{alias.name}" for alias in node.names)
+    elif isinstance(node, ast.Call) and node.args:
+      func = node.func
+      called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+      first = node.args[0]
+      if called in ("import_module", "__import__") and isinstance(first, ast.Constant):
+        names.add(str(first.value))
   return names
 
 
+# Every library package the layering rules must see (a renamed or new one fails here
+# until it is listed, so that none is left unchecked by accident).
+LIBRARY_PACKAGES = {
+  "backbones",
+  "bulk",
+  "checkpoints",
+  "data",
+  "detectors",
+  "few_shot",
+  "mala",
+  "models",
+  "objectives",
+  "pretrain",
+  "settings",
+  "weight_files",
+}
+JOBS = {"zero_shot", "few_shot", "score", "mala", "pretrain"}  # The rest of jobs/: helpers.
+
+
+def _within(module: str, *prefixes: str) -> bool:
+  return any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes)
+
+
+def _is_entry_point(module: str) -> bool:
+  return _within(module, "maeday_jax.jobs", "maeday_jax.main")
+
+
+def _check_settings_are_light(path, imported: set[str]) -> None:
+  """A settings module imports only `ml_collections`, the standard library and other
+  settings modules (config files load it, and the heavy packages' `__init__` would pull
+  in JAX)."""
+  own = sorted(m for m in imported if _within(m, "maeday_jax"))
+  outside = [m for m in own if not _within(m, "maeday_jax.settings")]
+  assert not outside, f"{path} (settings) imports {outside}; settings import only settings"
+  others = {m.split(".")[0] for m in imported} - {"maeday_jax", "ml_collections"}
+  heavy = sorted(others - set(sys.stdlib_module_names))
+  assert not heavy, f"{path} (settings) imports {heavy}: only ml_collections and the stdlib"
+
+
 def test_the_library_never_imports_a_job_and_jobs_never_import_each_other():
+  """The library (every module outside `jobs/` and `main.py`) never imports a job, a
+  job helper or the command line, and holds no job (`run(config, workdir)`: a library
+  function a job calls is named for what it does, e.g. `pretrain.loop.train`); a job
+  never imports another job (their shared pieces are the helpers in `jobs/`).
+
+  The library also never imports `maeday_jax.defaults` (the job configs, for config
+  files and jobs): it reads its settings from `maeday_jax.settings`, whose modules
+  import nothing but `ml_collections`, the standard library and each other."""
   package = REPO_ROOT / "maeday_jax"
   jobs = {p.stem for p in (package / "jobs").glob("*.py")} - {"__init__"}
-  job_modules = {"zero_shot", "few_shot", "score"}  # The jobs; the rest are their helpers.
-  assert job_modules <= jobs
-  for path in package.rglob("*.py"):
+  assert jobs >= JOBS
+  packages = {p.parent.name for p in package.glob("*/__init__.py")} - {"jobs"}
+  assert packages == LIBRARY_PACKAGES, "list the new package in LIBRARY_PACKAGES"
+  checked = set()
+  for path in sorted(package.rglob("*.py")):
     imported = _imports(path)
     if path.parent.name == "jobs":
-      others = {f"maeday_jax.jobs.{j}" for j in job_modules - {path.stem}}
-      assert not imported & others, f"{path} imports another job: {imported & others}"
-    elif path.name != "main.py":  # The command line dispatches to the jobs.
-      assert not any(m.startswith("maeday_jax.jobs") for m in imported), path
+      others = {f"maeday_jax.jobs.{j}" for j in JOBS - {path.stem}}
+      crossing = {m for m in imported if m in others or any(m.startswith(o + ".") for o in others)}
+      assert not crossing, f"{path} imports another job: {crossing}"
+    elif path.name != "main.py" or path.parent != package:  # The command line dispatches.
+      entry_points = sorted(m for m in imported if _is_entry_point(m))
+      assert not entry_points, f"{path} (library) imports {entry_points}"
+      tree = ast.parse(path.read_text())
+      runs = [n.lineno for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"]
+      assert not runs, f"{path}:{runs[0]}: a job-style run() in the library; move it to jobs/"
+      if path != package / "defaults.py":
+        uses = sorted(m for m in imported if _within(m, "maeday_jax.defaults"))
+        assert not uses, f"{path} (library) imports {uses}; use maeday_jax.settings"
+      if path.parent.name == "settings":
+        _check_settings_are_light(path, imported)
+      if path.parent != package:
+        checked.add(path.relative_to(package).parts[0])
+  assert checked == LIBRARY_PACKAGES

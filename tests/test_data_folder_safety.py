@@ -11,15 +11,8 @@ import pytest
 from PIL import Image
 
 from maeday_jax import data
-from maeday_jax.data import testing
-
-
-def _config(images, data_dir, masks=None, normal=None):
-  config = data.get_data_config()
-  config.name, config.path, config.data_dir = "folder", str(images), str(data_dir)
-  config.mask_path = str(masks) if masks else ""
-  config.normal_path = str(normal) if normal else ""
-  return config
+from tests import data_makers
+from tests.conftest import make_data_config
 
 
 def _names(split) -> list[str]:
@@ -29,12 +22,13 @@ def _names(split) -> list[str]:
 # Symbolic links.
 
 
-def test_broken_symlink_is_skipped_and_the_others_are_scored(tmp_path):
+def test_broken_symlink_is_skipped_and_the_others_are_scored(tmp_path, data_config):
   images = tmp_path / "images"
-  testing.write_image(images / "a.png")
+  data_makers.write_image(images / "a.png")
   (images / "gone.png").symlink_to(tmp_path / "deleted.png")
   (images / "alias.png").symlink_to(images / "a.png")  # A link to a real image is read.
-  split = data.load_split(_config(images, tmp_path / "tfds"), "images", "test")
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds")
+  split = data.load_split(config, "images", "test")
   assert _names(split) == ["a.png", "alias.png"]
   np.testing.assert_array_equal(split[1]["image"], split[0]["image"])
   reasons = dict(split.skipped)
@@ -42,15 +36,17 @@ def test_broken_symlink_is_skipped_and_the_others_are_scored(tmp_path):
   assert "broken symbolic link" in reasons[str(images / "gone.png")]
 
 
-def test_broken_symlink_in_the_references_and_masks(tmp_path):
+def test_broken_symlink_in_the_references_and_masks(tmp_path, data_config):
   images, normal, masks = tmp_path / "images", tmp_path / "normal", tmp_path / "masks"
-  testing.write_image(images / "a.png")
-  testing.write_image(images / "b.png")
-  testing.write_mask(masks / "a.png")
+  data_makers.write_image(images / "a.png")
+  data_makers.write_image(images / "b.png")
+  data_makers.write_mask(masks / "a.png")
   (masks / "b.png").symlink_to(tmp_path / "deleted_mask.png")
-  testing.write_image(normal / "ref.png")
+  data_makers.write_image(normal / "ref.png")
   (normal / "gone.png").symlink_to(tmp_path / "deleted_ref.png")
-  config = _config(images, tmp_path / "tfds", masks=masks, normal=normal)
+  config = data_config(
+    name="folder", path=images, data_dir=tmp_path / "tfds", mask_path=masks, normal_path=normal
+  )
   test = data.load_split(config, "images", "test")
   assert _names(test) == ["a.png"]
   ((path, reason),) = test.skipped
@@ -61,25 +57,27 @@ def test_broken_symlink_in_the_references_and_masks(tmp_path):
   assert [p for p, _ in train.skipped] == [str(normal / "gone.png")]
 
 
-def test_symlinked_folders_are_followed(tmp_path):
+def test_symlinked_folders_are_followed(tmp_path, data_config):
   images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
-  testing.write_image(images / "a.png")
-  testing.write_image(elsewhere / "x.png")
-  testing.write_image(elsewhere / "deeper" / "y.png")
+  data_makers.write_image(images / "a.png")
+  data_makers.write_image(elsewhere / "x.png")
+  data_makers.write_image(elsewhere / "deeper" / "y.png")
   (images / "linked").symlink_to(elsewhere, target_is_directory=True)
-  split = data.load_split(_config(images, tmp_path / "tfds"), "images", "test")
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds")
+  split = data.load_split(config, "images", "test")
   assert _names(split) == ["a.png", "linked/deeper/y.png", "linked/x.png"]
   assert split.skipped == []
 
 
-def test_symlink_loops_are_skipped_not_followed(tmp_path):
+def test_symlink_loops_are_skipped_not_followed(tmp_path, data_config):
   images = tmp_path / "images"
-  testing.write_image(images / "a.png")
-  testing.write_image(images / "sub" / "b.png")
+  data_makers.write_image(images / "a.png")
+  data_makers.write_image(images / "sub" / "b.png")
   (images / "sub" / "back").symlink_to(images, target_is_directory=True)  # Loop.
   (images / "spin.png").symlink_to(images / "spin.png")  # A link to itself.
   (images / "twice").symlink_to(images / "sub", target_is_directory=True)  # Same folder.
-  split = data.load_split(_config(images, tmp_path / "tfds"), "images", "test")
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds")
+  split = data.load_split(config, "images", "test")
   assert _names(split) == ["a.png", "sub/b.png"]
   reasons = dict(split.skipped)
   assert sorted(reasons) == sorted(str(images / n) for n in ("sub/back", "spin.png", "twice"))
@@ -105,7 +103,8 @@ def _prepare_in_process(images, data_dir, barrier, results):
 
     base.make_example = slow_make_example
     barrier.wait(timeout=120)
-    split = data.load_split(_config(images, data_dir), "images", "test")
+    config = make_data_config(name="folder", path=images, data_dir=data_dir)
+    split = data.load_split(config, "images", "test")
     contents = [hashlib.sha256(split[i]["image"].tobytes()).hexdigest() for i in range(len(split))]
     results.put(("ok", _names(split), contents))
   except BaseException as e:  # Reported to the test, which fails with it.
@@ -115,7 +114,7 @@ def _prepare_in_process(images, data_dir, barrier, results):
 def test_two_processes_prepare_the_same_folder_at_once(tmp_path):
   images = tmp_path / "images"
   for i in range(24):
-    testing.write_image(images / f"{i:03d}.png", hw=(64, 64))
+    data_makers.write_image(images / f"{i:03d}.png", hw=(64, 64))
   context = multiprocessing.get_context("spawn")
   barrier, results = context.Barrier(2), context.Queue()
   args = (images, tmp_path / "tfds", barrier, results)
@@ -165,26 +164,26 @@ def _overwrite_keeping_size_and_mtime(path, new_content_from, in_place: bool):
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "new_inode"])
-def test_replaced_image_with_the_same_size_and_mtime_is_rebuilt(tmp_path, in_place):
+def test_replaced_image_with_the_same_size_and_mtime_is_rebuilt(tmp_path, in_place, data_config):
   images = tmp_path / "images"
   images.mkdir()
   old = _write_bmp(images / "a.bmp", seed=1)
-  config = _config(images, tmp_path / "tfds")
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds")
   np.testing.assert_array_equal(data.load_split(config, "images", "test")[0]["image"], old)
   new = _write_bmp(tmp_path / "new.bmp", seed=2)
   _overwrite_keeping_size_and_mtime(images / "a.bmp", tmp_path / "new.bmp", in_place)
   np.testing.assert_array_equal(data.load_split(config, "images", "test")[0]["image"], new)
 
 
-def test_replaced_mask_with_the_same_size_and_mtime_is_rebuilt(tmp_path):
+def test_replaced_mask_with_the_same_size_and_mtime_is_rebuilt(tmp_path, data_config):
   images, masks = tmp_path / "images", tmp_path / "masks"
-  testing.write_image(images / "a.png", hw=(12, 16))
+  data_makers.write_image(images / "a.png", hw=(12, 16))
   masks.mkdir()
   empty = np.zeros((12, 16), np.uint8)
   full = np.ones((12, 16), np.uint8)
   Image.fromarray(empty).save(masks / "a.bmp", format="BMP")
   Image.fromarray(full * 255).save(tmp_path / "full.bmp", format="BMP")
-  config = _config(images, tmp_path / "tfds", masks=masks)
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds", mask_path=masks)
   first = data.load_split(config, "images", "test")[0]
   assert first["label"] == 0 and not first["mask"].any()
   _overwrite_keeping_size_and_mtime(masks / "a.bmp", tmp_path / "full.bmp", in_place=True)
@@ -196,13 +195,14 @@ def test_replaced_mask_with_the_same_size_and_mtime_is_rebuilt(tmp_path):
 # Mask pairing.
 
 
-def test_flat_mask_shared_by_two_images_is_an_error(tmp_path):
+def test_flat_mask_shared_by_two_images_is_an_error(tmp_path, data_config):
   images, masks = tmp_path / "images", tmp_path / "masks"
-  testing.write_image(images / "lineA" / "001.jpg", "jpeg")
-  testing.write_image(images / "lineB" / "001.jpg", "jpeg")
-  testing.write_mask(masks / "001.png")
+  data_makers.write_image(images / "lineA" / "001.jpg", "jpeg")
+  data_makers.write_image(images / "lineB" / "001.jpg", "jpeg")
+  data_makers.write_mask(masks / "001.png")
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds", mask_path=masks)
   with pytest.raises(data.DataError) as error:
-    data.load_split(_config(images, tmp_path / "tfds", masks=masks), "images", "test")
+    data.load_split(config, "images", "test")
   message = str(error.value)
   assert str(masks / "001.png") in message
   assert "lineA/001.jpg" in message and "lineB/001.jpg" in message
@@ -210,14 +210,15 @@ def test_flat_mask_shared_by_two_images_is_an_error(tmp_path):
   assert not list((tmp_path / "tfds").rglob("*.array_record*"))  # Refused before writing.
 
 
-def test_mirrored_masks_pair_each_image_with_its_own(tmp_path):
+def test_mirrored_masks_pair_each_image_with_its_own(tmp_path, data_config):
   images, masks = tmp_path / "images", tmp_path / "masks"
-  testing.write_image(images / "lineA" / "001.jpg", "jpeg")
-  testing.write_image(images / "lineB" / "001.jpg", "jpeg")
-  testing.write_image(images / "good" / "001.jpg", "jpeg")  # No mask: normal.
-  want = testing.write_mask(masks / "lineA" / "001.png")
-  testing.write_mask(masks / "lineB" / "001_mask.png", empty=True)
-  split = data.load_split(_config(images, tmp_path / "tfds", masks=masks), "images", "test")
+  data_makers.write_image(images / "lineA" / "001.jpg", "jpeg")
+  data_makers.write_image(images / "lineB" / "001.jpg", "jpeg")
+  data_makers.write_image(images / "good" / "001.jpg", "jpeg")  # No mask: normal.
+  want = data_makers.write_mask(masks / "lineA" / "001.png")
+  data_makers.write_mask(masks / "lineB" / "001_mask.png", empty=True)
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds", mask_path=masks)
+  split = data.load_split(config, "images", "test")
   by_name = {e["file_name"]: e for e in split}
   assert sorted(by_name) == ["good/001.jpg", "lineA/001.jpg", "lineB/001.jpg"]
   assert by_name["lineA/001.jpg"]["label"] == 1
@@ -228,46 +229,50 @@ def test_mirrored_masks_pair_each_image_with_its_own(tmp_path):
   assert split.unmasked == 1
 
 
-def test_mask_in_a_sub_folder_is_not_taken_by_bare_name(tmp_path):
+def test_mask_in_a_sub_folder_is_not_taken_by_bare_name(tmp_path, data_config):
   images, masks = tmp_path / "images", tmp_path / "masks"
-  testing.write_image(images / "good" / "000.png")
-  testing.write_image(images / "broken" / "000.png")
-  testing.write_mask(masks / "broken" / "000_mask.png")
-  split = data.load_split(_config(images, tmp_path / "tfds", masks=masks), "images", "test")
+  data_makers.write_image(images / "good" / "000.png")
+  data_makers.write_image(images / "broken" / "000.png")
+  data_makers.write_mask(masks / "broken" / "000_mask.png")
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds", mask_path=masks)
+  split = data.load_split(config, "images", "test")
   labels = {e["file_name"]: e["label"] for e in split}
   assert labels == {"broken/000.png": 1, "good/000.png": 0}
   assert split.unmasked == 1 and split.skipped == []
 
 
-def test_link_into_the_mask_folder_is_left_out_of_the_images(tmp_path):
+def test_link_into_the_mask_folder_is_left_out_of_the_images(tmp_path, data_config):
   images, masks = tmp_path / "images", tmp_path / "masks"
-  testing.write_image(images / "a.png")
-  testing.write_mask(masks / "a.png")
-  testing.write_mask(masks / "sub" / "x.png")
+  data_makers.write_image(images / "a.png")
+  data_makers.write_mask(masks / "a.png")
+  data_makers.write_mask(masks / "sub" / "x.png")
   (images / "sub").symlink_to(masks / "sub", target_is_directory=True)
-  testing.write_image(images / "sub_real" / "x.png")
-  split = data.load_split(_config(images, tmp_path / "tfds", masks=masks), "images", "test")
+  data_makers.write_image(images / "sub_real" / "x.png")
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds", mask_path=masks)
+  split = data.load_split(config, "images", "test")
   assert _names(split) == ["a.png", "sub_real/x.png"]
 
 
-def test_flat_masks_still_pair_by_bare_name(tmp_path):
+def test_flat_masks_still_pair_by_bare_name(tmp_path, data_config):
   images, masks = tmp_path / "images", tmp_path / "masks"
-  testing.write_image(images / "lineA" / "001.png")
-  testing.write_image(images / "lineB" / "002.png")
-  testing.write_mask(masks / "001.png")
-  testing.write_mask(masks / "002_mask.png")
-  split = data.load_split(_config(images, tmp_path / "tfds", masks=masks), "images", "test")
+  data_makers.write_image(images / "lineA" / "001.png")
+  data_makers.write_image(images / "lineB" / "002.png")
+  data_makers.write_mask(masks / "001.png")
+  data_makers.write_mask(masks / "002_mask.png")
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds", mask_path=masks)
+  split = data.load_split(config, "images", "test")
   assert [e["label"] for e in split] == [1, 1]
   assert split.unmasked == 0 and split.skipped == []
 
 
-def test_two_masks_for_one_image_is_an_error(tmp_path):
+def test_two_masks_for_one_image_is_an_error(tmp_path, data_config):
   images, masks = tmp_path / "images", tmp_path / "masks"
-  testing.write_image(images / "a.png")
-  testing.write_mask(masks / "a.png")
-  testing.write_mask(masks / "a_mask.png")
+  data_makers.write_image(images / "a.png")
+  data_makers.write_mask(masks / "a.png")
+  data_makers.write_mask(masks / "a_mask.png")
+  config = data_config(name="folder", path=images, data_dir=tmp_path / "tfds", mask_path=masks)
   with pytest.raises(data.DataError) as error:
-    data.load_split(_config(images, tmp_path / "tfds", masks=masks), "images", "test")
+    data.load_split(config, "images", "test")
   message = str(error.value)
   assert str(images / "a.png") in message
   assert str(masks / "a.png") in message and str(masks / "a_mask.png") in message

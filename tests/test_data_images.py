@@ -5,13 +5,14 @@ import pytest
 from PIL import Image
 
 from maeday_jax import data, imagenet, resizing
-from maeday_jax.data import images, testing
+from maeday_jax.data import images
+from tests import data_makers
 
 
 @pytest.mark.parametrize("kind", ["rgb", "gray", "rgba", "palette", "gray16", "jpeg", "gray_jpeg"])
 def test_read_image_converts_every_mode_to_rgb8(tmp_path, kind):
   path = tmp_path / f"x.{'jpg' if 'jpeg' in kind else 'png'}"
-  want = testing.write_image(path, kind, (17, 23))
+  want = data_makers.write_image(path, kind, (17, 23))
   got = data.read_image(path)
   assert got.dtype == np.uint8 and got.shape == (17, 23, 3)
   np.testing.assert_array_equal(got, want)
@@ -29,14 +30,14 @@ def test_read_image_handles_la_bilevel_and_float(tmp_path):
 
 @pytest.mark.parametrize("kind", ["binary", "levels", "palette", "rgb"])
 def test_read_mask_binarises(tmp_path, kind):
-  want = testing.write_mask(tmp_path / "m.png", (9, 13), kind)
+  want = data_makers.write_mask(tmp_path / "m.png", (9, 13), kind)
   got = data.read_mask(tmp_path / "m.png", expected_hw=(9, 13))
   assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
   np.testing.assert_array_equal(got, want)
 
 
 def test_mask_of_another_size_is_an_error_naming_it(tmp_path):
-  testing.write_mask(tmp_path / "m.png", (9, 13))
+  data_makers.write_mask(tmp_path / "m.png", (9, 13))
   with pytest.raises(data.DataError, match=r"m\.png: mask is 9x13 \(HxW\) but its image is 13x9"):
     data.read_mask(tmp_path / "m.png", expected_hw=(13, 9))
 
@@ -44,8 +45,8 @@ def test_mask_of_another_size_is_an_error_naming_it(tmp_path):
 @pytest.mark.parametrize(
   "write, reason",
   [
-    (testing.write_truncated, "unreadable or truncated"),
-    (testing.write_not_image, "not an image file"),
+    (data_makers.write_truncated, "unreadable or truncated"),
+    (data_makers.write_not_image, "not an image file"),
     (lambda p: p.write_bytes(b""), "empty file"),
   ],
 )

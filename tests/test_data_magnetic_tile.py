@@ -5,25 +5,20 @@ import collections
 import pytest
 
 from maeday_jax import data
-from maeday_jax.data import testing
 from maeday_jax.data.builders import magnetic_tile
-
-
-def _config(path, data_dir):
-  config = data.get_data_config()
-  config.name, config.path, config.data_dir = "magnetic_tile", str(path), str(data_dir)
-  return config
+from tests import data_makers
 
 
 @pytest.fixture(scope="module")
-def fake(tmp_path_factory) -> testing.FakeDataset:
-  return testing.make_magnetic_tile(tmp_path_factory.mktemp("mt") / "Magnetic-tile-defect")
+def fake(tmp_path_factory) -> data_makers.FakeDataset:
+  return data_makers.make_magnetic_tile(tmp_path_factory.mktemp("mt") / "Magnetic-tile-defect")
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_every_field_and_skipped_file(fake, tmp_path, split):
-  loaded = data.load_split(_config(fake.root, tmp_path), "magnetic_tile", split)
-  testing.check_split(loaded, fake)
+def test_every_field_and_skipped_file(fake, tmp_path, split, data_config):
+  config = data_config(name="magnetic_tile", path=fake.root, data_dir=tmp_path)
+  loaded = data.load_split(config, "magnetic_tile", split)
+  data_makers.check_split(loaded, fake)
   if split == "test":
     reasons = " ".join(r for _, r in loaded.skipped)
     assert "defect image without a mask" in reasons and "mask is 10x10" in reasons
@@ -36,13 +31,14 @@ def test_split_rule_is_a_stable_hash_of_the_file_name():
   assert train == [n for n in names if magnetic_tile.is_train_normal(n)]
 
 
-def test_path_must_hold_the_layout(tmp_path):
+def test_path_must_hold_the_layout(tmp_path, data_config):
+  config = data_config(name="magnetic_tile", path=tmp_path, data_dir=tmp_path / "tfds")
   with pytest.raises(data.DataError, match="does not hold the magnetic tile layout"):
-    data.load_split(_config(tmp_path, tmp_path / "tfds"), "magnetic_tile", "test")
+    data.load_split(config, "magnetic_tile", "test")
 
 
-def test_real_sample_counts_per_class(mt_sample_dir, tmp_path):
-  config = _config(mt_sample_dir, tmp_path)
+def test_real_sample_counts_per_class(mt_sample_dir, tmp_path, data_config):
+  config = data_config(name="magnetic_tile", path=mt_sample_dir, data_dir=tmp_path)
   counts = {}
   for split in ("train", "test"):
     loaded = data.load_split(config, "magnetic_tile", split)

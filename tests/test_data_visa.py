@@ -3,27 +3,24 @@
 import pytest
 
 from maeday_jax import data
-from maeday_jax.data import testing
+from tests import data_makers
 
 
 @pytest.fixture(scope="module")
-def fake(tmp_path_factory) -> testing.FakeDataset:
-  return testing.make_visa(tmp_path_factory.mktemp("visa") / "VisA_20220922")
+def fake(tmp_path_factory) -> data_makers.FakeDataset:
+  return data_makers.make_visa(tmp_path_factory.mktemp("visa") / "VisA_20220922")
 
 
 @pytest.fixture(scope="module")
-def config(fake, tmp_path_factory):
-  config = data.get_data_config()
-  config.name, config.path = "visa", str(fake.root)
-  config.data_dir = str(tmp_path_factory.mktemp("tfds"))
-  return config
+def config(fake, tmp_path_factory, data_config):
+  return data_config(name="visa", path=fake.root, data_dir=tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.mark.parametrize("category", ["candle", "pcb1"])
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_every_field_and_skipped_row(fake, config, category, split):
   loaded = data.load_split(config, category, split)
-  testing.check_split(loaded, fake, category)
+  data_makers.check_split(loaded, fake, category)
   assert len(loaded) == {"train": 2, "test": 3}[split]
 
 

@@ -9,7 +9,6 @@ import pytest
 
 from maeday_jax import checkpoints, data, download
 from tests.conftest import REPO_ROOT
-from tests.http_server import FileServer
 
 PAYLOAD = bytes(range(256)) * 4099  # About 1 MiB: more than one read chunk.
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -17,15 +16,13 @@ NAME = f"resnet18-{DIGEST[:8]}.pth"
 
 
 @pytest.fixture
-def server():
-  with FileServer({NAME: PAYLOAD}) as s:
-    yield s
+def server(file_server):
+  return file_server({NAME: PAYLOAD})
 
 
 @pytest.fixture
-def server_without_ranges():
-  with FileServer({NAME: PAYLOAD}, ranges=False) as s:
-    yield s
+def server_without_ranges(file_server):
+  return file_server({NAME: PAYLOAD}, ranges=False)
 
 
 def _fetch(url, dest, **checks):

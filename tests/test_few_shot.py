@@ -1,7 +1,8 @@
 """Few-shot adaptation: optimiser, augmentation, data-parallel step, adaptation, resume.
 
-All training runs use the tiny `test` model and the same step settings, so they share
-one compiled update step (plus one for a single device and one for full fine-tuning).
+All training runs use the tiny `test` model (`tiny_mae`, `tiny_params`) and the same step
+settings, so they share one compiled update step (plus one for a single device and one
+for full fine-tuning).
 """
 
 import jax
@@ -12,14 +13,6 @@ import scipy.ndimage
 from flax import traverse_util
 
 from maeday_jax import augment, checkpoints, few_shot, models, parallel, training
-from tests.test_lora import random_params
-
-MODEL = models.create("test")  # 32 px, patch 8: 16 patches
-
-
-@pytest.fixture(scope="module")
-def params():
-  return random_params(MODEL)
 
 
 def _textures(seed: int, count: int) -> np.ndarray:
@@ -32,14 +25,6 @@ def _textures(seed: int, count: int) -> np.ndarray:
     stripes = [np.sin(2 * np.pi * (1.5 * xx + 0.5 * yy) + phase[c]) for c in range(3)]
     images.append(np.stack(stripes, -1) * 60 + 128 + rng.normal(0, 3, (32, 32, 3)))
   return np.clip(np.rint(images), 0, 255).astype(np.uint8)
-
-
-def _config(steps: int, **overrides):
-  config = few_shot.get_train_config()
-  config.steps = steps
-  for name, value in overrides.items():
-    setattr(config, name, value)
-  return config
 
 
 def _flat(tree) -> dict:
@@ -155,14 +140,14 @@ def test_bilinear_sample_matches_scipy(mode, scipy_mode):
     np.testing.assert_allclose(got[..., c], want, atol=1e-5)
 
 
-def test_training_batch_gives_each_copy_its_own_mask_and_augmentation():
-  shots = jnp.asarray(few_shot.as_model_input(MODEL, _textures(0, 2)))
-  config = _config(1, batch_size=8)
+def test_training_batch_gives_each_copy_its_own_mask_and_augmentation(tiny_mae, train_config):
+  shots = jnp.asarray(few_shot.as_model_input(tiny_mae, _textures(0, 2)))
+  config = train_config(steps=1, batch_size=8)
   settings = few_shot.StepSettings.from_config(config)
-  images, noise = jax.jit(lambda k: few_shot.training_batch(MODEL, shots, k, settings))(
+  images, noise = jax.jit(lambda k: few_shot.training_batch(tiny_mae, shots, k, settings))(
     jax.random.key(0)
   )
-  assert images.shape == (8, 32, 32, 3) and noise.shape == (8, MODEL.num_patches)
+  assert images.shape == (8, 32, 32, 3) and noise.shape == (8, tiny_mae.num_patches)
   assert len({tuple(np.argsort(n)[:4]) for n in np.asarray(noise)}) == 8
   # Copies 0 and 2 both come from shot 0 but are augmented differently.
   assert np.abs(np.asarray(images[0] - images[2])).mean() > 0.01
@@ -173,18 +158,18 @@ def test_training_batch_gives_each_copy_its_own_mask_and_augmentation():
   assert closer_to_own_shot
 
 
-def test_step_is_the_same_on_one_and_eight_devices(params):
+def test_step_is_the_same_on_one_and_eight_devices(tiny_params, tiny_mae):
   config = few_shot.get_train_config()
   settings = few_shot.StepSettings.from_config(config)
   optimizer = few_shot.make_optimizer(config)
-  shots = few_shot.as_model_input(MODEL, _textures(0, 2))
+  shots = few_shot.as_model_input(tiny_mae, _textures(0, 2))
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = parallel.data_mesh(devices)
-    base, trainable = settings.strategy.split(params, jax.random.key(1))
+    base, trainable = settings.strategy.split(tiny_params, jax.random.key(1))
     state = parallel.replicate(training.init_state(trainable, optimizer), mesh)
     base, placed_shots, key = parallel.replicate((base, shots, jax.random.key(2)), mesh)
-    step = few_shot.make_train_step(MODEL, optimizer, mesh, settings)
+    step = few_shot.make_train_step(tiny_mae, optimizer, mesh, settings)
     losses = []
     for _ in range(2):
       state, loss = step(state, base, placed_shots, key)
@@ -198,27 +183,32 @@ def test_step_is_the_same_on_one_and_eight_devices(params):
   )
 
 
-def test_adaptation_lowers_the_heldout_loss(params):
+def test_adaptation_lowers_the_heldout_loss(tiny_params, tiny_mae, train_config):
   shots, heldout = _textures(0, 2), _textures(1, 4)
   key = jax.random.key(3)
-  before = few_shot.heldout_loss(MODEL, params, heldout, key)
-  merged, history = few_shot.adapt(MODEL, params, shots, jax.random.key(4), _config(20))
-  after = few_shot.heldout_loss(MODEL, merged, heldout, key)
+  before = few_shot.heldout_loss(tiny_mae, tiny_params, heldout, key)
+  merged, history = few_shot.adapt(
+    tiny_mae, tiny_params, shots, jax.random.key(4), train_config(steps=20)
+  )
+  after = few_shot.heldout_loss(tiny_mae, merged, heldout, key)
   assert after < 0.9 * before, (before, after, history["loss"])
   assert np.mean(history["loss"][-5:]) < np.mean(history["loss"][:5])
   assert history["step"] == list(range(1, 21)) and len(history["step_time_s"]) == 20
   assert history["compile_time_s"] > 0 and history["start_step"] == 0
 
 
-def test_resume_equals_an_uninterrupted_run(params, tmp_path):
+def test_resume_equals_an_uninterrupted_run(tiny_params, tmp_path, tiny_mae, train_config):
   shots, key = _textures(2, 2), jax.random.key(5)
-  config = _config(4, checkpoint_every=2)
-  merged, history = few_shot.adapt(MODEL, params, shots, key, config, workdir=tmp_path / "a")
+  config = train_config(steps=4, checkpoint_every=2)
+  merged, history = few_shot.adapt(
+    tiny_mae, tiny_params, shots, key, config, workdir=tmp_path / "a"
+  )
 
   # Interrupted after 2 steps, then run again with the full budget.
-  few_shot.adapt(MODEL, params, shots, key, _config(2, checkpoint_every=2), workdir=tmp_path / "b")
+  first_two = train_config(steps=2, checkpoint_every=2)
+  few_shot.adapt(tiny_mae, tiny_params, shots, key, first_two, workdir=tmp_path / "b")
   resumed, resumed_history = few_shot.adapt(
-    MODEL, params, shots, key, config, workdir=tmp_path / "b"
+    tiny_mae, tiny_params, shots, key, config, workdir=tmp_path / "b"
   )
   assert resumed_history["start_step"] == 2 and resumed_history["step"] == [3, 4]
   assert resumed_history["loss"] == history["loss"][2:]
@@ -226,25 +216,27 @@ def test_resume_equals_an_uninterrupted_run(params, tmp_path):
 
   # The merged model is a converted checkpoint that the loader reads back.
   model, loaded = checkpoints.load_mae(tmp_path / "b" / few_shot.MERGED_DIR)
-  assert model.embed_dim == MODEL.embed_dim and model.depth == MODEL.depth
+  assert model.embed_dim == tiny_mae.embed_dim and model.depth == tiny_mae.depth
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(merged))
   assert sorted(p.name for p in (tmp_path / "b" / few_shot.CHECKPOINT_DIR).iterdir()) == ["2", "4"]
 
   # A finished run asked for fewer steps, or another seed on the same workdir: refused.
   with pytest.raises(ValueError, match="already at step 4"):
-    few_shot.adapt(MODEL, params, shots, key, _config(3), workdir=tmp_path / "b")
+    few_shot.adapt(tiny_mae, tiny_params, shots, key, train_config(steps=3), workdir=tmp_path / "b")
   with pytest.raises(ValueError, match="different PRNG key"):
-    few_shot.adapt(MODEL, params, shots, jax.random.key(6), config, workdir=tmp_path / "b")
+    few_shot.adapt(tiny_mae, tiny_params, shots, jax.random.key(6), config, workdir=tmp_path / "b")
 
 
-def test_full_finetuning_trains_everything_but_the_position_tables(params):
-  before = _flat(params)
-  placed = parallel.replicate(params, parallel.data_mesh())  # as a caller would hold them
-  config = _config(2, finetune="full")
-  merged, history = few_shot.adapt(MODEL, placed, _textures(0, 2), jax.random.key(7), config)
+def test_full_finetuning_trains_everything_but_the_position_tables(
+  tiny_params, tiny_mae, train_config
+):
+  before = _flat(tiny_params)
+  placed = parallel.replicate(tiny_params, parallel.data_mesh())  # as a caller would hold them
+  config = train_config(steps=2, finetune="full")
+  merged, history = few_shot.adapt(tiny_mae, placed, _textures(0, 2), jax.random.key(7), config)
   after = _flat(merged)
   frozen = {"pos_embed", "decoder_pos_embed"}
-  assert history["trainable_params"] == models.num_params(params) - sum(
+  assert history["trainable_params"] == models.num_params(tiny_params) - sum(
     before[name].size for name in frozen
   )
   for path, value in before.items():
@@ -257,8 +249,14 @@ def test_full_finetuning_trains_everything_but_the_position_tables(params):
   jax.tree.map(np.testing.assert_array_equal, _flat(placed), before)
 
 
-def test_inputs_are_checked(params):
+def test_inputs_are_checked(tiny_params, tiny_mae, train_config):
   with pytest.raises(ValueError, match=r"Expected images of shape \(k, 32, 32, 3\)"):
-    few_shot.adapt(MODEL, params, np.zeros((2, 64, 64, 3), np.uint8), jax.random.key(0))
+    few_shot.adapt(tiny_mae, tiny_params, np.zeros((2, 64, 64, 3), np.uint8), jax.random.key(0))
   with pytest.raises(ValueError, match="multiple of the number of devices"):
-    few_shot.adapt(MODEL, params, _textures(0, 1), jax.random.key(0), _config(1, batch_size=12))
+    few_shot.adapt(
+      tiny_mae,
+      tiny_params,
+      _textures(0, 1),
+      jax.random.key(0),
+      train_config(steps=1, batch_size=12),
+    )

@@ -8,18 +8,19 @@ import numpy as np
 import pytest
 
 from maeday_jax import ensemble
-from maeday_jax.data import testing
 from maeday_jax.jobs import few_shot as few_shot_job
-from tests.test_main_few_shot import _config
+from tests import data_makers
+from tests.test_main_few_shot import RUN
 
 METHODS = ("maeday", "patchcore", "patchcore_x2", "ensemble")
 
 
 @pytest.fixture(scope="module")
-def run(fixtures_dir, tmp_path_factory):
+def run(tmp_path_factory, job_config):
   tmp = tmp_path_factory.mktemp("methods_run")
-  fake = testing.make_folder(tmp / "raw")
-  config = _config(fixtures_dir, tmp, fake)
+  fake = data_makers.make_folder(tmp / "raw")
+  data = data_makers.folder_fields(fake.root, tmp / "tfds")
+  config = job_config("few_shot", "runlocal", data=data, **RUN)
   config.seeds = (0,)
   config.train.steps = 2
   config.method = ",".join(METHODS)

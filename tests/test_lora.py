@@ -6,51 +6,31 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from maeday_jax import few_shot, lora, models, parallel
+from maeday_jax import few_shot, lora, parallel
 from maeday_jax.models.vit_mae import PatchEmbed
 
-MODEL = models.create("test")  # 32 px, patch 8, width 64 (2 blocks), decoder 32 (1 block)
+# The model is `tiny_mae` (32 px, patch 8, width 64 (2 blocks), decoder 32 (1 block)), its
+# parameters `tiny_params` (tests/conftest.py).
 RANK = 4
 
 
-def random_params(model, seed: int = 0) -> dict:
-  """Random parameters drawn in NumPy: no per-shape initialiser compilations in tests."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, shape):
-    name = path[-1].key
-    if name == "scale":
-      return np.ones(shape.shape, np.float32)
-    if name == "bias":
-      return np.zeros(shape.shape, np.float32)
-    fan_in = int(np.prod(shape.shape[:-1])) if name == "kernel" else 50
-    return rng.normal(0, fan_in**-0.5, shape.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, models.param_shapes(model))
-
-
 @pytest.fixture(scope="module")
-def params():
-  return random_params(MODEL)
-
-
-@pytest.fixture(scope="module")
-def forward():
+def forward(tiny_mae):
   """One compiled forward pass shared by the tests: (params, images, noise) -> (B, L, P)."""
-  return jax.jit(lambda p, x, n: MODEL.apply({"params": p}, x, noise=n))
+  return jax.jit(lambda p, x, n: tiny_mae.apply({"params": p}, x, noise=n))
 
 
 @pytest.fixture(scope="module")
-def forward_with_lora():
+def forward_with_lora(tiny_mae):
   """The model run on `lora.apply(params, delta)` inside the compiled function, as in
   training: (params, delta, images, noise) -> (B, L, P)."""
-  return jax.jit(lambda p, d, x, n: MODEL.apply({"params": lora.apply(p, d)}, x, noise=n))
+  return jax.jit(lambda p, d, x, n: tiny_mae.apply({"params": lora.apply(p, d)}, x, noise=n))
 
 
-def _inputs(seed=0, batch=2):
+def _inputs(model, seed=0, batch=2):
   rng = np.random.default_rng(seed)
   images = rng.normal(size=(batch, 32, 32, 3)).astype(np.float32)
-  noise = rng.uniform(size=(batch, MODEL.num_patches)).astype(np.float32)
+  noise = rng.uniform(size=(batch, model.num_patches)).astype(np.float32)
   return images, noise
 
 
@@ -66,14 +46,16 @@ def _random_b(delta, seed=1):
   )
 
 
-def test_default_targets_are_every_weight_matrix(params):
-  kernels = sorted("/".join(p) for p in traverse_util.flatten_dict(params) if p[-1] == "kernel")
-  assert lora.target_paths(params) == kernels
+def test_default_targets_are_every_weight_matrix(tiny_params):
+  kernels = sorted(
+    "/".join(p) for p in traverse_util.flatten_dict(tiny_params) if p[-1] == "kernel"
+  )
+  assert lora.target_paths(tiny_params) == kernels
   assert "patch_embed/proj/kernel" in kernels and "decoder_pred/kernel" in kernels
 
 
-def test_init_shapes_and_parameter_count(params):
-  delta = lora.init(jax.random.key(1), params, rank=RANK)
+def test_init_shapes_and_parameter_count(tiny_params):
+  delta = lora.init(jax.random.key(1), tiny_params, rank=RANK)
   qkv = delta["blocks_0"]["attn"]["qkv"]["kernel"]
   assert qkv["A"].shape == (64, RANK) and qkv["B"].shape == (RANK, 192)
   patch = delta["patch_embed"]["proj"]["kernel"]  # conv (8, 8, 3, 64) seen as (192, 64)
@@ -87,33 +69,37 @@ def test_init_shapes_and_parameter_count(params):
   assert lora.num_params(delta) == expected
 
 
-def test_targets_by_regex(params):
-  delta = lora.init(jax.random.key(1), params, rank=2, targets=(r"blocks_\d+/attn/qkv/kernel",))
+def test_targets_by_regex(tiny_params):
+  delta = lora.init(
+    jax.random.key(1), tiny_params, rank=2, targets=(r"blocks_\d+/attn/qkv/kernel",)
+  )
   assert sorted(delta) == ["blocks_0", "blocks_1"]  # decoder_blocks_0 needs the prefix
   with pytest.raises(ValueError, match="matches no parameter"):
-    lora.init(jax.random.key(1), params, targets=(r"attn/qkv/kernel",))  # not a whole path
+    lora.init(jax.random.key(1), tiny_params, targets=(r"attn/qkv/kernel",))  # not a whole path
   with pytest.raises(ValueError, match="only matrices"):
-    lora.init(jax.random.key(1), params, targets=(r"norm/bias",))
+    lora.init(jax.random.key(1), tiny_params, targets=(r"norm/bias",))
 
 
-def test_zero_initialised_lora_leaves_the_model_unchanged(params, forward, forward_with_lora):
-  delta = lora.init(jax.random.key(1), params, rank=RANK)
-  jax.tree.map(np.testing.assert_array_equal, lora.merge(params, delta), params)
-  images, noise = _inputs()
+def test_zero_initialised_lora_leaves_the_model_unchanged(
+  tiny_params, forward, forward_with_lora, tiny_mae
+):
+  delta = lora.init(jax.random.key(1), tiny_params, rank=RANK)
+  jax.tree.map(np.testing.assert_array_equal, lora.merge(tiny_params, delta), tiny_params)
+  images, noise = _inputs(tiny_mae)
   np.testing.assert_allclose(
-    forward_with_lora(params, delta, images, noise),
-    forward(params, images, noise),
+    forward_with_lora(tiny_params, delta, images, noise),
+    forward(tiny_params, images, noise),
     rtol=1e-6,
     atol=1e-6,
   )
 
 
-def test_merge_equals_the_unmerged_low_rank_path(params, forward, forward_with_lora):
-  delta = _random_b(lora.init(jax.random.key(1), params, rank=RANK))
-  merged = lora.merge(params, delta)
+def test_merge_equals_the_unmerged_low_rank_path(tiny_params, forward, forward_with_lora, tiny_mae):
+  delta = _random_b(lora.init(jax.random.key(1), tiny_params, rank=RANK))
+  merged = lora.merge(tiny_params, delta)
   x = np.random.default_rng(2).normal(size=(5, 64)).astype(np.float32)
   # A Dense layer: x (W + A B) == x W + (x A) B.
-  w = params["blocks_1"]["mlp"]["fc1"]["kernel"]
+  w = tiny_params["blocks_1"]["mlp"]["fc1"]["kernel"]
   pair = delta["blocks_1"]["mlp"]["fc1"]["kernel"]
   np.testing.assert_allclose(
     x @ merged["blocks_1"]["mlp"]["fc1"]["kernel"],
@@ -122,57 +108,56 @@ def test_merge_equals_the_unmerged_low_rank_path(params, forward, forward_with_l
     atol=1e-5,
   )
   # The patch-embedding conv: the same update applied to flattened (patchified) patches.
-  images, noise = _inputs()
+  images, noise = _inputs(tiny_mae)
   embed = PatchEmbed(8, 64)
   pair = delta["patch_embed"]["proj"]["kernel"]
-  patches = MODEL.patchify(images)
-  base_out = embed.apply({"params": params["patch_embed"]}, images)
+  patches = tiny_mae.patchify(images)
+  base_out = embed.apply({"params": tiny_params["patch_embed"]}, images)
   expected = base_out + (patches @ pair["A"]) @ pair["B"]
   got = embed.apply({"params": merged["patch_embed"]}, images)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
   # Whole model: merged parameters give the outputs of the LoRA-applied ones.
   np.testing.assert_allclose(
     forward(merged, images, noise),
-    forward_with_lora(params, delta, images, noise),
+    forward_with_lora(tiny_params, delta, images, noise),
     rtol=1e-6,
     atol=1e-6,
   )
-  assert not np.allclose(forward(merged, images, noise), forward(params, images, noise))
+  assert not np.allclose(forward(merged, images, noise), forward(tiny_params, images, noise))
 
 
-def test_alpha_scales_the_update(params):
-  delta = _random_b(lora.init(jax.random.key(1), params, rank=RANK))
+def test_alpha_scales_the_update(tiny_params):
+  delta = _random_b(lora.init(jax.random.key(1), tiny_params, rank=RANK))
   path = ("decoder_embed", "kernel")
-  w = params["decoder_embed"]["kernel"]
-  unit = lora.merge(params, delta)["decoder_embed"]["kernel"] - w  # alpha = rank: scale 1
-  double = lora.merge(params, delta, alpha=2 * RANK)["decoder_embed"]["kernel"] - w
+  w = tiny_params["decoder_embed"]["kernel"]
+  unit = lora.merge(tiny_params, delta)["decoder_embed"]["kernel"] - w  # alpha = rank: scale 1
+  double = lora.merge(tiny_params, delta, alpha=2 * RANK)["decoder_embed"]["kernel"] - w
   np.testing.assert_allclose(double, 2 * unit, rtol=1e-5, atol=1e-7)
   pair = traverse_util.flatten_dict(delta)
   np.testing.assert_allclose(unit, pair[(*path, "A")] @ pair[(*path, "B")], rtol=1e-5, atol=1e-7)
   assert lora.scale(32, None) == 1.0 and lora.scale(32, 16.0) == 0.5
 
 
-def test_apply_rejects_a_tree_for_another_model(params):
+def test_apply_rejects_a_tree_for_another_model(tiny_params):
   # decoder_embed is (64, 32) here; a model of width 32 would have (32, 32).
   delta = {"decoder_embed": {"kernel": {"A": jnp.zeros((32, 2)), "B": jnp.zeros((2, 32))}}}
   with pytest.raises(ValueError, match="do not fit the kernel"):
-    lora.apply(params, delta)
+    lora.apply(tiny_params, delta)
   with pytest.raises(ValueError, match="no parameter in the model"):
-    lora.apply(params, {"head": {"kernel": delta["decoder_embed"]["kernel"]}})
+    lora.apply(tiny_params, {"head": {"kernel": delta["decoder_embed"]["kernel"]}})
 
 
-def test_only_lora_leaves_receive_updates(params):
+def test_only_lora_leaves_receive_updates(tiny_params, tiny_mae, train_config):
   """A few training steps change exactly the targeted kernels of the merged model."""
-  config = few_shot.get_train_config()
-  config.steps = 2
+  config = train_config(steps=2)
   shots = np.random.default_rng(4).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  placed = parallel.replicate(params, parallel.data_mesh())  # as a caller would hold them
-  merged, history = few_shot.adapt(MODEL, placed, shots, jax.random.key(5), config)
+  placed = parallel.replicate(tiny_params, parallel.data_mesh())  # as a caller would hold them
+  merged, history = few_shot.adapt(tiny_mae, placed, shots, jax.random.key(5), config)
   assert history["trainable_params"] == lora.num_params(
-    lora.init(jax.random.key(0), params, rank=config.lora.rank)
+    lora.init(jax.random.key(0), tiny_params, rank=config.lora.rank)
   )
-  targets = set(lora.target_paths(params))
-  before = {"/".join(p): v for p, v in traverse_util.flatten_dict(params).items()}
+  targets = set(lora.target_paths(tiny_params))
+  before = {"/".join(p): v for p, v in traverse_util.flatten_dict(tiny_params).items()}
   after = {"/".join(p): v for p, v in traverse_util.flatten_dict(merged).items()}
   assert before.keys() == after.keys()
   for path, value in before.items():
@@ -182,35 +167,36 @@ def test_only_lora_leaves_receive_updates(params):
       np.testing.assert_array_equal(after[path], value, err_msg=path)
   # The caller's parameters are alive and untouched (never donated to the step).
   assert not any(x.is_deleted() for x in jax.tree.leaves(placed))
-  jax.tree.map(np.testing.assert_array_equal, placed, params)
+  jax.tree.map(np.testing.assert_array_equal, placed, tiny_params)
 
 
-def _loss_with_lora(on_activations: bool, alpha: float):
+def _loss_with_lora(model, on_activations: bool, alpha: float):
   """Reconstruction MSE as a function of (delta, params, images, noise), with the LoRA
   update either folded into the weights (`apply`) or run on the activations."""
 
   def loss(delta, p, x, n):
     if on_activations:
       with lora.on_activations(delta, alpha):
-        out = MODEL.apply({"params": p}, x, noise=n)
+        out = model.apply({"params": p}, x, noise=n)
     else:
-      out = MODEL.apply({"params": lora.apply(p, delta, alpha)}, x, noise=n)
-    return jnp.mean((out - MODEL.patchify(x)) ** 2)
+      out = model.apply({"params": lora.apply(p, delta, alpha)}, x, noise=n)
+    return jnp.mean((out - model.patchify(x)) ** 2)
 
   return loss
 
 
-def test_on_activations_gives_the_values_and_gradients_of_apply(params):
+def test_on_activations_gives_the_values_and_gradients_of_apply(tiny_params, tiny_mae):
   """x (W + s A B) and x W + s (x A) B: same loss, same gradients for every A and B
   (Dense layers and the patch-embedding convolution), and less work for the gradient."""
-  delta = _random_b(lora.init(jax.random.key(1), params, rank=RANK))
-  images, noise = _inputs(3)
+  delta = _random_b(lora.init(jax.random.key(1), tiny_params, rank=RANK))
+  images, noise = _inputs(tiny_mae, 3)
   alpha = 2.0 * RANK  # scale 2, so that a missing scale would show
   grad_fns = {
-    mode: jax.jit(jax.value_and_grad(_loss_with_lora(mode, alpha))) for mode in (False, True)
+    mode: jax.jit(jax.value_and_grad(_loss_with_lora(tiny_mae, mode, alpha)))
+    for mode in (False, True)
   }
   (want, want_grads), (got, got_grads) = (
-    fn(delta, params, images, noise) for fn in grad_fns.values()
+    fn(delta, tiny_params, images, noise) for fn in grad_fns.values()
   )
   np.testing.assert_allclose(got, want, rtol=1e-5)
   flat_want, flat_got = (traverse_util.flatten_dict(g) for g in (want_grads, got_grads))
@@ -220,19 +206,20 @@ def test_on_activations_gives_the_values_and_gradients_of_apply(params):
     np.testing.assert_allclose(flat_got[path], value, rtol=2e-4, atol=1e-6, err_msg=str(path))
   # No gradient of the frozen kernels is formed: fewer FLOPs for the same result.
   cost = {
-    mode: fn.lower(delta, params, images, noise).cost_analysis() for mode, fn in grad_fns.items()
+    mode: fn.lower(delta, tiny_params, images, noise).cost_analysis()
+    for mode, fn in grad_fns.items()
   }
   if all(cost.values()):
     assert cost[True]["flops"] < 0.8 * cost[False]["flops"]
 
 
-def test_on_activations_rejects_trees_it_cannot_apply(params):
-  images, noise = _inputs()
+def test_on_activations_rejects_trees_it_cannot_apply(tiny_params, tiny_mae):
+  images, noise = _inputs(tiny_mae)
   pair = {"A": jnp.zeros((64, 2)), "B": jnp.zeros((2, 64))}
 
   def trace(delta):  # Traces the model without running it.
     with lora.on_activations(delta):
-      return jax.eval_shape(lambda: MODEL.apply({"params": params}, images, noise=noise))
+      return jax.eval_shape(lambda: tiny_mae.apply({"params": tiny_params}, images, noise=noise))
 
   # A kernel path of no layer the model calls: the update would silently be missing.
   with pytest.raises(ValueError, match=r"\['head/kernel'\] were never called"):

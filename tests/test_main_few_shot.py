@@ -2,40 +2,30 @@
 
 import csv
 import json
-import sys
 
 import pytest
 
-from maeday_jax.data import testing
 from maeday_jax.jobs import few_shot as few_shot_job
-from tests.conftest import REPO_ROOT
+from tests import data_makers
+from tests.conftest import FIXTURE_MAE
 from tests.processes import run_processes
 
-sys.path.insert(0, str(REPO_ROOT))
-from configs import few_shot as few_shot_config  # noqa: E402
-
-
-def _config(fixtures_dir, tmp, fake):
-  config = few_shot_config.get_config("runlocal")
-  config.model.checkpoint = str(fixtures_dir / "mae_ref_a.pth")
-  config.data.update(
-    name="folder",
-    path=str(fake.root / "images"),
-    mask_path=str(fake.root / "masks"),
-    normal_path=str(fake.root / "normal"),
-    data_dir=str(tmp / "tfds"),
-    num_workers=2,
-  )
-  config.train.steps = 3
-  config.heldout_normals = 2
-  return config
+# The runs' settings on configs/few_shot.py:runlocal besides the data: the fixture MAE
+# (32 px, patch 8), 2 data workers, 3 training steps, 2 held-out normal images.
+RUN = {
+  "model.checkpoint": FIXTURE_MAE,
+  "data.num_workers": 2,
+  "train.steps": 3,
+  "heldout_normals": 2,
+}
 
 
 @pytest.fixture(scope="module")
-def run(fixtures_dir, tmp_path_factory):
+def run(tmp_path_factory, job_config):
   tmp = tmp_path_factory.mktemp("few_shot_run")
-  fake = testing.make_folder(tmp / "raw")
-  config = _config(fixtures_dir, tmp, fake)
+  fake = data_makers.make_folder(tmp / "raw")
+  data = data_makers.folder_fields(fake.root, tmp / "tfds")
+  config = job_config("few_shot", "runlocal", data=data, **RUN)
   summary = few_shot_job.run(config, tmp / "work")
   return config, tmp / "work", summary, fake
 
@@ -70,23 +60,24 @@ TWO_PROCESS_WORKER = """
 import pathlib, sys
 import jax
 
-port, pid, fixtures, raw, tmp = sys.argv[1:6]
+port, pid, raw, tmp = sys.argv[1:5]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
-from maeday_jax.data import testing
 from maeday_jax.jobs import few_shot as few_shot_job
-from tests.test_main_few_shot import _config
+from tests import data_makers
+from tests.conftest import make_job_config
+from tests.test_main_few_shot import RUN
 
-fake = testing.FakeDataset(pathlib.Path(raw))
-config = _config(pathlib.Path(fixtures), pathlib.Path(tmp), fake)
-few_shot_job.run(config, pathlib.Path(tmp) / "work")
+raw, tmp = pathlib.Path(raw), pathlib.Path(tmp)
+data = data_makers.folder_fields(raw, tmp / "tfds")
+few_shot_job.run(make_job_config("few_shot", "runlocal", data=data, **RUN), tmp / "work")
 """
 
 
-def test_two_processes_adapt_and_report_like_one(run, fixtures_dir, tmp_path):
+def test_two_processes_adapt_and_report_like_one(run, tmp_path):
   """Shots, training (data-parallel over both hosts), the merged model written once,
   scoring and reports: the same scores as the single-process run."""
   config, single, _, fake = run
-  run_processes(TWO_PROCESS_WORKER, str(fixtures_dir), str(fake.root), str(tmp_path))
+  run_processes(TWO_PROCESS_WORKER, str(fake.root), str(tmp_path))
   two = tmp_path / "work"
   for seed in config.seeds:
 

@@ -9,38 +9,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maeday_jax.data import testing
 from maeday_jax.jobs import zero_shot as zero_shot_job
-from tests.conftest import REPO_ROOT
+from tests import data_makers
+from tests.conftest import FIXTURE_MAE, REPO_ROOT
 from tests.processes import run_processes
 
-sys.path.insert(0, str(REPO_ROOT))
-from configs import zero_shot as zero_shot_config  # noqa: E402
-
-
-def _config(fixtures_dir, tmp_path, **data):
-  config = zero_shot_config.get_config("runlocal")
-  config.model.checkpoint = str(fixtures_dir / "mae_ref_a.pth")  # 32 px, patch 8.
-  config.data.data_dir = str(tmp_path / "tfds")
-  config.data.num_workers = 2
-  config.outputs.panels = -1
-  for key, value in data.items():
-    config.data[key] = value
-  return config
+# The runs' settings on configs/zero_shot.py:runlocal besides the data: the fixture MAE
+# (32 px, patch 8), 2 data workers, a panel for every image.
+RUN = {"model.checkpoint": FIXTURE_MAE, "data.num_workers": 2, "outputs.panels": -1}
 
 
 @pytest.fixture(scope="module")
-def folder_run(fixtures_dir, tmp_path_factory):
+def folder_run(tmp_path_factory, job_config):
   tmp = tmp_path_factory.mktemp("folder_run")
-  fake = testing.make_folder(tmp / "raw")
-  config = _config(
-    fixtures_dir,
-    tmp,
-    name="folder",
-    path=str(fake.root / "images"),
-    mask_path=str(fake.root / "masks"),
-    normal_path=str(fake.root / "normal"),
-  )
+  fake = data_makers.make_folder(tmp / "raw")
+  data = data_makers.folder_fields(fake.root, tmp / "tfds")
+  config = job_config("zero_shot", "runlocal", data=data, **RUN)
   summary = zero_shot_job.run(config, tmp / "work")
   return fake, tmp / "work", summary
 
@@ -88,25 +72,24 @@ TWO_PROCESS_WORKER = """
 import pathlib, sys
 import jax
 
-port, pid, fixtures, raw, tmp = sys.argv[1:6]
+port, pid, raw, tmp = sys.argv[1:5]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
 from maeday_jax.jobs import zero_shot as zero_shot_job
-from tests.test_main_zero_shot import _config
+from tests import data_makers
+from tests.conftest import make_job_config
+from tests.test_main_zero_shot import RUN
 
 raw, tmp = pathlib.Path(raw), pathlib.Path(tmp)
-config = _config(
-  pathlib.Path(fixtures), tmp, name="folder", path=str(raw / "images"),
-  mask_path=str(raw / "masks"), normal_path=str(raw / "normal"),
-)
-zero_shot_job.run(config, tmp / "work")
+data = data_makers.folder_fields(raw, tmp / "tfds")
+zero_shot_job.run(make_job_config("zero_shot", "runlocal", data=data, **RUN), tmp / "work")
 """
 
 
-def test_two_processes_report_what_one_process_reports(folder_run, fixtures_dir, tmp_path):
+def test_two_processes_report_what_one_process_reports(folder_run, tmp_path):
   """Hosts score their own shards; the reports must cover every host's images, exactly
   as a single process scoring everything reports them."""
   fake, single, _ = folder_run
-  run_processes(TWO_PROCESS_WORKER, str(fixtures_dir), str(fake.root), str(tmp_path))
+  run_processes(TWO_PROCESS_WORKER, str(fake.root), str(tmp_path))
   two = tmp_path / "work"
 
   def scores(workdir):
@@ -129,8 +112,9 @@ def test_two_processes_report_what_one_process_reports(folder_run, fixtures_dir,
     assert (two / "overlays" / "images" / f"{name}.png").is_file(), name
 
 
-def test_real_magnetic_tiles_end_to_end(fixtures_dir, mt_sample_dir, tmp_path):
-  config = _config(fixtures_dir, tmp_path, name="magnetic_tile", path=str(mt_sample_dir))
+def test_real_magnetic_tiles_end_to_end(mt_sample_dir, tmp_path, job_config):
+  data = {"name": "magnetic_tile", "path": mt_sample_dir, "data_dir": tmp_path / "tfds"}
+  config = job_config("zero_shot", "runlocal", data=data, **RUN)
   config.outputs.update(overlays=False, panels=2, reconstructions=0)
   zero_shot_job.run(config, tmp_path / "work")
   with open(tmp_path / "work" / "scores.csv") as f:

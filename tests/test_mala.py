@@ -9,7 +9,6 @@ import pytest
 from flax import traverse_util
 
 from maeday_jax import checkpoints, data, models, parallel
-from maeday_jax.data import testing
 from maeday_jax.mala import segmenter as seg
 from maeday_jax.mala import stage2
 from maeday_jax.pretrain import optim
@@ -17,17 +16,15 @@ from maeday_jax.pretrain import step as step_lib
 
 from .conftest import kill_at_step
 
-MAE = models.create("test")  # 32 px, patch 8 (16 patches), width 64, decoder 32
-
 
 @pytest.fixture(scope="module")
-def segmenter_and_params():
-  segmenter = seg.Segmenter(MAE)
-  mae_params = models.init_params(MAE, jax.random.key(0))
+def segmenter_and_params(tiny_mae):
+  segmenter = seg.Segmenter(tiny_mae)
+  mae_params = models.init_params(tiny_mae, jax.random.key(0))
   return segmenter, seg.segmenter_params(segmenter, mae_params, jax.random.key(1))
 
 
-def test_token_balance_shapes(segmenter_and_params):
+def test_token_balance_shapes(segmenter_and_params, tiny_mae):
   segmenter, params = segmenter_and_params
   images = jnp.zeros((3, 32, 32, 3))
   logits = segmenter.apply({"params": params}, images)
@@ -36,11 +33,11 @@ def test_token_balance_shapes(segmenter_and_params):
   # [balanced, decoder] (2 x 32) -> p x p x 2 per patch.
   assert params["token_balance_encoder"]["kernel"].shape == (128, 32)
   assert params["token_balance_head"]["kernel"].shape == (64, 8 * 8 * 2)
-  first, last = MAE.apply(
+  first, last = tiny_mae.apply(
     {"params": params["mae"]},
     images,
     jnp.broadcast_to(jnp.arange(16), (3, 16)),
-    method=MAE.encode_tokens,
+    method=tiny_mae.encode_tokens,
   )
   assert first.shape == last.shape == (3, 17, 64)
 
@@ -124,18 +121,18 @@ def test_a_few_stage2_steps_lower_the_loss(segmenter_and_params):
   assert after < 0.8 * before, (before, after)
 
 
-def test_stage1_loss_terms_switch_and_the_predictor_trains():
+def test_stage1_loss_terms_switch_and_the_predictor_trains(tiny_mae):
   images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  params = models.init_params(MAE, jax.random.key(1))
+  params = models.init_params(tiny_mae, jax.random.key(1))
   noise = jax.random.uniform(jax.random.key(2), (4, 16))
   plain = step_lib.LossConfig(loss="all")
-  base, (terms, recon) = step_lib.reconstruction_loss(MAE, params, images, noise, plain)
+  base, (terms, recon) = step_lib.reconstruction_loss(tiny_mae, params, images, noise, plain)
   assert set(terms) == {"pixel"} and recon is None
-  np.testing.assert_allclose(base, step_lib.mae_loss(MAE, params, images, noise, plain))
+  np.testing.assert_allclose(base, step_lib.mae_loss(tiny_mae, params, images, noise, plain))
   mala = step_lib.LossConfig(loss="all", pixel_loss="l1", ssim_weight=1.0)
-  total, (terms, recon) = step_lib.reconstruction_loss(MAE, params, images, noise, mala)
-  pred = MAE.apply({"params": params}, images, noise=noise)
-  l1 = np.abs(np.asarray(pred) - np.asarray(MAE.patchify(images))).mean()
+  total, (terms, recon) = step_lib.reconstruction_loss(tiny_mae, params, images, noise, mala)
+  pred = tiny_mae.apply({"params": params}, images, noise=noise)
+  l1 = np.abs(np.asarray(pred) - np.asarray(tiny_mae.patchify(images))).mean()
   np.testing.assert_allclose(terms["pixel"], l1, rtol=1e-5)
   np.testing.assert_allclose(total, terms["pixel"] + terms["ssim"], rtol=1e-6)
   assert recon.shape == (4, 32, 32, 3)
@@ -164,28 +161,21 @@ def _tiny_mala_config(fake_tiles, data_dir, runlocal_config):
   return config
 
 
-@pytest.fixture(scope="module")
-def fake_tiles(tmp_path_factory):
-  root = tmp_path_factory.mktemp("tiles")
-  testing.make_magnetic_tile(root, num_free=8)
-  return root
-
-
-def test_stage2_resume_equals_uninterrupted(fake_tiles, tmp_path, monkeypatch):
+def test_stage2_resume_equals_uninterrupted(fake_tiles, tmp_path, monkeypatch, tiny_mae):
   from maeday_jax import defaults
 
   config = _tiny_mala_config(fake_tiles, tmp_path / "tfds", defaults.mala_config("runlocal"))
   mae_dir = tmp_path / "mae"
   checkpoints.orbax_format.save(
-    mae_dir, models.architecture(MAE), models.init_params(MAE, jax.random.key(3))
+    mae_dir, models.architecture(tiny_mae), models.init_params(tiny_mae, jax.random.key(3))
   )
   section = {k: config[k] for k in ("seed", "model", "data", "checkpoint_every", "log_every")}
   import ml_collections
 
   stage = ml_collections.ConfigDict({**section, "extra_data": [], "train": config.stage2})
-  whole = stage2.run(stage, tmp_path / "whole", str(mae_dir))
-  kill_at_step(monkeypatch, 3, lambda: stage2.run(stage, tmp_path / "resumed", str(mae_dir)))
-  resumed = stage2.run(stage, tmp_path / "resumed", str(mae_dir))
+  whole = stage2.train(stage, tmp_path / "whole", str(mae_dir))
+  kill_at_step(monkeypatch, 3, lambda: stage2.train(stage, tmp_path / "resumed", str(mae_dir)))
+  resumed = stage2.train(stage, tmp_path / "resumed", str(mae_dir))
   assert whole["steps"] == 4 and resumed["resumed_from_step"] == 2
   _, a = stage2.load_segmenter(tmp_path / "whole" / stage2.SEGMENTER_DIR)
   _, b = stage2.load_segmenter(tmp_path / "resumed" / stage2.SEGMENTER_DIR)

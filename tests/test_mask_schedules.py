@@ -61,9 +61,8 @@ def test_unknown_schedule_is_refused():
     masking.schedule_noise(jax.random.key(0), 4, 16, 0.75, "sobol")
 
 
-def test_scorer_uses_the_schedule_and_stays_device_independent():
-  model = models.create("test")
-  params = models.init_params(model, jax.random.key(0))
+def test_scorer_uses_the_schedule_and_stays_device_independent(tiny_mae):
+  params = models.init_params(tiny_mae, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
   ids = zero_shot.image_ids([np.asarray(x) for x in images])
   key = jax.random.key(2)
@@ -71,7 +70,7 @@ def test_scorer_uses_the_schedule_and_stays_device_independent():
   for devices in (8, 1):
     mesh = parallel.data_mesh(jax.devices()[:devices])
     scoring = evaluation.Scoring.create(
-      model, params, num_masks=4, batch_size=8, key=key, mesh=mesh, masking="stratified"
+      tiny_mae, params, num_masks=4, batch_size=8, key=key, mesh=mesh, masking="stratified"
     )
     maps, scores = scoring.score_fn(scoring.replicated, images, jnp.asarray(ids), key)
     results[devices] = np.asarray(scores)
@@ -79,9 +78,9 @@ def test_scorer_uses_the_schedule_and_stays_device_independent():
     noise = zero_shot.image_noise(
       zero_shot.image_keys(key, jnp.asarray(ids)), 4, 16, 0.75, "stratified"
     )
-    expected = zero_shot.anomaly_maps_from_noise(model, params, images, noise)
+    expected = zero_shot.anomaly_maps_from_noise(tiny_mae, params, images, noise)
     np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(results[8], results[1], rtol=1e-6)
-  random = evaluation.Scoring.create(model, params, num_masks=4, batch_size=8, key=key)
+  random = evaluation.Scoring.create(tiny_mae, params, num_masks=4, batch_size=8, key=key)
   _, random_scores = random.score_fn(random.replicated, images, jnp.asarray(ids), key)
   assert not np.allclose(random_scores, results[1])

@@ -6,16 +6,15 @@ import pytest
 from maeday_jax import memory_budget, models
 
 
-def test_bytes_per_copy_by_hand():
-  # test model: 32 px, patch 8 -> L = 16; K = 4 visible (+ cls = 5 tokens), width 64,
+def test_bytes_per_copy_by_hand(tiny_mae):
+  # tiny_mae: 32 px, patch 8 -> L = 16; K = 4 visible (+ cls = 5 tokens), width 64,
   # 2 heads; decoder 17 tokens, width 32, 2 heads; float32.
-  model = models.create("test")
   encoder = 5 * (6 * 64 + 2 * 256) * 4 + 2 * 5 * 5 * 8
   decoder = 17 * (6 * 32 + 2 * 128) * 4 + 2 * 17 * 17 * 8
   pixels = 32 * 32 * 3 * 4 * 3
-  assert memory_budget.bytes_per_copy(model) == int(2.0 * (max(encoder, decoder) + pixels))
+  assert memory_budget.bytes_per_copy(tiny_mae) == int(2.0 * (max(encoder, decoder) + pixels))
   half = memory_budget.bytes_per_copy(models.create("test", dtype=jnp.bfloat16))
-  assert half < memory_budget.bytes_per_copy(model)
+  assert half < memory_budget.bytes_per_copy(tiny_mae)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +40,7 @@ def test_vit_large_on_an_80_gib_chip():
   assert 256 * chunk * memory_budget.bytes_per_copy(model) <= 0.5 * free
 
 
-def test_unknown_memory_means_all_masks():
+def test_unknown_memory_means_all_masks(tiny_mae):
   class NoStats:
     platform = "tpu"
 
@@ -49,7 +48,7 @@ def test_unknown_memory_means_all_masks():
       return None
 
   assert memory_budget.free_bytes(NoStats()) is None
-  assert memory_budget.mask_batch_size(models.create("test"), 8, 32, device=NoStats()) is None
+  assert memory_budget.mask_batch_size(tiny_mae, 8, 32, device=NoStats()) is None
 
 
 def test_cpu_devices_share_the_host_memory():

@@ -1,6 +1,5 @@
 """MAE pre-training: schedule, decay mask, augmentation, learning, resume and export."""
 
-import importlib.util
 import json
 import math
 
@@ -12,18 +11,11 @@ import pytest
 from flax import traverse_util
 
 from maeday_jax import checkpoints, model_builder, models, parallel
-from maeday_jax.data import testing
+from maeday_jax.jobs import pretrain as pretrain_job
 from maeday_jax.pretrain import augmentation, inputs, loop, optim
 from maeday_jax.pretrain import step as step_lib
 
-from .conftest import REPO_ROOT, kill_at_step
-
-
-def _load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from .conftest import kill_at_step
 
 
 def test_learning_rate_schedule_matches_its_formula():
@@ -43,12 +35,11 @@ def test_learning_rate_schedule_matches_its_formula():
   assert float(schedule(100)) == pytest.approx(1e-6)
 
 
-def test_weight_decay_mask_covers_exactly_the_kernels():
-  model = models.create("test")
-  flat = traverse_util.flatten_dict(optim.decay_mask(models.param_shapes(model)))
+def test_weight_decay_mask_covers_exactly_the_kernels(tiny_mae):
+  flat = traverse_util.flatten_dict(optim.decay_mask(models.param_shapes(tiny_mae)))
   decayed = {"/".join(path) for path, on in flat.items() if on}
   expected = {"patch_embed/proj/kernel", "decoder_embed/kernel", "decoder_pred/kernel"}
-  for stack, depth in (("blocks", model.depth), ("decoder_blocks", model.decoder_depth)):
+  for stack, depth in (("blocks", tiny_mae.depth), ("decoder_blocks", tiny_mae.decoder_depth)):
     for i in range(depth):
       for layer in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2"):
         expected.add(f"{stack}_{i}/{layer}/kernel")
@@ -66,9 +57,8 @@ def test_weight_decay_mask_covers_exactly_the_kernels():
       ), path
 
 
-def test_optimizer_never_moves_position_embeddings_and_decays_kernels():
-  model = models.create("test")
-  params = models.param_shapes(model)
+def test_optimizer_never_moves_position_embeddings_and_decays_kernels(tiny_mae):
+  params = models.param_shapes(tiny_mae)
   optimizer = optim.make_optimizer(optax.constant_schedule(0.1), weight_decay=0.5)
 
   @jax.jit
@@ -105,11 +95,10 @@ def test_batch_order_is_a_function_of_seed_and_step():
   assert len(inputs.batch_indices(3, 8, 0, seed=0)) == 8  # Tiny sets are repeated.
 
 
-def test_a_few_steps_lower_the_loss():
-  model = models.create("test")
+def test_a_few_steps_lower_the_loss(tiny_mae):
   mesh = parallel.data_mesh()
   spec = step_lib.TrainSpec(
-    model=model,
+    model=tiny_mae,
     optimizer=optim.OptimizerConfig(peak_lr=3e-3, total_steps=1000, warmup_steps=0),
     augment=(("crop_scale", (1.0, 1.0)), ("hflip", False)),
   )
@@ -119,16 +108,16 @@ def test_a_few_steps_lower_the_loss():
   waves = [np.sin(6 * grid[:, None] + a) + np.cos(5 * grid[None] + b) + c for a, b, c in phases]
   images = np.stack([np.stack([w] * 3, -1) for w in waves])
   images_u8 = np.clip((images + 3) * 40, 0, 255).astype(np.uint8)
-  params = jax.jit(lambda k: models.init_params(model, k))(jax.random.key(0))
+  params = jax.jit(lambda k: models.init_params(tiny_mae, k))(jax.random.key(0))
   state = step_lib.replicated_init_state(params, spec, mesh)
   train_step = step_lib.make_train_step(spec, mesh)
   assert step_lib.make_train_step(spec, mesh) is train_step  # Compiled once per spec.
-  noise = jax.random.uniform(jax.random.key(9), (8, model.num_patches))
+  noise = jax.random.uniform(jax.random.key(9), (8, tiny_mae.num_patches))
   normalised = augmentation.normalize(jnp.asarray(images_u8))
 
   @jax.jit
   def held_out(params):
-    return step_lib.mae_loss(model, params, normalised, noise, spec.loss)
+    return step_lib.mae_loss(tiny_mae, params, normalised, noise, spec.loss)
 
   def held_out_loss(params):
     return float(held_out(params))
@@ -174,40 +163,35 @@ def test_loss_options():
     step_lib.LossConfig(loss="some")
 
 
-@pytest.fixture(scope="module")
-def fake_tiles(tmp_path_factory):
-  root = tmp_path_factory.mktemp("tiles")
-  testing.make_magnetic_tile(root, num_free=10)
-  return root
-
-
-def _tiny_config(fake_tiles, data_dir):
-  config = _load_config("pretrain", "runlocal")
-  config.data.name = "magnetic_tile"
-  config.data.path = str(fake_tiles)
-  config.data.splits = "train,test"  # Every normal image; the defects are left out.
-  config.data.data_dir = str(data_dir)
-  config.train.steps = 4
-  config.checkpoint_every = 2
-  return config
-
-
 def _params(workdir):
   _, params = checkpoints.load_mae(workdir / loop.MODEL_DIR)
   return params
 
 
 def test_resume_equals_uninterrupted_and_exports_a_loadable_model(
-  fake_tiles, tmp_path, monkeypatch
+  fake_tiles, tmp_path, monkeypatch, job_config
 ):
-  config = _tiny_config(fake_tiles, tmp_path / "tfds")
-  whole = loop.run(config, tmp_path / "whole")
+  config = job_config(
+    "pretrain",
+    "runlocal",
+    data={
+      "name": "magnetic_tile",
+      "path": fake_tiles,  # 10 normal tiles.
+      "splits": "train,test",  # Every normal image; the defects are left out.
+      "data_dir": tmp_path / "tfds",
+    },
+    train={"steps": 4},
+    checkpoint_every=2,
+  )
+  # The job (settings checked, config.json written) around the library's `loop.train`.
+  whole = pretrain_job.run(config, tmp_path / "whole")
   assert whole["steps"] == 4 and whole["num_images"] == 10
   assert whole["architecture"]["img_size"] == 32
+  assert (tmp_path / "whole" / "config.json").is_file()
 
   # Kill the second run when it asks for the batch of step 3 (after the step-2 save).
-  kill_at_step(monkeypatch, 3, lambda: loop.run(config, tmp_path / "resumed"))
-  resumed = loop.run(config, tmp_path / "resumed")
+  kill_at_step(monkeypatch, 3, lambda: loop.train(config, tmp_path / "resumed"))
+  resumed = loop.train(config, tmp_path / "resumed")
   assert resumed["resumed_from_step"] == 2
 
   jax.tree.map(
@@ -235,13 +219,30 @@ def test_resume_equals_uninterrupted_and_exports_a_loadable_model(
     model_builder.build_model(model_config, jax.random.key(0))
 
 
-def test_configs_build():
+def test_configs_build(job_config):
   for name in ("pretrain", "pretrain_mt"):
     for arg in (None, "runlocal"):
-      config = _load_config(name, arg)
+      config = job_config(name, arg)
       assert config.job == "pretrain"
       assert config.model.checkpoint == "random"
       assert config.train.loss in step_lib.LOSSES
-  mt = _load_config("pretrain_mt")
+  mt = job_config("pretrain_mt", None)
   assert mt.model.img_size == 112 and mt.eval.enabled
   assert [s.splits for s in [mt.data, *mt.extra_data]] == ["train,test", "train"]
+
+
+def test_the_job_refuses_bad_settings_before_any_work(tmp_path, job_config):
+  from maeday_jax.config_errors import ConfigError
+
+  for field, value, named in (
+    ("loss", "some", "train.loss"),
+    ("pixel_loss", "l3", "train.pixel_loss"),
+    ("steps", 0, "train.epochs"),
+  ):
+    config = job_config("pretrain", "runlocal")
+    config.train[field] = value
+    if field == "steps":
+      config.train.epochs = 0.0
+    with pytest.raises(ConfigError, match=named):
+      pretrain_job.run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

@@ -11,29 +11,17 @@ import jax
 import numpy as np
 import pytest
 
-from maeday_jax import checkpoints, data, evaluation, few_shot, models, reports
-from maeday_jax.data import testing
-from maeday_jax.jobs import category_run, common
+from maeday_jax import checkpoints, data, evaluation, few_shot, reports
+from maeday_jax.jobs import category_run, common, run_report
 from maeday_jax.jobs import few_shot as few_shot_job
 from maeday_jax.jobs import zero_shot as zero_shot_job
+from tests import data_makers
 from tests.conftest import REPO_ROOT
-from tests.test_lora import random_params
-
-sys.path.insert(0, str(REPO_ROOT))
-from configs import few_shot as few_shot_config  # noqa: E402
-from configs import zero_shot as zero_shot_config  # noqa: E402
 
 
-def _zero_shot(tmp_path, **fields):
-  config = zero_shot_config.get_config("runlocal")
-  config.data.update(name="folder", path=str(tmp_path / "missing"), data_dir=str(tmp_path))
-  for name, value in fields.items():
-    target = config
-    *parents, leaf = name.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+def _missing_folder(tmp_path) -> dict:
+  """`config.data` fields of a folder that does not exist."""
+  return {"name": "folder", "path": tmp_path / "missing", "data_dir": tmp_path}
 
 
 @pytest.mark.parametrize(
@@ -47,37 +35,37 @@ def _zero_shot(tmp_path, **fields):
     ("model.dtype", "float16", "--config.model.dtype"),
   ],
 )
-def test_bad_settings_fail_before_any_data_or_model_work(tmp_path, field, value, message):
+def test_bad_settings_fail_before_any_data_or_model_work(
+  tmp_path, field, value, message, job_config
+):
   # The data path does not exist: a check that came after data preparation would fail
   # with a DataError instead.
-  config = _zero_shot(tmp_path, **{field: value})
+  config = job_config("zero_shot", "runlocal", data=_missing_folder(tmp_path), **{field: value})
   with pytest.raises(common.ConfigError, match=message):
     zero_shot_job.run(config, tmp_path / "work")
   assert not (tmp_path / "work").exists()
 
 
-def test_more_shots_than_normal_images_fail_before_the_model_loads(tmp_path):
-  fake = testing.make_folder(tmp_path / "raw")  # 4 normal references.
-  config = few_shot_config.get_config("runlocal")
-  config.model.checkpoint = str(tmp_path / "no_such_model.pth")  # Loading would fail.
-  config.data.update(
-    name="folder",
-    path=str(fake.root / "images"),
-    normal_path=str(fake.root / "normal"),
-    data_dir=str(tmp_path / "tfds"),
+def test_more_shots_than_normal_images_fail_before_the_model_loads(tmp_path, job_config):
+  fake = data_makers.make_folder(tmp_path / "raw")  # 4 normal references.
+  config = job_config(
+    "few_shot",
+    "runlocal",
+    model={"checkpoint": tmp_path / "no_such_model.pth"},  # Loading would fail.
+    data=data_makers.folder_fields(fake.root, tmp_path / "tfds", masks=False),
+    shots=5,
   )
-  config.shots = 5
   with pytest.raises(common.ConfigError, match="--config.shots: 5 shots, but .* only 4 normal"):
     few_shot_job.run(config, tmp_path / "work")
 
 
-def test_a_workdir_holds_one_run(tmp_path):
+def test_a_workdir_holds_one_run(tmp_path, job_config):
   workdir = tmp_path / "work"
-  config = _zero_shot(tmp_path)
+  config = job_config("zero_shot", "runlocal", data=_missing_folder(tmp_path))
   common.prepare_workdir(workdir, config)
   (workdir / "scores.csv").write_text("old")
   common.prepare_workdir(workdir, config)  # The same run again: allowed.
-  other = _zero_shot(tmp_path, num_masks=8)
+  other = job_config("zero_shot", "runlocal", data=_missing_folder(tmp_path), num_masks=8)
   with pytest.raises(common.WorkdirError, match=r"another run .*num_masks.*--overwrite"):
     common.prepare_workdir(workdir, other)
   common.clear_workdir(workdir)
@@ -103,20 +91,27 @@ def _outcome(category: str) -> category_run.CategoryOutcome:
 
 
 def test_finished_categories_are_on_disk_when_a_later_one_fails(
-  fixtures_dir, tmp_path, monkeypatch
+  fixtures_dir, tmp_path, monkeypatch, job_config
 ):
-  fake = testing.make_mvtec(tmp_path / "raw", categories=("bottle", "carpet"))
-  config = zero_shot_config.get_config("runlocal")
-  config.model.checkpoint = str(fixtures_dir / "mae_ref_a.pth")
-  config.data.update(name="mvtec_ad", path=str(fake.root), data_dir=str(tmp_path / "tfds"))
-  config.data.categories = "bottle,carpet"
+  fake = data_makers.make_mvtec(tmp_path / "raw", categories=("bottle", "carpet"))
+  config = job_config(
+    "zero_shot",
+    "runlocal",
+    model={"checkpoint": fixtures_dir / "mae_ref_a.pth"},
+    data={
+      "name": "mvtec_ad",
+      "path": fake.root,
+      "data_dir": tmp_path / "tfds",
+      "categories": "bottle,carpet",
+    },
+  )
 
   def run_category(scoring, category, config, workdir, seed=None):
     if category == "carpet":
       raise KeyboardInterrupt  # A kill or Ctrl-C during the second category.
     return _outcome(category)
 
-  monkeypatch.setattr(zero_shot_job, "run_category", run_category)
+  monkeypatch.setattr(run_report, "run_category", run_category)
   with pytest.raises(KeyboardInterrupt):
     zero_shot_job.run(config, tmp_path / "work")
   with open(tmp_path / "work" / "scores.csv") as f:
@@ -161,32 +156,29 @@ def test_ctrl_c_stops_cleanly_and_says_where_results_are(tmp_path):
   assert "Traceback" not in out.stderr
 
 
-def test_few_shot_resume_refuses_other_training_settings(tmp_path):
-  model = models.create("test")
-  params = random_params(model)
+def test_few_shot_resume_refuses_other_training_settings(
+  tmp_path, train_config, tiny_mae, tiny_params
+):
   shots = np.random.default_rng(0).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
-  config = few_shot.get_train_config()
-  config.update(steps=1, batch_size=8)
-  few_shot.adapt(model, params, shots, jax.random.key(0), config, workdir=tmp_path)
+  config = train_config(steps=1, batch_size=8)
+  few_shot.adapt(tiny_mae, tiny_params, shots, jax.random.key(0), config, workdir=tmp_path)
   config.steps = 2  # Training longer resumes the same run ...
   config.lora.rank = 8  # ... but another rank and learning rate are another run.
   config.learning_rate = 0.5
   with pytest.raises(ValueError, match=r"train\.learning_rate: was None, now 0\.5.*lora\.rank"):
-    few_shot.adapt(model, params, shots, jax.random.key(0), config, workdir=tmp_path)
+    few_shot.adapt(tiny_mae, tiny_params, shots, jax.random.key(0), config, workdir=tmp_path)
 
 
-def test_an_images_score_depends_on_the_image_alone(tmp_path):
+def test_an_images_score_depends_on_the_image_alone(tmp_path, data_config, tiny_mae, tiny_params):
   """A byte-identical copy scores the same; removing another image changes nothing."""
   folder = tmp_path / "images"
   for name in ("a.png", "c.png", "d.png"):
-    testing.write_image(folder / name)
+    data_makers.write_image(folder / name)
   shutil.copy(folder / "a.png", folder / "b_copy.png")
-  model = models.create("test")
-  scoring = evaluation.Scoring.create(model, random_params(model), num_masks=2, batch_size=8)
+  scoring = evaluation.Scoring.create(tiny_mae, tiny_params, num_masks=2, batch_size=8)
 
   def scores(data_dir):
-    config = data.get_data_config()
-    config.update(name="folder", path=str(folder), data_dir=str(data_dir), num_workers=1)
+    config = data_config(name="folder", path=folder, data_dir=data_dir, num_workers=1)
     split = data.load_split(config, data.resolve_categories(config)[0], "test")
     result = evaluation.score_split(scoring, split, progress=False).result
     return dict(zip(result.file_names, result.scores, strict=True))

@@ -23,6 +23,11 @@ both sides):
 - `--task bulk` (`benchmark_bulk.py`, JAX only, its own options): the bulk scoring job
   (`configs/score.py`) end to end on a synthetic folder, for the tiny and `small` models
   with 1 and 2 processes, and the input pipeline alone.
+- `--task input` (`benchmark_input.py`, no model, its own options): the input pipeline
+  (decode, resize, normalise) per CPU core, and the cores one accelerator needs.
+
+The task modules (`benchmark_*.py`) live in `tools/benchmarks/`, the independent PyTorch
+models the PyTorch sides run in `tools/references/`.
 
 Reported: step time, throughput, achieved GFLOP/s against an analytic FLOP count
 (matmuls only), the ratio of the two sides, compile / first-iteration time apart from
@@ -77,15 +82,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import shutil
 import sys
 
-import benchmark_finetune
-import benchmark_patchcore
-import benchmark_zero_shot
-from benchmark_common import (
+# The task modules, beside this entry point's folder (the PyTorch worker, this file under
+# another interpreter, finds them the same way).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+
+import benchmark_finetune  # noqa: E402
+import benchmark_patchcore  # noqa: E402
+import benchmark_zero_shot  # noqa: E402
+from benchmark_common import (  # noqa: E402
   ARCHS,
   RESNET_ARCHS,
   BackgroundLoad,
@@ -227,7 +237,12 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(
     description=__doc__.split("\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument("--task", choices=sorted(TASKS), default="zero_shot")
+  parser.add_argument(
+    "--task",
+    choices=sorted(TASKS),
+    default="zero_shot",
+    help=f"also {', '.join(sorted(OWN_TOOLS))}: tools with their own options (their --help)",
+  )
   parser.add_argument(
     "--arch",
     choices=sorted({*ARCHS, *RESNET_ARCHS}),
@@ -360,23 +375,28 @@ def _torch_python(args) -> str | None:
   return python
 
 
-def _bulk_arguments(argv) -> list[str] | None:
-  """The other arguments when `--task bulk` is asked for (see `benchmark_bulk.py`)."""
+# The tasks that are whole tools of their own, with their own options (not one side's
+# step against the other's): `--task NAME` runs the module's `main` on the other arguments.
+OWN_TOOLS = {"bulk": "benchmark_bulk", "input": "benchmark_input"}
+
+
+def _own_tool(argv) -> tuple[str, list[str]] | None:
+  """The module and the other arguments when one of `OWN_TOOLS` is asked for."""
   argv = list(sys.argv[1:] if argv is None else argv)
   for i, arg in enumerate(argv):
-    if arg == "--task=bulk":
-      return argv[:i] + argv[i + 1 :]
-    if arg == "--task" and argv[i + 1 : i + 2] == ["bulk"]:
-      return argv[:i] + argv[i + 2 :]
+    for task, module in OWN_TOOLS.items():
+      if arg == f"--task={task}":
+        return module, argv[:i] + argv[i + 1 :]
+      if arg == "--task" and argv[i + 1 : i + 2] == [task]:
+        return module, argv[:i] + argv[i + 2 :]
   return None
 
 
 def main(argv=None) -> int:
-  bulk = _bulk_arguments(argv)
-  if bulk is not None:  # The whole bulk job, not a step of one side against the other.
-    import benchmark_bulk
-
-    return benchmark_bulk.main(bulk)
+  own = _own_tool(argv)
+  if own is not None:
+    module, rest = own
+    return importlib.import_module(module).main(rest)
   args = parse_args(argv)
   arch = ARCH_TABLES[args.task][args.arch]
   if args.torch_worker:

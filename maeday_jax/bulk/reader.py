@@ -12,15 +12,15 @@ shard's end, has the same shape. A file that cannot be read is reported in the b
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from maeday_jax.data.errors import DataError
 from maeday_jax.data.images import read_image
+from maeday_jax.data.prefetch import prefetched
 from maeday_jax.data.preprocess import preprocess_image
 
 
@@ -89,16 +89,16 @@ def read_batches(
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   stop_batch = num_batches(len(paths), batch_size) if stop_batch is None else stop_batch
-  pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="bulk")
-  pending: collections.deque = collections.deque()
 
-  def submit(batch: int) -> None:
+  def positions_of(batch: int) -> list[int]:
     start = batch * batch_size
-    positions = [p for p in range(start, start + batch_size) if p < len(paths)]
-    futures = [pool.submit(load_image, paths[p], image_size) for p in positions]
-    pending.append((batch, positions, futures))
+    return [p for p in range(start, start + batch_size) if p < len(paths)]
 
-  def assemble(batch: int, positions: list[int], futures) -> Batch:
+  def tasks(batch: int) -> list:
+    return [functools.partial(load_image, paths[p], image_size) for p in positions_of(batch)]
+
+  def assemble(batch: int, futures: list) -> Batch:
+    positions = positions_of(batch)
     images = np.zeros((batch_size, image_size, image_size, 3), np.float32)
     valid = np.zeros((batch_size,), bool)
     rows = np.full((batch_size,), -1, np.int64)
@@ -113,13 +113,11 @@ def read_batches(
       valid[row] = True
     return Batch(batch, images, valid, rows, skipped)
 
-  try:
-    submitted = first_batch
-    for batch in range(first_batch, stop_batch):
-      while submitted < min(stop_batch, batch + 1 + max(0, prefetch)):
-        submit(submitted)
-        submitted += 1
-      yield assemble(*pending.popleft())
-  finally:
-    # Stopping early (break, exception) must not leave threads decoding the rest.
-    pool.shutdown(wait=True, cancel_futures=True)
+  yield from prefetched(
+    range(first_batch, stop_batch),
+    tasks,
+    assemble,
+    num_workers=num_workers,
+    prefetch=prefetch,
+    thread_name_prefix="bulk",
+  )

@@ -32,12 +32,11 @@ import os
 from collections.abc import Sequence
 
 from maeday_jax.config_errors import ConfigError
+from maeday_jax.data.images import IMAGE_SUFFIXES  # the suffixes the dataset builders read
 from maeday_jax.data.pipeline import shard_bounds
 
 log = logging.getLogger("maeday_jax")
 
-# The same suffixes the folder dataset builder reads as images.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MANIFEST_SUFFIXES = (".txt", ".csv")
 UNKNOWN_LABEL = -1
 

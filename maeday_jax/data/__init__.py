@@ -17,8 +17,8 @@ from maeday_jax.data.prepare import DATASETS, data_dir, prepare, resolve_categor
 from maeday_jax.data.preprocess import preprocess_image
 from maeday_jax.data.shots import select_shots
 from maeday_jax.data.split import Split, load_split, skipped_summary
-from maeday_jax.defaults import data_config as get_data_config
 from maeday_jax.imagenet import denormalize, normalize
+from maeday_jax.settings.data import data_config as get_data_config
 
 __all__ = [
   "DATASETS",

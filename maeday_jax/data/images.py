@@ -18,6 +18,9 @@ from PIL import Image, ImageOps
 
 from maeday_jax.data.errors import DataError
 
+# File name suffixes read as images (any case): by the dataset builders (anything else in
+# an image folder is reported) and by bulk scoring's folder and glob listings.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # Modes whose samples are wider than 8 bits; PIL opens 16-bit PNG/TIFF as one of these.
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 

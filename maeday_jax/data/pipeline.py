@@ -18,8 +18,7 @@
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 from maeday_jax import resizing
 from maeday_jax.data import preprocess
 from maeday_jax.data.errors import DataError
+from maeday_jax.data.prefetch import prefetched
 from maeday_jax.data.split import Split
 
 logger = logging.getLogger(__name__)
@@ -135,22 +135,23 @@ def batches(
   num_batches = batches_per_shard(len(order), batch_size, shard_count)
   slots = order[start:stop] + [-1] * (num_batches * batch_size - (stop - start))
 
-  pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="data")
-  pending = collections.deque()
+  def chunk(batch: int) -> list[int]:
+    return slots[batch * batch_size : (batch + 1) * batch_size]
 
-  def submit(batch: int) -> None:
-    chunk = slots[batch * batch_size : (batch + 1) * batch_size]
-    futures = [pool.submit(load_example, split, i, image_size) if i >= 0 else None for i in chunk]
-    pending.append((chunk, futures))
+  def tasks(batch: int) -> list:
+    return [
+      functools.partial(load_example, split, i, image_size) if i >= 0 else None
+      for i in chunk(batch)
+    ]
 
-  try:
-    submitted = 0
-    for batch in range(num_batches):
-      while submitted < min(num_batches, batch + 1 + max(0, prefetch)):
-        submit(submitted)
-        submitted += 1
-      chunk, futures = pending.popleft()
-      yield _assemble(split, chunk, futures, batch_size, image_size)
-  finally:
-    # Stopping early (break, exception) must not leave threads decoding the rest.
-    pool.shutdown(wait=True, cancel_futures=True)
+  def assemble(batch: int, futures: list) -> dict:
+    return _assemble(split, chunk(batch), futures, batch_size, image_size)
+
+  yield from prefetched(
+    range(num_batches),
+    tasks,
+    assemble,
+    num_workers=num_workers,
+    prefetch=prefetch,
+    thread_name_prefix="data",
+  )

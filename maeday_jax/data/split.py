@@ -121,7 +121,7 @@ def load_split(data_config: ml_collections.ConfigDict, category: str, split: str
   """Prepares the category if needed and returns one of its splits.
 
   Args:
-    data_config: `config.data` (see `maeday_jax.defaults.data_config`).
+    data_config: `config.data` (see `maeday_jax.settings.data.data_config`).
     category: one of `resolve_categories(data_config)`.
     split: 'train' or 'test'. For `folder`, 'test' is the images to score and 'train'
       the normal references (only when `config.data.normal_path` is set).

@@ -17,8 +17,6 @@ Modules: `strategy` (what is trained: LoRA or all weights; split, loss, merge), 
 resumable loop, export of the merged model).
 """
 
-from maeday_jax.defaults import FINETUNE_MODES, LORA_COMPUTE_MODES
-from maeday_jax.defaults import few_shot_train_config as get_train_config
 from maeday_jax.few_shot.adapt import CHECKPOINT_DIR, MERGED_DIR, adapt
 from maeday_jax.few_shot.loss import as_model_input, heldout_loss, reconstruction_loss
 from maeday_jax.few_shot.optimizer import learning_rate, make_optimizer
@@ -30,6 +28,8 @@ from maeday_jax.few_shot.step import (
   training_batch,
 )
 from maeday_jax.few_shot.strategy import FullFineTune, LoRA, Strategy
+from maeday_jax.settings.few_shot import FINETUNE_MODES, LORA_COMPUTE_MODES
+from maeday_jax.settings.few_shot import few_shot_train_config as get_train_config
 
 __all__ = [
   "CHECKPOINT_DIR",

@@ -15,11 +15,12 @@ import numpy as np
 from flax import traverse_util
 from ml_collections import config_dict
 
-from maeday_jax import defaults, parallel, training
+from maeday_jax import parallel, training
 from maeday_jax.few_shot.loss import as_model_input
 from maeday_jax.few_shot.optimizer import learning_rate, make_optimizer
 from maeday_jax.few_shot.step import StepSettings, initial_state, lower_train_step
 from maeday_jax.models import MaskedAutoencoder, num_params
+from maeday_jax.settings.few_shot import few_shot_train_config
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def adapt(
     params: its pre-trained parameters (not modified).
     shots: (k, S, S, 3) normal images at the model size, normalised float or uint8 RGB.
     key: PRNG key of the run (LoRA initialisation, augmentation, masks).
-    config: `defaults.few_shot_train_config()` (`few_shot.get_train_config()`) or a
+    config: `settings.few_shot.few_shot_train_config()` (`few_shot.get_train_config()`) or a
       modified copy.
     mesh: device mesh (default: all devices); `batch_size` must divide over it.
     workdir: where to keep resumable checkpoints (`checkpoints/<step>`: the trained tree,
@@ -119,7 +120,7 @@ def adapt(
       update), `step_time_s`, `compile_time_s`, `total_time_s`, `start_step` (> 0 after a
       resume) and `trainable_params`.
   """
-  config = defaults.few_shot_train_config() if config is None else config
+  config = few_shot_train_config() if config is None else config
   mesh = parallel.data_mesh() if mesh is None else mesh
   settings = StepSettings.from_config(config)
   if settings.batch_size % mesh.devices.size:

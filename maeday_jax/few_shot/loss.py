@@ -12,6 +12,7 @@ import numpy as np
 from maeday_jax import parallel
 from maeday_jax.data.preprocess import normalize
 from maeday_jax.models import MaskedAutoencoder, masking
+from maeday_jax.objectives import losses
 
 
 def reconstruction_loss(
@@ -27,9 +28,8 @@ def reconstruction_loss(
   pre-training, visible patches count too and there is no per-patch normalisation of the
   target: scoring compares raw reconstructions to raw pixels over the whole image.
   """
-  pred = model.apply({"params": params}, images, noise=noise, mask_ratio=mask_ratio)
-  target = model.patchify(images.astype(jnp.float32))
-  return jnp.mean((pred - target) ** 2)
+  _, error = losses.reconstruction_errors(model, params, images, noise, mask_ratio)
+  return jnp.mean(error)
 
 
 def as_model_input(model: MaskedAutoencoder, images) -> jax.Array:

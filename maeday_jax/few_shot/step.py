@@ -40,7 +40,7 @@ class StepSettings(NamedTuple):
 
   @classmethod
   def from_config(cls, config) -> StepSettings:
-    """The settings of `defaults.few_shot_train_config()` (or a modified copy)."""
+    """The settings of `settings.few_shot.few_shot_train_config()` (or a modified copy)."""
     aug = config.augment
     return cls(
       strategy=strategy_lib.from_config(config),

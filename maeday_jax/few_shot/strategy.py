@@ -15,9 +15,15 @@ from typing import Any
 import jax
 from flax import traverse_util
 
-from maeday_jax import defaults, lora, training
+from maeday_jax import lora, training
 from maeday_jax.few_shot.loss import reconstruction_loss
 from maeday_jax.models import MaskedAutoencoder
+from maeday_jax.settings.few_shot import (
+  FINETUNE_MODES,
+  LORA_COMPUTE_MODES,
+  LORA_RANK,
+  LORA_TARGETS,
+)
 
 # Paper: 1e-2 for LoRA, 1e-4 for full fine-tuning (Table 4).
 DEFAULT_LEARNING_RATES = {"lora": 1e-2, "full": 1e-4}
@@ -33,9 +39,9 @@ class LoRA:
       frozen kernels) or 'weights' (the model run on W + A B): same loss and gradients.
   """
 
-  rank: int = defaults.LORA_RANK
+  rank: int = LORA_RANK
   alpha: float | None = None
-  targets: tuple[str, ...] = defaults.LORA_TARGETS
+  targets: tuple[str, ...] = LORA_TARGETS
   compute: str = "activations"
 
   name = "lora"
@@ -91,19 +97,19 @@ Strategy = LoRA | FullFineTune
 
 
 def check_finetune(config) -> str:
-  """`config.finetune`, checked to be one of `defaults.FINETUNE_MODES`."""
-  if config.finetune not in defaults.FINETUNE_MODES:
-    raise ValueError(f"finetune must be one of {defaults.FINETUNE_MODES}, got {config.finetune!r}.")
+  """`config.finetune`, checked to be one of `settings.few_shot.FINETUNE_MODES`."""
+  if config.finetune not in FINETUNE_MODES:
+    raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {config.finetune!r}.")
   return config.finetune
 
 
 def from_config(config) -> Strategy:
-  """The strategy the training config (`defaults.few_shot_train_config`) asks for."""
+  """The strategy the training config (`settings.few_shot.few_shot_train_config`) asks for."""
   if check_finetune(config) == "full":
     return FullFineTune()
   compute = config.lora.get("compute", "activations")
-  if compute not in defaults.LORA_COMPUTE_MODES:
-    raise ValueError(f"lora.compute must be one of {defaults.LORA_COMPUTE_MODES}, got {compute!r}.")
+  if compute not in LORA_COMPUTE_MODES:
+    raise ValueError(f"lora.compute must be one of {LORA_COMPUTE_MODES}, got {compute!r}.")
   alpha = config.lora.alpha
   return LoRA(
     rank=int(config.lora.rank),

@@ -152,7 +152,7 @@ def run_category(
   # Thresholds, metrics and reports need every process's images; each process draws
   # its own images' pictures.
   scored = evaluation.gather_scored(local)
-  check_finite(scored.result, config.model.checkpoint)
+  check_finite(scored.result, scoring.name or config.model.checkpoint)
 
   def score_normals():
     normals = data.load_split(config.data, category, "train")

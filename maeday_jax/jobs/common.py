@@ -11,6 +11,7 @@ import ml_collections
 
 from maeday_jax import atomic_files, defaults, evaluation, model_builder, parallel
 from maeday_jax.config_errors import ConfigError, require
+from maeday_jax.parallel import require_divides_devices
 
 log = logging.getLogger("maeday_jax")
 
@@ -21,6 +22,7 @@ __all__ = [
   "describe_model",
   "prepare_workdir",
   "require",
+  "require_divides_devices",
   "validate_scoring",
 ]
 
@@ -67,29 +69,6 @@ def validate_scoring(config: ml_collections.ConfigDict) -> None:
       "folder of normal images, or choose another method (f1, fixed, none).",
     )
   model_builder.validate_model_config(config.model)
-
-
-def require_divides_devices(batch_size: int, field: str) -> None:
-  """Checks that a global batch splits evenly over every device of every host."""
-  devices = jax.device_count()
-  require(
-    batch_size % devices == 0,
-    field,
-    f"{batch_size} is not a multiple of the number of devices ({devices}); use a "
-    f"multiple of {devices}.",
-  )
-
-
-def load_model(model_config: ml_collections.ConfigDict, seed: int):
-  """(model, params) for a scoring job; warns loudly about random weights."""
-  if model_config.checkpoint == defaults.RANDOM_WEIGHTS:
-    log.warning(
-      "Using RANDOM weights (model.checkpoint='random', variant %r): maps are meaningless "
-      "except for smoke tests.",
-      model_config.variant,
-    )
-  model, params, _ = model_builder.build_model(model_config, jax.random.key(seed))
-  return model, params
 
 
 class WorkdirError(ConfigError):

@@ -27,20 +27,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from maeday_jax import (
-  atomic_files,
-  backbones,
-  data,
-  defaults,
-  ensemble,
-  evaluation,
-  few_shot,
-  parallel,
-  patchcore,
-  pictures,
-  reports,
-)
-from maeday_jax.jobs import category_run, common, run_report
+from maeday_jax import atomic_files, data, defaults, evaluation, pictures, reports
+from maeday_jax.detectors import ensemble as detector_ensemble
+from maeday_jax.detectors import fitting, registry
+from maeday_jax.jobs import category_run, common, detector_choice, run_report
 from maeday_jax.jobs.category_run import run_category
 from maeday_jax.jobs.outputs import output_path
 
@@ -57,19 +47,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "train.finetune",
     f"{config.train.finetune!r} is not one of {defaults.FINETUNE_MODES}.",
   )
-  common.require(config.train.steps >= 0, "train.steps", "must be >= 0.")
-  common.require(config.train.batch_size >= 1, "train.batch_size", "must be >= 1.")
-  common.require_divides_devices(config.train.batch_size, "train.batch_size")
-  common.require(
-    config.train.lora.compute in defaults.LORA_COMPUTE_MODES,
-    "train.lora.compute",
-    f"{config.train.lora.compute!r} is not one of {defaults.LORA_COMPUTE_MODES}.",
-  )
-  common.require(config.train.lora.rank >= 1, "train.lora.rank", "must be >= 1.")
-  methods(config)  # Checks the method names.
-  pc = config.patchcore
-  common.require(0.0 < pc.coreset_ratio <= 1.0, "patchcore.coreset_ratio", "must be in (0, 1].")
-  common.require(pc.image_size >= 32, "patchcore.image_size", "must be >= 32.")
+  names = methods(config)
+  for detector in {DETECTORS[n](config) for n in names} - {"ensemble", "patchcore_x2"}:
+    registry.get(detector).validate(config)
+  if _needs(names, "patchcore", "patchcore_x2", "ensemble"):
+    registry.get("patchcore").validate(config)
 
 
 def methods(config: ml_collections.ConfigDict) -> list[str]:
@@ -83,6 +65,15 @@ def methods(config: ml_collections.ConfigDict) -> list[str]:
     f"{', '.join(unknown) or 'nothing'} is not among {', '.join(defaults.FEW_SHOT_METHODS)}.",
   )
   return list(dict.fromkeys(names))
+
+
+# The paper's method names -> the detectors that compute them.
+DETECTORS = {
+  "maeday": lambda config: f"maeday_{config.train.finetune}",
+  "patchcore": lambda config: "patchcore",
+  "patchcore_x2": lambda config: "patchcore_x2",
+  "ensemble": lambda config: "ensemble",
+}
 
 
 def _needs(names, *wanted) -> bool:
@@ -102,162 +93,64 @@ def check_shots(config: ml_collections.ConfigDict, categories) -> None:
     )
 
 
-def _images(split: data.Split, indices, size: int) -> np.ndarray:
-  return np.stack([data.load_example(split, int(i), size)["image"] for i in indices])
-
-
-def heldout_indices(split: data.Split, shots: list[int], count: int, seed: int) -> list[int]:
-  """Up to `count` normal training images that are not shots (deterministic from seed)."""
-  available = len(split) - len(shots)
-  if count <= 0 or available <= 0:
-    return []
-  ranked = data.select_shots(split, min(len(split), count + len(shots)), seed + 1_000_003)
-  return [i for i in ranked if i not in set(shots)][:count]
-
-
-def select(config, train_split: data.Split, seed: int) -> tuple[list[int], list[int], dict]:
-  """The shots and held-out normals of one category and seed (the same for every method)."""
-  shots = data.select_shots(train_split, config.shots, seed)
-  heldout = heldout_indices(train_split, shots, config.heldout_normals, seed)
-  record = {
-    "seed": seed,
-    "shots": [train_split.file_name(i) for i in shots],
-    "heldout": [train_split.file_name(i) for i in heldout],
-  }
-  return shots, heldout, record
-
-
-def adapt_category(
-  model, params, train_split, shots, heldout, seed, config, mesh, workdir
-) -> tuple[dict, dict]:
-  """Fine-tunes and merges the MAE on the shots; returns (merged params, its record)."""
-  key = jax.random.key(seed)
-  record = {}
-  heldout_images = _images(train_split, heldout, model.img_size) if heldout else None
-  if heldout_images is not None:
-    record["heldout_loss_before"] = few_shot.heldout_loss(model, params, heldout_images, key)
-  merged, history = few_shot.adapt(
-    model,
-    params,
-    _images(train_split, shots, model.img_size),
-    jax.random.fold_in(key, 1),
-    config.train,
-    mesh=mesh,
-    workdir=workdir,
-  )
-  if heldout_images is not None:
-    record["heldout_loss_after"] = few_shot.heldout_loss(model, merged, heldout_images, key)
-  record.update(
-    train_loss_first=history["loss"][0] if history["loss"] else None,
-    train_loss_last=history["loss"][-1] if history["loss"] else None,
-    compile_time_s=history["compile_time_s"],
-    train_time_s=float(np.sum(history["step_time_s"])),
-    trainable_params=history["trainable_params"],
-    resumed_from_step=history["start_step"],
-  )
-  log.info(
-    "%s seed %d: held-out loss %s -> %s; %d steps in %.1f s",
-    train_split.category,
-    seed,
-    record.get("heldout_loss_before"),
-    record.get("heldout_loss_after"),
-    len(history["loss"]),
-    record["train_time_s"],
-  )
-  return merged, record
-
-
-def _standardization(scoring, images, config, name, notes) -> ensemble.Standardization:
-  """The ensemble statistics of one detector on the held-out normals (or the raw sum)."""
-  if not config.ensemble.normalize:
-    return ensemble.RAW
-  norm = None
-  if images is not None:
-    norm = ensemble.Standardization.fit(*evaluation.score_images(scoring, images))
-  if norm is None:
-    notes[name] = "raw sum: fewer than two held-out normal images (or no spread) to standardise"
-    return ensemble.RAW
-  notes[name] = norm.to_dict()
-  return norm
-
-
 class Detectors:
-  """The detectors of a few-shot run, built once, and their per-category scorings."""
+  """The detectors of a few-shot run: networks loaded once, fitted per category and seed
+  on the same shots, ensembles built from the fitted members (nothing fitted twice)."""
 
-  def __init__(self, config, scoring: evaluation.Scoring, names: list[str]):
-    self.config, self.base, self.names = config, scoring, names
-    self.backbone = None
+  def __init__(self, config, names: list[str]):
+    self.config, self.names = config, names
+    self.maeday = self.patchcore = None
+    if _needs(names, "maeday", "ensemble"):
+      self.maeday = registry.create(DETECTORS["maeday"](config), config)
+      self.maeday.build()
     if _needs(names, "patchcore", "patchcore_x2", "ensemble"):
-      self.backbone, variables = load_backbone(config.patchcore, config.seed)
-      self.variables = parallel.replicate(variables, scoring.mesh)
-      self.patchcore_fn = _patchcore_score_fn(self.backbone, scoring.mesh)
-    if "ensemble" in names:
+      self.patchcore = registry.create("patchcore", config)
+      self.patchcore.build()
+    if "ensemble" in names and self.patchcore.input_size != self.maeday.input_size:
       common.require(
-        config.patchcore.image_size == scoring.model.img_size,
+        False,
         "patchcore.image_size",
-        f"the ensemble sums maps of one input size: set it to the MAE's {scoring.model.img_size}.",
+        f"the ensemble sums maps of one input size: set it to the MAE's {self.maeday.input_size}.",
       )
 
-  def patchcore(self, train_split, shots, seed: int, bank_index: int = 0):
-    """The PatchCore scoring of one bank fitted on the shots (key from seed and index)."""
-    size = self.config.patchcore.image_size
-    key = jax.random.fold_in(jax.random.key(seed), 100 + bank_index)
-    bank = patchcore.fit(
-      self.backbone,
-      self.variables,
-      _images(train_split, shots, size),
-      key,
-      coreset_ratio=self.config.patchcore.coreset_ratio,
-    )
-    state = (self.variables, parallel.replicate(bank, self.base.mesh))
-    return self.base.with_function(self.patchcore_fn, state, size)
-
-  def scorings(self, train_split, shots, heldout, seed, merged, notes) -> dict:
-    """{method: Scoring} for one category and seed."""
+  def fit(self, normals, seed: int, notes: dict) -> tuple[dict, dict]:
+    """({method: fitted detector}, {part: fitted detector}) for one category and seed;
+    `notes` gets the ensembles' standardisations."""
+    key = jax.random.key(seed)
     parts = {}
-    if merged is not None:
-      parts["maeday"] = self.base.with_params(merged, key=jax.random.key(seed))
-    if self.backbone is not None:
-      parts["patchcore"] = self.patchcore(train_split, shots, seed)
+    if self.maeday is not None:
+      parts["maeday"] = fitting.fit_with_statistics(self.maeday.with_seed(seed), normals, key)
+    if self.patchcore is not None:
+      parts["patchcore"] = fitting.fit_with_statistics(self.patchcore.with_seed(seed), normals, key)
     if "patchcore_x2" in self.names:
-      parts["patchcore_b"] = self.patchcore(train_split, shots, seed, bank_index=1)
-    combos = {"ensemble": ("maeday", "patchcore"), "patchcore_x2": ("patchcore", "patchcore_b")}
-    out = {}
+      second = self.patchcore.with_seed(seed).with_bank(1)
+      parts["patchcore_b"] = fitting.fit_with_statistics(second, normals, key)
+    combos = {
+      "ensemble": (detector_ensemble.Ensemble, ("maeday", "patchcore")),
+      "patchcore_x2": (detector_ensemble.PatchCoreX2, ("patchcore", "patchcore_b")),
+    }
+    fitted = {}
     for name in self.names:
       if name not in combos:
-        out[name] = parts[name]
+        fitted[name] = parts[name]
         continue
-      members = [parts[m] for m in combos[name]]
-      norms = []
-      for member_name, member in zip(combos[name], members, strict=True):
-        images = _images(train_split, heldout, member.image_size) if heldout else None
-        norms.append(_standardization(member, images, self.config, f"{name}/{member_name}", notes))
-      score_fn = ensemble.sum_score_fn([m.score_fn for m in members], norms)
-      replicated = tuple(m.replicated for m in members)
-      first = members[0]
-      out[name] = first.with_function(
-        score_fn, replicated, first.image_size, model=first.model, params=first.params
-      )
-    return out
+      cls, members = combos[name]
+      settings = registry.settings_of(cls, self.config)
+      settings.seed = seed
+      if "members" in settings:
+        settings.members = ",".join(parts[m].method for m in members)
+      combined = cls.from_fitted(settings, [parts[m] for m in members])
+      for member, norm in zip(members, combined.norms, strict=True):
+        notes[f"{name}/{member}"] = norm or (
+          "raw sum: normalize is off"
+          if not self.config.ensemble.normalize
+          else "raw sum: fewer than two held-out normal images (or no spread) to standardise"
+        )
+      fitted[name] = combined
+    return fitted, parts
 
-
-def load_backbone(pc_config, seed: int):
-  """The PatchCore backbone and its variables from `config.patchcore`."""
-  if pc_config.backbone == defaults.RANDOM_WEIGHTS:
-    log.warning("PatchCore backbone with RANDOM weights: its figures are meaningless.")
-    model = backbones.create(pc_config.variant)
-    return model, backbones.init_variables(model, jax.random.key(seed))
-  return backbones.load_backbone(pc_config.backbone, cache_dir=pc_config.cache_dir or None)
-
-
-def _patchcore_score_fn(model, mesh):
-  score = patchcore.make_scorer(model, mesh)
-
-  def score_fn(state, images, ids, key):
-    del ids, key  # PatchCore is deterministic given its bank.
-    return score(state, images)
-
-  return score_fn
+  def scoring(self, detector) -> evaluation.Scoring:
+    return detector_choice.scoring(detector, self.config)
 
 
 def write_comparisons(seed_dir, names, outcomes: dict, category: str, config) -> None:
@@ -299,11 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   categories = data.resolve_categories(config.data)
   workdir = common.prepare_workdir(workdir, config)
   check_shots(config, categories)
-  model, params = common.load_model(config.model, config.seed)
-  scoring = evaluation.Scoring.from_config(model, params, config)
-  mesh = scoring.mesh
-  common.describe_model(model, mesh, categories)
-  detectors = Detectors(config, scoring, names)
+  detectors = Detectors(config, names)
 
   per_seed = {name: [] for name in names}
   adaptation = []
@@ -311,31 +200,21 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     seed_dir = workdir / f"seed_{seed}"
     outcomes = {name: {} for name in names}
     for category in categories:
-      train_split = data.load_split(config.data, category, "train")
-      shots, heldout, record = select(config, train_split, seed)
-      merged = None
-      if _needs(names, "maeday", "ensemble"):
-        merged, adapt_record = adapt_category(
-          model,
-          params,
-          train_split,
-          shots,
-          heldout,
-          seed,
-          config,
-          mesh,
-          seed_dir / "adapt" / category,
-        )
-        record.update(adapt_record)
+      normals, record = fitting.normal_images(
+        config, category, seed_dir / "adapt" / category, seed=seed
+      )
       notes = {}
-      scorings = detectors.scorings(train_split, shots, heldout, seed, merged, notes)
+      fitted, parts = detectors.fit(normals, seed, notes)
+      if "maeday" in parts:
+        record.update(parts["maeday"].history)
+      record.pop("category")
       if notes:
         record["ensemble_normalization"] = notes
       adaptation.append({"category": category, **record})
       for name in names:
         out_dir = _method_dir(seed_dir, names, name)
         outcomes[name][category] = run_category(
-          scorings[name], category, config, out_dir, seed=seed
+          detectors.scoring(fitted[name]), category, config, out_dir, seed=seed
         )
         # Each finished category is on disk at once: a later error or a kill loses none.
         summary = run_report.summarize_outcomes(outcomes[name], config.data.name, seed=seed)

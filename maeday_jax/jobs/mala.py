@@ -1,4 +1,5 @@
-"""The MALA job: stage 1 (the MAE), stage 2 (the segmenter), then scoring the test images.
+"""The MALA recipe: fit the MALA detector (stage 1 MAE, stage 2 segmenter), then score
+the test images with it and, for comparison, with MAEDAY on the stage-1 MAE.
 
     python -m maeday_jax.main --config configs/mala.py --workdir runs/mala
 
@@ -7,6 +8,8 @@ Outputs under the work directory:
                              training.png, model/ (skipped when stage 1 is off)
   stage2/                    segmenter training (`maeday_jax.mala.stage2`): checkpoints,
                              metrics.jsonl, training.png, segmenter/
+  detector/                  the fitted MALA detector (`configs/score.py` and
+                             `configs/evaluate.py` take it as --config.detector)
   mala/                      the segmenter's scores.csv, maps, overlays, panels, metrics
   maeday/                    the same for the stage-1 MAE's reconstruction error
                              (`eval.maeday`), for comparison
@@ -22,105 +25,52 @@ import pathlib
 import jax
 import ml_collections
 
-from maeday_jax import checkpoints, data, defaults, evaluation, model_builder, parallel, reports
-from maeday_jax.config_errors import require
+from maeday_jax import data, defaults, detectors, evaluation, reports
+from maeday_jax.detectors import mala as mala_detector
+from maeday_jax.detectors import registry
 from maeday_jax.jobs import common, run_report
-from maeday_jax.jobs.category_run import run_category
-from maeday_jax.mala import segmenter as segmenter_lib
-from maeday_jax.mala import stage2
-from maeday_jax.pretrain import loop as pretrain_loop
 
 _SHOWN = ("image_auroc", "pixel_auroc", "aupro")
+ARTIFACT_DIR = "detector"
 
 
-def _stage1_enabled(config) -> bool:
-  return bool(config.stage1.get("steps")) or float(config.stage1.epochs) > 0
+def detector_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The MALA detector's settings from this recipe's config (`defaults.mala_config`)."""
+  settings = ml_collections.ConfigDict()
+  settings.seed = config.seed
+  settings.model = config.model
+  settings.mala = ml_collections.ConfigDict()
+  for field in ("stage1", "stage2", "pool_size", "checkpoint_every", "keep_checkpoints"):
+    settings.mala[field] = config[field]
+  settings.mala.log_every = config.log_every
+  settings.extra_data = list(config.extra_data)
+  return ml_collections.ConfigDict(settings.to_dict())
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the settings before any long work starts."""
-  model_builder.validate_model_config(config.model)
-  require(
-    _stage1_enabled(config) or config.model.checkpoint != defaults.RANDOM_WEIGHTS,
-    "stage1.epochs",
-    "stage 1 is off (epochs and steps 0) but model.checkpoint is 'random': stage 2 needs "
-    "a trained MAE; enable stage 1 or give a checkpoint.",
-  )
-  sources = stage2._split(config.stage2.synthetic.textures)
-  require(
-    bool(sources) and all(s in stage2.TEXTURE_SOURCES for s in sources),
-    "stage2.synthetic.textures",
-    f"{config.stage2.synthetic.textures!r}: give a comma-separated subset of "
-    f"{', '.join(stage2.TEXTURE_SOURCES)}.",
-  )
-  if "folder" in sources:
-    require(
-      bool(config.stage2.synthetic.texture_dir),
-      "stage2.synthetic.texture_dir",
-      "is empty but textures include 'folder'; give a folder of texture images (e.g. DTD).",
-    )
-  require(config.pool_size >= 1, "pool_size", f"must be >= 1, got {config.pool_size}.")
-  for name, section in (("stage2", config.stage2), ("eval", config.eval)):
-    common.require_divides_devices(section.batch_size, f"{name}.batch_size")
+  mala_detector.validate_sections(config.model, detector_settings(config).mala, "")
+  common.require_divides_devices(config.eval.batch_size, "eval.batch_size")
 
 
-def _stage1_config(config) -> ml_collections.ConfigDict:
-  """The pre-training job of stage 1, from the MALA config."""
-  stage = defaults.pretrain_config()
-  for field in ("seed", "model", "data", "extra_data", "checkpoint_every", "keep_checkpoints"):
-    stage[field] = config[field]
-  stage.log_every = config.log_every
-  stage.train = config.stage1
-  stage.eval.enabled = False
-  return stage
-
-
-def _stage2_config(config) -> ml_collections.ConfigDict:
-  stage = ml_collections.ConfigDict()
-  for field in ("seed", "model", "data", "extra_data", "checkpoint_every", "log_every"):
-    stage[field] = config[field]
-  stage.train = config.stage2
-  return stage
-
-
-def _scoring_config(config, checkpoint: str) -> ml_collections.ConfigDict:
-  """The zero-shot-shaped settings `run_category` reads."""
-  scoring = defaults.zero_shot_config()
-  scoring.data = config.eval.data
-  scoring.model.checkpoint = checkpoint
-  scoring.mask_ratio = config.eval.mask_ratio
-  scoring.threshold = config.eval.threshold
-  scoring.outputs = config.eval.outputs
-  return scoring
-
-
-def _evaluate(scoring: evaluation.Scoring, config, checkpoint: str, workdir: pathlib.Path):
+def _evaluate(scoring: evaluation.Scoring, config, workdir: pathlib.Path):
   """Scores every test category with one detector into `workdir`; returns the summary."""
-  scoring_config = _scoring_config(config, checkpoint)
+  scoring_config = defaults.zero_shot_config()
+  scoring_config.data = config.eval.data
+  scoring_config.mask_ratio = config.eval.mask_ratio
+  scoring_config.threshold = config.eval.threshold
+  scoring_config.outputs = config.eval.outputs
   workdir.mkdir(parents=True, exist_ok=True)
-  outcomes = {}
-  for category in data.resolve_categories(config.eval.data):
-    outcomes[category] = run_category(scoring, category, scoring_config, workdir)
-    summary = run_report.summarize_outcomes(outcomes, config.eval.data.name)
-    if jax.process_index() == 0:
-      run_report.write_scores(workdir, outcomes)
-      reports.write_metrics_json(workdir / "metrics.json", summary)
-  return summary, outcomes
+  categories = data.resolve_categories(config.eval.data)
+  summary, _ = run_report.evaluate_categories(
+    scoring, scoring_config, workdir, categories, "zero_shot"
+  )
+  return summary
 
 
-def _maeday_scoring(mae, params, config, key, mesh=None) -> evaluation.Scoring:
-  """Zero-shot MAEDAY scoring of `mae` at the evaluation settings (images read at
-  `eval.eval_size` and resized on device to the model's input)."""
-  return evaluation.Scoring.create(
-    mae,
-    params,
-    num_masks=config.eval.num_masks,
-    mask_ratio=config.eval.mask_ratio,
-    batch_size=config.eval.batch_size,
-    key=key,
-    image_size=config.eval.eval_size,
-    eval_size=config.eval.eval_size,
-    mesh=mesh,
+def _scoring(detector, config) -> evaluation.Scoring:
+  return evaluation.Scoring.for_detector(
+    detector, batch_size=config.eval.batch_size, eval_size=config.eval.eval_size or None
   )
 
 
@@ -137,40 +87,33 @@ def _comparison_table(summaries: dict[str, dict]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Trains both stages (resuming), scores the test images; returns the summaries."""
+  """Trains both stages (resuming), saves the detector, scores the test images; returns
+  the training summaries and both methods' evaluations."""
   validate(config)
   data.resolve_categories(config.eval.data)  # Early error for a bad path or category.
   workdir = common.prepare_workdir(workdir, config)
-  mae_checkpoint = str(config.model.checkpoint)
-  result = {}
-  if _stage1_enabled(config):
-    result["stage1"] = pretrain_loop.run(_stage1_config(config), workdir / "stage1")
-    mae_checkpoint = str(workdir / "stage1" / pretrain_loop.MODEL_DIR)
-  result["stage2"] = stage2.run(_stage2_config(config), workdir / "stage2", mae_checkpoint)
-
-  segmenter, params = stage2.load_segmenter(
-    workdir / "stage2" / stage2.SEGMENTER_DIR, config.model.dtype, config.model.attention
+  mala = registry.get("mala")(detector_settings(config))
+  normals = detectors.NormalImages(
+    read=lambda size: (None, None),  # MALA trains on the data sources, not on shots.
+    data=config.data,
+    extra_data=list(config.extra_data),
+    workdir=workdir,
   )
-  mae = segmenter.mae
-  key = jax.random.key(config.seed)
-  base = _maeday_scoring(mae, params["mae"], config, key)
-  mesh = base.mesh
-  mala_scoring = base.with_function(
-    segmenter_lib.make_scorer(segmenter, mesh, config.pool_size),
-    parallel.replicate(params, mesh),
-    mae.img_size,
-  )
-  summaries = {}
-  summaries["MALA"], _ = _evaluate(mala_scoring, config, "MALA segmenter", workdir / "mala")
+  mala.fit(normals, jax.random.key(config.seed))
+  detectors.save(mala, workdir / ARTIFACT_DIR)
+  result = dict(mala.training)
+  summaries = {"MALA": _evaluate(_scoring(mala, config), config, workdir / "mala")}
   if config.eval.maeday:
-    stage1_mae, stage1_params = checkpoints.load_mae(
-      mae_checkpoint,
-      dtype=model_builder.compute_dtype(config.model.dtype),
-      attention=config.model.attention,
-    )
-    maeday = _maeday_scoring(stage1_mae, stage1_params, config, key, mesh)
+    maeday_config = defaults.evaluate_config()
+    maeday_config.seed = config.seed
+    maeday_config.model = ml_collections.ConfigDict(config.model.to_dict())
+    maeday_config.model.checkpoint = mala.training["mae_checkpoint"]
+    maeday_config.num_masks = config.eval.num_masks
+    maeday_config.mask_ratio = config.eval.mask_ratio
+    maeday = detectors.create(maeday_config, "maeday")
+    maeday.build()
     name = f"MAEDAY (stage-1 MAE, {config.eval.num_masks} masks)"
-    summaries[name], _ = _evaluate(maeday, config, mae_checkpoint, workdir / "maeday")
+    summaries[name] = _evaluate(_scoring(maeday, config), config, workdir / "maeday")
   if jax.process_index() == 0:
     table = _comparison_table(summaries)
     (workdir / "comparison.md").write_text(table)

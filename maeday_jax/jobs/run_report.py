@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from maeday_jax import data, reports
-from maeday_jax.jobs.category_run import CategoryOutcome
+from maeday_jax.jobs.category_run import CategoryOutcome, run_category
 
 
 def summarize_outcomes(outcomes: dict[str, CategoryOutcome], dataset: str, seed=None) -> dict:
@@ -45,3 +45,22 @@ def print_closing_summary(summary: dict, outcomes: dict[str, CategoryOutcome], w
   seconds = sum(o.timing["seconds"] for o in outcomes.values())
   print(f"\nScored {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.2f} img/s).")
   print(f"Outputs in {workdir}")
+
+
+def evaluate_categories(scoring, config, workdir, categories, kind: str, seed=None) -> tuple:
+  """Scores every category's test split with `scoring` into `workdir` (scores.csv,
+  maps, pictures, metrics.json / metrics.md rewritten after each category, so a later
+  error or a kill loses none); returns (summary, outcomes). `kind`: the table's title
+  ('zero_shot', 'evaluate', ...)."""
+  import jax
+
+  outcomes = {}
+  summary: dict = {}
+  for category in categories:
+    outcomes[category] = run_category(scoring, category, config, workdir, seed=seed)
+    summary = summarize_outcomes(outcomes, config.data.name, seed=seed)
+    if jax.process_index() == 0:
+      write_scores(workdir, outcomes)
+      reports.write_metrics_json(workdir / "metrics.json", summary)
+      reports.write_markdown_table(workdir / "metrics.md", summary, config.data.name, kind)
+  return summary, outcomes

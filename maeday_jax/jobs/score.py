@@ -1,7 +1,12 @@
-"""The bulk scoring job: MAEDAY zero-shot scores of every image of a folder, glob or manifest.
+"""The bulk scoring job: any detector's scores of every image of a folder, glob or manifest.
 
     python -m maeday_jax.main --config configs/score.py --workdir runs/photos \
       --config.data.path=/photos --config.model.checkpoint=mae_vit_large
+    python -m maeday_jax.main --config configs/score.py --workdir runs/line3_today \
+      --config.detector=runs/line3_pc/detector --config.data.path=/line3/today
+
+Without `--config.detector` it scores zero-shot MAEDAY with this config's `model`,
+`num_masks`, ... sections; with a fitted artifact folder, the artifact decides the model.
 
 Outputs under the work directory (see `maeday_jax.bulk.engine` for the layout):
   scores.csv      file (as listed), score, label when a CSV manifest gives one, and
@@ -17,6 +22,14 @@ Outputs under the work directory (see `maeday_jax.bulk.engine` for the layout):
 
 Rerunning the same command on the same work directory resumes where the last run
 stopped (after a kill, a pre-emption, a crash); a finished run does nothing again.
+
+A transductive detector (`Detector.transductive`: an image's score depends on the other
+images scored with it, e.g. MuSc) needs `--config.group_size`: it scores groups of that
+many consecutive images of the sorted listing (rounded up to a multiple of the device
+count; on several processes, each process's consecutive share of its shard), one global
+batch per group, each group committed on its own (`batch_size` and `commit_every` do not
+apply). A rerun forms the same groups; a rerun with another group size is refused. Other
+detectors ignore `group_size` (a log line says so).
 """
 
 from __future__ import annotations
@@ -29,7 +42,8 @@ import ml_collections
 
 from maeday_jax import evaluation
 from maeday_jax.bulk import engine, maps_store, source
-from maeday_jax.jobs import common
+from maeday_jax.detectors import artifact, registry
+from maeday_jax.jobs import common, detector_choice
 
 log = logging.getLogger("maeday_jax")
 
@@ -45,6 +59,55 @@ def compilation_cache_dir(config: ml_collections.ConfigDict, workdir) -> str:
 
 
 THRESHOLD_METHODS = ("fixed", "none")
+
+
+def is_transductive(spec: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether the detector `spec` (a checked method name or artifact folder,
+  `detector_choice.check`) scores groups; read without loading any model."""
+  if detector_choice.is_path(spec):
+    manifest = artifact.read_manifest(spec)
+    settings = ml_collections.ConfigDict(manifest["settings"])
+    return registry.get(manifest["method"]).scores_groups(settings)
+  return registry.get(spec).scores_groups(config)
+
+
+def batching(config: ml_collections.ConfigDict, transductive: bool) -> tuple[int, int, int]:
+  """(global batch, commit_every, group_size) the job scores with.
+
+  A transductive detector's group is the global batch (`engine.group_batch_size`),
+  committed after each; other detectors use `batch_size` and `commit_every` (group 0).
+
+  Raises:
+    ConfigError: a transductive detector without `group_size`.
+  """
+  group_size = int(config.get("group_size", 0))
+  common.require(group_size >= 0, "group_size", f"must be >= 0 (0 = not set), got {group_size}.")
+  if not transductive:
+    if group_size:
+      log.info(
+        "--config.group_size=%d is ignored: this detector scores every image on its own "
+        "(it is not transductive); batches of --config.batch_size=%d are scored.",
+        group_size,
+        config.batch_size,
+      )
+    return config.batch_size, config.commit_every, 0
+  common.require(
+    group_size > 0,
+    "group_size",
+    "this detector is transductive (an image's score depends on the images scored with "
+    "it): set the number of images scored together, e.g. --config.group_size=64.",
+  )
+  devices = jax.device_count()
+  batch_size = engine.group_batch_size(group_size, devices)
+  rounded = "" if batch_size == group_size else f" rounded up to a multiple of {devices} devices"
+  log.info(
+    "Transductive detector: groups of %d consecutive images (--config.group_size=%d%s), "
+    "one commit per group; --config.batch_size and --config.commit_every do not apply.",
+    batch_size,
+    group_size,
+    rounded,
+  )
+  return batch_size, 1, group_size
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -84,8 +147,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   if cache:
     # Before anything compiles: later runs and the other hosts reuse the compiled step.
     jax.config.update("jax_compilation_cache_dir", cache)
+  spec = detector_choice.check(config)  # Before anything else: a typo fails at once.
   common.validate_scoring(config)
   validate(config)
+  batch_size, commit_every, group_size = batching(config, is_transductive(spec, config))
   listing = source.list_source(config.data.path)
   log.info(
     "%s: %d images (%s), %d per process on %d process(es).",
@@ -98,20 +163,24 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   workdir = common.prepare_workdir(workdir, config)
 
   def make_scoring():
-    model, params = common.load_model(config.model, config.seed)
-    scoring = evaluation.Scoring.from_config(model, params, config)
-    common.describe_model(model, scoring.mesh, [listing.kind])
-    return scoring
+    detector = detector_choice.load(config, spec, "score")
+    return evaluation.Scoring.for_detector(
+      detector,
+      batch_size=batch_size,
+      num_workers=config.data.num_workers,
+      prefetch=config.data.prefetch,
+    )
 
   summary = engine.score_listing(
     listing,
     workdir,
     make_scoring=make_scoring,
-    batch_size=config.batch_size,
-    commit_every=config.commit_every,
+    batch_size=batch_size,
+    commit_every=commit_every,
     threshold=float(config.threshold.value) if config.threshold.method == "fixed" else None,
     maps=config.outputs.maps,
     top_pictures=config.outputs.top_pictures,
+    group_size=group_size,
   )
   if jax.process_index() == 0:
     print(

@@ -1,4 +1,6 @@
-"""The zero-shot job: score every test image of every category, then evaluate and report.
+"""The zero-shot recipe: the paper's zero-shot MAEDAY table, i.e. the evaluation of the
+`maeday` detector (built from this config's `model`, `num_masks`, ... sections) on every
+category.
 
     python -m maeday_jax.main --config configs/zero_shot.py --workdir runs/zero_shot
 
@@ -15,9 +17,8 @@ Outputs under the work directory:
 import jax
 import ml_collections
 
-from maeday_jax import data, evaluation, reports
-from maeday_jax.jobs import common, run_report
-from maeday_jax.jobs.category_run import run_category
+from maeday_jax import data
+from maeday_jax.jobs import common, detector_choice, run_report
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -25,19 +26,13 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   common.validate_scoring(config)
   categories = data.resolve_categories(config.data)  # Early error for a bad path/category.
   workdir = common.prepare_workdir(workdir, config)
-  model, params = common.load_model(config.model, config.seed)
-  scoring = evaluation.Scoring.from_config(model, params, config)
-  common.describe_model(model, scoring.mesh, categories)
+  detector = detector_choice.load(config, "maeday", "zero_shot")
+  scoring = detector_choice.scoring(detector, config)
+  common.describe_model(detector.model, scoring.mesh, categories)
 
-  outcomes = {}
-  for category in categories:
-    outcomes[category] = run_category(scoring, category, config, workdir)
-    # Each finished category is on disk at once: a later error or a kill loses none.
-    summary = run_report.summarize_outcomes(outcomes, config.data.name)
-    if jax.process_index() == 0:
-      run_report.write_scores(workdir, outcomes)
-      reports.write_metrics_json(workdir / "metrics.json", summary)
-      reports.write_markdown_table(workdir / "metrics.md", summary, config.data.name, "zero_shot")
+  summary, outcomes = run_report.evaluate_categories(
+    scoring, config, workdir, categories, "zero_shot"
+  )
   if jax.process_index() == 0:
     run_report.print_closing_summary(summary, outcomes, workdir)
   return summary

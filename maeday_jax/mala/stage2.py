@@ -8,6 +8,12 @@ between its defect probability and the synthetic mask.
 Files under the stage's work directory: `checkpoints/` (resumable; rerunning resumes),
 `metrics.jsonl` and `training.png` (loss terms), `segmenter/` (the trained model:
 `mae/`, loadable by `checkpoints.load_mae`, and `token_balance/`), `summary.json`.
+
+    summary = stage2.train(config, workdir, mae_checkpoint)
+    segmenter, params = stage2.load_segmenter(workdir / stage2.SEGMENTER_DIR)
+
+`save_segmenter` / `load_segmenter` live beside this stage (`mala.segmenter_io`) and
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,13 +30,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from maeday_jax import checkpoints, imagenet, model_builder, parallel, training
 from maeday_jax.mala import synthetic
-from maeday_jax.mala.segmenter import Segmenter, merge, segmenter_params, split_frozen
+from maeday_jax.mala.segmenter_io import load_segmenter, save_segmenter
+from maeday_jax.models.segmenter import Segmenter, merge, segmenter_params, split_frozen
 from maeday_jax.objectives import losses
 from maeday_jax.pretrain import inputs, loop, optim
+
+__all__ = [
+  "SEGMENTER_DIR",
+  "TEXTURE_SOURCES",
+  "Stage2Spec",
+  "SyntheticConfig",
+  "load_segmenter",
+  "make_step",
+  "per_device_draw",
+  "save_segmenter",
+  "stage2_loss",
+  "synthetic_batch",
+  "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -223,40 +243,6 @@ def make_step(spec: Stage2Spec, mesh):
   return step
 
 
-def save_segmenter(directory: pathlib.Path, segmenter: Segmenter, params, source: str) -> None:
-  """Writes the trained segmenter: `mae/` (a converted MAE) and `token_balance/`."""
-  directory = pathlib.Path(directory)
-  training.export_model(directory / "mae", segmenter.mae, params["mae"], source)
-  tbm = training.to_host({k: v for k, v in params.items() if k != "mae"})
-  target = (directory / "token_balance").absolute()
-  if target.exists() and jax.process_index() == 0:
-    import shutil
-
-    shutil.rmtree(target)
-  parallel.barrier("maeday_jax: cleared the token balance directory")
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(target, tbm)
-  checkpointer.wait_until_finished()
-
-
-def load_segmenter(directory, dtype="auto", attention: str = "auto") -> tuple[Segmenter, dict]:
-  """The segmenter `save_segmenter` wrote: (Segmenter, params)."""
-  directory = pathlib.Path(directory).expanduser()
-  mae, mae_params = checkpoints.load_mae(
-    directory / "mae", dtype=model_builder.compute_dtype(dtype), attention=attention
-  )
-  segmenter = Segmenter(mae)
-  shapes = jax.eval_shape(lambda: segmenter_params(segmenter, mae_params, jax.random.key(0)))
-  abstract = {k: v for k, v in shapes.items() if k != "mae"}
-  try:
-    tbm = ocp.StandardCheckpointer().restore((directory / "token_balance").absolute(), abstract)
-  except Exception as e:  # Orbax raises many types; all mean the same to a user.
-    raise checkpoints.CheckpointError(
-      f"{directory}: not a segmenter written by the MALA job ({type(e).__name__}: {e})."
-    ) from e
-  return segmenter, {"mae": mae_params, **tbm}
-
-
 def _spec(
   config, segmenter: Segmenter, total: int, warmup: int, grayscale: bool = False
 ) -> Stage2Spec:
@@ -293,16 +279,21 @@ def _texture_bank(syn, size: int) -> np.ndarray:
   return synthetic.load_texture_folder(syn.texture_dir, size, syn.get("max_textures") or None)
 
 
-def run(config: ml_collections.ConfigDict, workdir, mae_checkpoint: str) -> dict:
-  """Trains the segmenter on `config` (a `defaults.mala_stage2_config()`-shaped section
-  with `model`, `data`, `extra_data`, `seed` and `checkpoint_every`), starting from
-  the MAE at `mae_checkpoint`; resumes from `workdir`. Returns the summary."""
+def train(config: ml_collections.ConfigDict, workdir, mae_checkpoint: str) -> dict:
+  """Trains the segmenter on `config`, starting from the MAE at `mae_checkpoint`.
+
+  `config` is a `defaults.mala_stage2_config()`-shaped section with `model`, `data`,
+  `extra_data`, `seed` and `checkpoint_every`. Everything goes under `workdir`
+  (created when missing): checkpoints (a rerun resumes from the newest), metrics,
+  `segmenter/` (`load_segmenter` reads it) and `summary.json`. Returns that summary:
+  steps, the step it resumed from, final loss, timings and `segmenter_dir`.
+  """
   wall_start = time.perf_counter()
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = parallel.data_mesh()
-  train = config.train
-  parallel.local_batch_size(train.batch_size, mesh)
+  settings = config.train
+  parallel.local_batch_size(settings.batch_size, mesh)
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   mae, mae_params = checkpoints.load_mae(
     mae_checkpoint,
@@ -316,7 +307,7 @@ def run(config: ml_collections.ConfigDict, workdir, mae_checkpoint: str) -> dict
   per_epoch, total, warmup = loop.schedule_lengths(config, len(images))
   grey = bool(np.all(images[..., :1] == images[..., 1:]))
   spec = _spec(config, segmenter, total, warmup, grayscale=grey)
-  bank = parallel.replicate(jnp.asarray(_texture_bank(train.synthetic, mae.img_size)), mesh)
+  bank = parallel.replicate(jnp.asarray(_texture_bank(settings.synthetic, mae.img_size)), mesh)
   frozen = parallel.replicate(frozen, mesh)
   logger.info(
     "MALA stage 2 from %s on %d %simages: %d steps (%d per epoch), batch %d, lr %.3g",
@@ -325,8 +316,8 @@ def run(config: ml_collections.ConfigDict, workdir, mae_checkpoint: str) -> dict
     "grey " if grey else "",
     total,
     per_epoch,
-    train.batch_size,
-    train.lr,
+    settings.batch_size,
+    settings.lr,
   )
   key_data = np.asarray(jax.random.key_data(step_key))
   manager = training.checkpoint_manager(workdir / loop.CHECKPOINT_DIR, max_to_keep=2)

@@ -1,6 +1,25 @@
-"""Flax ViT-MAE modules, masking and patch helpers."""
+"""Every network, with the code that loads its weights beside it.
 
-from maeday_jax.models import masking, patches, pos_embed
+  vit_mae           the ViT-MAE, with `masking`, `patches`, `pos_embed`
+  mae_import        official / Hugging Face / converted MAE weights -> `vit_mae`
+                    (`load_mae`), with `mae_state_dict` (official keys <-> Flax paths)
+  resnet            torchvision-layout ResNets / WideResNets for feature detectors
+  resnet_import     torchvision / timm ResNet weights -> `resnet` (`load_backbone`)
+  segmenter         MALA's segmenter (MAE + Token Balance Module)
+  weights           the known names -> URL + hash table, the one resolver
+                    (`weights.resolve`) and checkpoint fingerprints (`weights.sha256_of`)
+
+The importers read their files through `maeday_jax.weight_files` (the file formats, below
+every network); `maeday_jax.checkpoints` and `maeday_jax.backbones` gather the importers'
+names for users. The names below are the ViT-MAE's (`models.create("large")`, ...); the
+other networks are reached through their modules (`models.resnet.create("resnet18")`).
+The importers are imported on demand: they pull in the file readers (and Orbax), which
+building or running a network does not need.
+"""
+
+from maeday_jax.models import masking, patches, pos_embed, resnet, segmenter, weights
+from maeday_jax.models.resnet import ResNet
+from maeday_jax.models.segmenter import Segmenter
 from maeday_jax.models.vit_mae import (
   ARCH_FIELDS,
   ATTENTION_IMPLEMENTATIONS,
@@ -19,13 +38,18 @@ __all__ = [
   "ATTENTION_IMPLEMENTATIONS",
   "VARIANTS",
   "MaskedAutoencoder",
+  "ResNet",
+  "Segmenter",
   "architecture",
   "create",
   "init_params",
   "masking",
   "num_params",
   "param_shapes",
+  "resnet",
   "resolve_attention",
   "patches",
   "pos_embed",
+  "segmenter",
+  "weights",
 ]

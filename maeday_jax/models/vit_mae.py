@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maeday_jax import defaults
 from maeday_jax.models import masking, patches, pos_embed
+from maeday_jax.settings import model as model_settings
 
 Dtype = Any
 
@@ -32,7 +32,7 @@ LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=jnp.float32)
 
 
 # How attention is computed (`MaskedAutoencoder.attention`); see `resolve_attention`.
-ATTENTION_IMPLEMENTATIONS = defaults.ATTENTION_IMPLEMENTATIONS
+ATTENTION_IMPLEMENTATIONS = model_settings.ATTENTION_IMPLEMENTATIONS
 # cuDNN's fused (flash) attention: half-precision inputs, head dims a multiple of 8, <= 128.
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -365,7 +365,7 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 
 # The fields that define an architecture (what a converted checkpoint's config records).
-ARCH_FIELDS = tuple(defaults.ARCH_FIELD_TYPES)
+ARCH_FIELDS = tuple(model_settings.ARCH_FIELD_TYPES)
 
 
 def architecture(model: MaskedAutoencoder) -> dict:

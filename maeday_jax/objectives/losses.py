@@ -1,4 +1,4 @@
-"""MALA's training losses: reconstruction (L1, SSIM) and segmentation (focal, L1), BCE.
+"""Training losses: MAE reconstruction errors, MALA's (L1, SSIM, segmentation focal and L1), BCE.
 
 Stage 1 (the MAE) minimises `a1 * l1 + a2 * ssim_loss + a3 * CE`, CE being the pseudo-label
 predictor's verdict (`plpm.adversarial_loss`); stage 2 (the segmenter) minimises
@@ -33,24 +33,47 @@ def l1(pred: jax.Array, target: jax.Array, weights: jax.Array | None = None) -> 
   return jnp.where(total > 0, (weights * error).sum() / jnp.where(total > 0, total, 1), 0.0)
 
 
-def ssim_loss(
-  pred: jax.Array,
-  target: jax.Array,
-  data_range,
+def patch_targets(model, images: jax.Array, norm_pix_loss: bool) -> jax.Array:
+  """Pixel targets (B, L, p*p*C) of an MAE, optionally normalised per patch (eps 1e-6, official)."""
+  target = model.patchify(images)
+  if norm_pix_loss:
+    mean = target.mean(axis=-1, keepdims=True)
+    var = target.var(axis=-1, keepdims=True)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  return target
+
+
+def reconstruction_errors(
+  model,
+  params,
+  images: jax.Array,
+  noise: jax.Array,
+  mask_ratio: float,
   *,
-  win_size: int | None = None,
-  sigma: float = 1.5,
-  k1: float = 0.01,
-  k2: float = 0.03,
-) -> jax.Array:
+  norm_pix_loss: bool = False,
+  pixel_loss: str = "mse",
+) -> tuple[jax.Array, jax.Array]:
+  """An MAE's reconstruction of every patch and its error per value, before any mean.
+
+  `model` is a `models.MaskedAutoencoder` (anything with its `apply` and `patchify`);
+  `images` (B, H, W, C) normalised, `noise` (B, L) sets the masks. Returns the prediction
+  `pred` (B, L, p*p*C) and `(pred - target)**2` ('mse') or `|pred - target|` ('l1') of
+  the same shape, the target being `patch_targets` of the images in float32. The MAE
+  pre-training loss and the few-shot loss reduce these errors their own ways.
+  """
+  pred = model.apply({"params": params}, images, noise=noise, mask_ratio=mask_ratio)
+  target = patch_targets(model, images.astype(jnp.float32), norm_pix_loss)
+  error = (pred - target) ** 2 if pixel_loss == "mse" else jnp.abs(pred - target)
+  return pred, error
+
+
+def ssim_loss(pred: jax.Array, target: jax.Array, data_range, **options) -> jax.Array:
   """Mean over the batch of 1 - SSIM (`ssim.ssim`, scikit-image's Gaussian SSIM).
 
-  `pred`, `target`: (B, H, W, C); `data_range`: their value range, scalar or (B,).
+  `pred`, `target`: (B, H, W, C); `data_range`: their value range, scalar or (B,);
+  `options`: `ssim.ssim`'s window settings (win_size, sigma, k1, k2).
   """
-  similarity = ssim_lib.ssim(
-    pred, target, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2
-  )
-  return jnp.mean(1.0 - similarity)
+  return jnp.mean(1.0 - ssim_lib.ssim(pred, target, data_range=data_range, **options))
 
 
 def _two_channels(logits: jax.Array, target_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,15 +1,16 @@
-"""`run(config, workdir)`: MAE pre-training from a config, with resume and export.
+"""`train(config, workdir)`: MAE pre-training from a config, with resume and export.
 
-Files under `workdir`:
+The library entry point that any caller trains an MAE with (the pretrain job
+`maeday_jax.jobs.pretrain`, MALA's stage 1, a detector's fit). Files under `workdir`:
   checkpoints/<step>/   Orbax training state (params, optimiser state, step) and the
-                        run's key; the newest is restored when the same command runs again
+                        run's key; the newest is restored when `train` runs again
   metrics.jsonl         one record per logged step (loss, learning rate, images/s, ...)
   training.png          the same curves, redrawn at every checkpoint
-  config.json           the configuration of the latest (re)start
   model/                the final parameters in the converted Orbax format, loadable by
                         `checkpoints.load_mae(workdir / "model")` and
                         `--config.model.checkpoint=<workdir>/model`
-  summary.json          what `run` returns
+  summary.json          what `train` returns
+(The job adds `config.json`, the configuration of the run.)
 """
 
 from __future__ import annotations
@@ -230,17 +231,23 @@ def _evaluate(run: TrainingRun, params) -> dict | None:
   )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir) -> dict:
   """Pre-trains (or continues) an MAE as `config` says; resumes from `workdir`.
 
-  Returns a summary: steps, final loss, training seconds, images/s, the exported model
-  directory and, when `config.eval.enabled`, the zero-shot metrics.
+  Args:
+    config: a `defaults.pretrain_config()`-shaped config (`model`, `data`, `extra_data`,
+      `train`, `seed`, `checkpoint_every`, `eval`).
+    workdir: where checkpoints, metrics, `model/` and `summary.json` go (created when
+      missing); a rerun resumes from its newest checkpoint.
+
+  Returns:
+    The summary: steps, final loss, training seconds, the architecture, the exported
+    model directory (`model_dir`, on the main process) and, when `config.eval.enabled`,
+    the zero-shot metrics (`zero_shot`).
   """
   wall_start = time.perf_counter()
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   run_, params = _set_up(config, workdir)
   key_data = np.asarray(jax.random.key_data(run_.step_key))  # Checked when resuming.
   manager = training.checkpoint_manager(

@@ -13,6 +13,7 @@ import optax
 from maeday_jax import imagenet, parallel, training
 from maeday_jax.models import MaskedAutoencoder, masking
 from maeday_jax.objectives import losses, plpm
+from maeday_jax.objectives.losses import patch_targets as patch_targets  # moved; re-exported
 from maeday_jax.pretrain import augmentation, optim
 
 LOSSES = ("masked", "all")
@@ -65,16 +66,6 @@ class LossConfig:
     return self.adversarial_weight > 0
 
 
-def patch_targets(model: MaskedAutoencoder, images: jax.Array, norm_pix_loss: bool) -> jax.Array:
-  """Pixel targets (B, L, p*p*C), optionally normalised per patch (eps 1e-6, official)."""
-  target = model.patchify(images)
-  if norm_pix_loss:
-    mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, keepdims=True)
-    target = (target - mean) / jnp.sqrt(var + 1e-6)
-  return target
-
-
 def mae_loss(
   model: MaskedAutoencoder,
   params: Any,
@@ -101,9 +92,15 @@ def reconstruction_loss(
   removed (or all) patches; the SSIM and adversarial terms, when weighted, compare the
   whole reconstructed images.
   """
-  pred = model.apply({"params": params}, images, noise=noise, mask_ratio=config.mask_ratio)
-  target = patch_targets(model, images, config.norm_pix_loss)
-  error = (pred - target) ** 2 if config.pixel_loss == "mse" else jnp.abs(pred - target)
+  pred, error = losses.reconstruction_errors(
+    model,
+    params,
+    images,
+    noise,
+    config.mask_ratio,
+    norm_pix_loss=config.norm_pix_loss,
+    pixel_loss=config.pixel_loss,
+  )
   per_patch = jnp.mean(error, axis=-1)
   if config.loss == "all":
     pixel = per_patch.mean()

@@ -29,20 +29,20 @@ import logging
 import os
 import pathlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from maeday_jax.data import images
+from maeday_jax.data import archives, images
 from maeday_jax.data.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 GOOD = "good"
 # File name suffixes tried as images; anything else in an image folder is reported.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +306,35 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return pathlib.Path(dl_manager.manual_dir)
     except (AssertionError, ValueError):  # No manual directory configured or it is empty.
       return None
+
+  def required_source_path(
+    self, dl_manager: tfds.download.DownloadManager, what: str
+  ) -> pathlib.Path:
+    """`source_path` for data only the user has; raises DataError asking for `what` if unset."""
+    source = self.source_path(dl_manager)
+    if source is None:
+      raise DataError(f"config.data.path is empty: set it to {what}")
+    return source
+
+  def archive_root(
+    self,
+    dl_manager: tfds.download.DownloadManager,
+    archive: archives.Archive,
+    is_root: Callable[[pathlib.Path], bool],
+    layout: str,
+  ) -> pathlib.Path:
+    """The root folder of a published dataset (`archives.locate`): from the raw copy
+    (`source_path`), else from `archive` downloaded and extracted in tfds's download folder.
+    """
+    download_dir = pathlib.Path(dl_manager.download_dir)
+    return archives.locate(
+      self.source_path(dl_manager),
+      archive,
+      is_root,
+      download_dir=download_dir,
+      extract_dir=download_dir / "extracted",
+      layout=layout,
+    )
 
   @abc.abstractmethod
   def _plan(self, dl_manager: tfds.download.DownloadManager) -> dict[str, list[Item]]:

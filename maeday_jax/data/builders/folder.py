@@ -178,9 +178,7 @@ class Folder(base.ImageBuilder):
     return base.fingerprint(self.raw_path, normal, masks)
 
   def _plan(self, dl_manager: tfds.download.DownloadManager) -> dict[str, list[base.Item]]:
-    source = self.source_path(dl_manager)
-    if source is None:
-      raise DataError("config.data.path is empty: set it to the folder of images to score")
+    source = self.required_source_path(dl_manager, "the folder of images to score")
     normal_dir, mask_dir = self._optional("normal_path"), self._optional("mask_path")
     listing = _list(source, "config.data.path", (normal_dir, mask_dir))
     if mask_dir is not None and not mask_dir.is_dir():

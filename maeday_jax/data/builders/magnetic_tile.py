@@ -103,10 +103,7 @@ class MagneticTile(base.ImageBuilder):
     return base.fingerprint(self.raw_path)
 
   def _plan(self, dl_manager: tfds.download.DownloadManager) -> dict[str, list[base.Item]]:
-    source = self.source_path(dl_manager)
-    if source is None:
-      raise DataError("config.data.path is empty: set it to the magnetic tile dataset folder")
-    root = find_root(source)
+    root = find_root(self.required_source_path(dl_manager, "the magnetic tile dataset folder"))
     train, test = [], []
     for cls in CLASSES:
       for item in _class_items(root, cls):

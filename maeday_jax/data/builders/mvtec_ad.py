@@ -67,14 +67,7 @@ class MvtecAd(base.ImageBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = ARCHIVE.manual_instructions()
 
   def _plan(self, dl_manager: tfds.download.DownloadManager) -> dict[str, list[base.Item]]:
-    root = archives.locate(
-      self.source_path(dl_manager),
-      ARCHIVE,
-      is_root,
-      download_dir=pathlib.Path(dl_manager.download_dir),
-      extract_dir=pathlib.Path(dl_manager.download_dir) / "extracted",
-      layout=LAYOUT,
-    )
+    root = self.archive_root(dl_manager, ARCHIVE, is_root, LAYOUT)
     category = self.builder_config.name
     category_dir = root / category
     missing = [d for d in ("train/good", "test") if not (category_dir / d).is_dir()]

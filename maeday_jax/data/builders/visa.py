@@ -78,15 +78,8 @@ class Visa(base.ImageBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = ARCHIVE.manual_instructions()
 
   def _plan(self, dl_manager: tfds.download.DownloadManager) -> dict[str, list[base.Item]]:
-    root = archives.locate(
-      self.source_path(dl_manager),
-      ARCHIVE,
-      is_root,
-      download_dir=pathlib.Path(dl_manager.download_dir),
-      extract_dir=pathlib.Path(dl_manager.download_dir) / "extracted",
-      layout=LAYOUT,
-    )
     category = self.builder_config.name
+    root = self.archive_root(dl_manager, ARCHIVE, is_root, LAYOUT)
     rows = [r for r in read_split_csv(root / SPLIT_CSV) if r["object"] == category]
     if not rows:
       raise DataError(f"{root / SPLIT_CSV}: no rows for the VisA category '{category}'")

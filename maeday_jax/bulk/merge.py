@@ -1,0 +1,260 @@
+"""The merged outputs of a finished bulk run, written by process 0.
+
+    summary = merge.merge(workdir, listing, process_count, threshold=0.5, maps="uint8")
+
+Under the work directory:
+
+  scores.csv                 file, score[, label][, predicted_label]: every scored image,
+                             sorted by file
+  scores.parquet             the same rows, when `pyarrow` can be imported
+  maps_index.csv             with maps: file, map shard, row of every scored image
+  pictures/<rank>_<name>.png with `top_pictures`: overlays of the highest scores
+  summary.json               images, skipped with reasons, images/s per process, wall
+                             time, image metrics when labelled, threshold, maps and
+                             pictures
+
+The rows come from every process's committed parts (`shards`), streamed in listing order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import heapq
+import json
+import logging
+import os
+import pathlib
+
+import numpy as np
+
+from maeday_jax import atomic_files, metrics, pictures
+from maeday_jax.bulk import maps_store, source
+from maeday_jax.bulk.shards import ShardStore, part_name
+from maeday_jax.bulk.source import Listing
+from maeday_jax.data.images import read_image
+from maeday_jax.reports import spreadsheet_safe
+
+log = logging.getLogger("maeday_jax")
+
+SCORES_FILE = "scores.csv"
+SUMMARY_FILE = "summary.json"
+INDEX_FILE = maps_store.INDEX_FILE
+PARQUET_FILE = "scores.parquet"
+PICTURES_FOLDER = "pictures"
+
+
+def _parquet_writer(stack: contextlib.ExitStack, path, with_label: bool, with_prediction: bool):
+  """A function writing one table of score columns to `path` (atomically, when `stack`
+  closes without an error), or None when `pyarrow` cannot be imported."""
+  try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+  except ImportError:
+    log.info("pyarrow is not installed: %s is not written (scores.csv is).", PARQUET_FILE)
+    return None
+  fields = [pa.field("file", pa.string()), pa.field("score", pa.float64())]
+  if with_label:
+    fields.append(pa.field("label", pa.int64()))
+  if with_prediction:
+    fields.append(pa.field("predicted_label", pa.int64()))
+  schema = pa.schema(fields)
+
+  tmp = stack.enter_context(atomic_files.replace_when_done(path))
+  writer = stack.enter_context(pq.ParquetWriter(str(tmp), schema))
+
+  def write(columns: dict) -> None:
+    writer.write_table(pa.table(columns, schema=schema))
+
+  return write
+
+
+def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
+  """Image AUROC / AP / F1-max (None, with the reason under 'undefined', when undefined)."""
+  known = labels != source.UNKNOWN_LABEL
+  result: dict = {
+    "labelled": int(known.sum()),
+    "anomalous": int((labels[known] == 1).sum()),
+    "normal": int((labels[known] == 0).sum()),
+    "undefined": {},
+  }
+  for name, metric in (
+    ("image_auroc", metrics.image_auroc),
+    ("image_ap", metrics.image_ap),
+    ("image_f1_max", metrics.f1_max),
+  ):
+    try:
+      result[name] = float(metric(scores, labels))
+    except (metrics.MetricUndefinedError, ValueError) as e:
+      result[name] = None
+      result["undefined"][name] = getattr(e, "reason", str(e))
+  return result
+
+
+def picture_name(rank: int, file: str) -> str:
+  """`<rank>_<name>.png`: the image's name with its folders joined by '_', no suffix."""
+  stem = os.path.splitext(file.replace("\\", "/").strip("/"))[0]
+  safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem.replace("/", "_"))
+  return f"{rank}_{safe[-120:] or 'image'}.png"
+
+
+def draw_top_pictures(workdir, listing: Listing, top: list[tuple[float, int]]) -> list[dict]:
+  """Overlays of the images `top` ((score, listing position), highest first)."""
+  workdir = pathlib.Path(workdir)
+  names = [listing.files[i] for _, i in top]
+  loaded = maps_store.load_maps(workdir, names)
+  drawn = []
+  for rank, (score, i) in enumerate(top, start=1):
+    name = listing.files[i]
+    path = workdir / PICTURES_FOLDER / picture_name(rank, name)
+    try:
+      image = read_image(listing.paths[i])
+    except Exception as e:  # A file changed since it was scored must not stop the merge.
+      log.warning("No picture of %s: %s", name, e)
+      continue
+    pictures.save_overlay(path, image, loaded[name])
+    drawn.append({"rank": rank, "file": name, "score": score, "picture": str(path)})
+  return drawn
+
+
+def merge(
+  workdir: str | os.PathLike,
+  listing: Listing,
+  process_count: int,
+  wall_seconds=0.0,
+  *,
+  threshold: float | None = None,
+  maps: str = "none",
+  top_pictures: int = 0,
+):
+  """Writes `scores.csv`, `scores.parquet`, `maps_index.csv`, pictures and `summary.json`.
+
+  Rows are streamed in listing order (shards are contiguous and sorted), one part at a
+  time, so memory grows only by the scores and labels kept for the metrics (two numbers
+  an image). `scores.parquet` is written only when `pyarrow` can be imported.
+
+  Raises:
+    RuntimeError: the parts do not account for every listed image exactly once.
+  """
+  workdir = pathlib.Path(workdir)
+  with_label = listing.labels is not None
+  with_prediction = threshold is not None
+  header = ["file", "score", *(["label"] if with_label else [])]
+  header += ["predicted_label"] if with_prediction else []
+  records = []
+  images, previous, predicted = 0, -1, 0
+  all_scores: list[float] = []
+  all_labels: list[int] = []
+  top: list[tuple[float, int]] = []  # A min-heap of the `top_pictures` highest scores.
+  index_entries: list[tuple[str, str, int]] = []
+  with contextlib.ExitStack() as stack:
+    tmp = stack.enter_context(atomic_files.replace_when_done(workdir / SCORES_FILE))
+    f = stack.enter_context(open(tmp, "x", newline="", encoding="utf-8"))
+    # Closed first (the stack unwinds in reverse): the Parquet file is whole before the CSV.
+    parquet = _parquet_writer(stack, workdir / PARQUET_FILE, with_label, with_prediction)
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for index in range(process_count):
+      store = ShardStore(workdir, index)
+      record = store.read()
+      if record is None or not record.done:
+        raise RuntimeError(f"{store.folder}: the shard of process {index} is not finished.")
+      records.append(record)
+      for number in range(record.parts):
+        part = store.part_rows(number)
+        if maps != "none":
+          shard = store.maps_path(number)
+          listed = maps_store.shard_files(shard)
+          if listed != [row["file"] for row in part]:
+            raise RuntimeError(f"{shard}: its maps are not those of {part_name(number)}.")
+          relative = str(shard.relative_to(workdir))
+          index_entries.extend((name, relative, r) for r, name in enumerate(listed))
+        columns: dict[str, list] = {name: [] for name in header}
+        for row in part:
+          position = int(row["index"])
+          if position <= previous:
+            raise RuntimeError(f"{store.folder}: row {row['file']!r} is out of order or repeated.")
+          previous = position
+          score = float(row["score"])
+          cells = [spreadsheet_safe(row["file"]), row["score"]]
+          columns["file"].append(row["file"])
+          columns["score"].append(score)
+          if with_label:
+            cells.append(row["label"])
+            columns["label"].append(int(row["label"]))
+            all_labels.append(int(row["label"]))
+          if with_prediction:
+            flag = int(score >= threshold)
+            cells.append(flag)
+            columns["predicted_label"].append(flag)
+            predicted += flag
+          writer.writerow(cells)
+          all_scores.append(score)
+          if top_pictures > 0:
+            entry = (score, -position)
+            if len(top) < top_pictures:
+              heapq.heappush(top, entry)
+            else:
+              heapq.heappushpop(top, entry)
+          images += 1
+        if parquet is not None:
+          parquet(columns)
+  skipped = [{"file": name, "reason": reason} for name, reason in listing.skipped]
+  skipped += [{"file": s["file"], "reason": s["reason"]} for r in records for s in r.skipped]
+  unreadable = sum(len(r.skipped) for r in records)
+  if images + unreadable != len(listing):
+    raise RuntimeError(
+      f"{workdir}: {images} scored and {unreadable} skipped images, but {len(listing)} listed."
+    )
+  summary = {
+    "source": listing.source,
+    "kind": listing.kind,
+    "listed": len(listing),
+    "fingerprint": listing.fingerprint.to_dict(),
+    "duplicates": listing.duplicates,
+    "images": images,
+    "skipped_count": len(skipped),
+    "skipped": skipped,
+    "processes": [
+      {
+        "process": r.process_index,
+        "images": r.images,
+        "seconds": round(r.seconds, 3),
+        "images_per_second": round(r.images / r.seconds, 3) if r.seconds > 0 else None,
+      }
+      for r in records
+    ],
+    "wall_seconds": round(wall_seconds, 3),
+    "scores": str(workdir / SCORES_FILE),
+    "scores_parquet": str(workdir / PARQUET_FILE) if (workdir / PARQUET_FILE).is_file() else None,
+    "threshold": None if threshold is None else {"method": "fixed", "value": threshold},
+    "predicted_anomalous": predicted if with_prediction else None,
+    "metrics": (
+      image_metrics(np.asarray(all_scores, np.float64), np.asarray(all_labels, np.int64))
+      if with_label
+      else None
+    ),
+    "maps": None if maps == "none" else {"dtype": maps, "index": str(workdir / INDEX_FILE)},
+    "pictures": [],
+  }
+  if maps != "none":
+    maps_store.write_index(workdir, index_entries)
+  if top_pictures > 0:
+    ranked = [(score, -negative) for score, negative in sorted(top, reverse=True)]
+    summary["pictures"] = draw_top_pictures(workdir, listing, ranked)
+  atomic_files.write_text(
+    workdir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True, default=str)
+  )
+  rates = [p["images_per_second"] for p in summary["processes"] if p["images_per_second"]]
+  log.info(
+    "Scored %d of %d images (%d skipped) on %d process(es), %.1f images/s per process, "
+    "in %.1f s: %s",
+    images,
+    len(listing),
+    len(skipped),
+    process_count,
+    float(np.mean(rates)) if rates else 0.0,
+    wall_seconds,
+    workdir / SCORES_FILE,
+  )
+  return summary
