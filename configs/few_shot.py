@@ -29,6 +29,7 @@ and `config.train.lora.*` (setting either spelling sets both).
 import ml_collections
 
 from maeday_jax import defaults
+from maeday_jax.detectors.anomalydino import anomalydino_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -42,9 +43,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lora = ml_collections.ConfigDict({name: train.lora.get_ref(name) for name in train.lora})
   config.outputs.overlays = False  # Three seeds x every image: panels only by default.
   # One method or several, comma-separated, on the same shots: maeday, patchcore,
-  # ensemble (MAEDAY + PatchCore), patchcore_x2 (two PatchCore banks).
+  # ensemble (MAEDAY + PatchCore), patchcore_x2 (two PatchCore banks), anomalydino,
+  # maeday_anomalydino (MAEDAY + AnomalyDINO).
   config.method = "maeday"
   config.patchcore = defaults.patchcore_config()
+  config.anomalydino = anomalydino_section()
   # Ensembles: sum standardised maps and scores (statistics of the held-out normal
   # training images), or the raw sum (normalize=False) as the paper writes it.
   config.ensemble = ml_collections.ConfigDict(dict(normalize=True))
@@ -59,4 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 16 patches per 32 px shot: keep half, so the image score's neighbourhood is not a
     # single bank row (whose re-weighting would make every score 0).
     config.patchcore.coreset_ratio = 0.5
+    config.anomalydino.backbone = "dinov2_test"
+    config.anomalydino.checkpoint = defaults.RANDOM_WEIGHTS
+    config.anomalydino.image_size = 56
+    config.anomalydino.rotations = (0, 90)
   return config

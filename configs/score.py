@@ -5,9 +5,12 @@
 
 `data.path` is a folder (searched recursively for image files), a glob
 (`'/photos/**/*.jpg'`) or a manifest: a `.txt` of paths, one a line, or a `.csv` with the
-columns `path[,label][,mask]` (relative paths are read from the manifest's folder). On
-several hosts run the same command on each with `--distributed`: each host scores its
-own contiguous share of the sorted list.
+columns `path[,label]` (UTF-8, a byte-order mark allowed; relative paths are read from the
+manifest's folder; a `mask` column with files is refused: use `configs/evaluate.py` for
+pixel metrics). A file listed under several spellings (`a/./x.png`, `a//x.png`, a link)
+is scored once, under its first name in sorted order; `summary.json` counts the others
+(`duplicates`). On several hosts run the same command on each with `--distributed`: each
+host scores its own contiguous share of the sorted list.
 
 Outputs: `scores.csv` (file as listed, score, label when the manifest gives one,
 predicted_label with a fixed threshold), `scores.parquet` (the same rows; only when
@@ -19,8 +22,12 @@ parts under `shards/`. Anomaly maps (model resolution) are stored only with
 panels, ROC curves and reconstructions).
 
 The run commits every `commit_every` batches; rerunning the same command on the same
---workdir resumes after the last commit, and a finished run does nothing again. A rerun
-after the file list changed, or with another number of processes, is refused.
+--workdir resumes after the last commit, and a finished run scores nothing again. A rerun
+after the file list changed, after a scored (or skipped) file changed (size, modification
+time, CSV label), or with another number of processes, is refused; `--overwrite` starts
+afresh. One run at a time holds the work directory (`<workdir>/.lock`). NaN or infinite
+maps or scores stop the run before they are committed; a run that scores no image is an
+error. Names that are not valid UTF-8 are written with `\\xNN` escapes.
 
 Fields (besides those of `maeday_jax.defaults.zero_shot_config`):
   detector               '' (default: zero-shot MAEDAY from `model`, `num_masks`, ...), a
@@ -44,7 +51,7 @@ Fields (besides those of `maeday_jax.defaults.zero_shot_config`):
                          '' = none): reruns and resumed runs skip recompiling.
   threshold.method       'none' (default) or 'fixed': scores.csv gets predicted_label, 1
                          where score >= threshold.value (other methods are refused here).
-  threshold.value        the fixed threshold.
+  threshold.value        the fixed threshold (a finite number, whatever the method).
   outputs.maps           'none' (default), 'float16' or 'uint8': each commit also stores
                          its images' maps in shards/process_<i>/maps_<n>.npz, listed in
                          maps_index.csv (`maeday_jax.bulk.maps_store.load_map` reads one

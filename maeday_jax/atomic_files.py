@@ -88,3 +88,27 @@ def write_text(
   with replace_when_done(path) as tmp, open(tmp, "x", encoding=encoding, newline=newline) as f:
     f.write(text)
   return path
+
+
+def remove_temporaries(folder, names=None) -> list[pathlib.Path]:
+  """Deletes the temporary files `replace_when_done` left in `folder` (a process killed
+  while writing): those of the destinations `names`, or all of them when None. Returns
+  what was deleted.
+
+  Only for a folder no other process is writing to now (the caller holds its lock): a
+  live writer's temporary file looks the same.
+  """
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    return []
+  removed = []
+  for path in folder.iterdir():
+    name = path.name
+    marker = name.rfind(TEMPORARY_MARKER)
+    if not name.startswith(".") or marker < 1 or not path.is_file():
+      continue
+    if names is None or name[1:marker] in names:
+      with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+        removed.append(path)
+  return removed

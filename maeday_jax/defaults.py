@@ -207,6 +207,14 @@ def detector_sections(config: ml_collections.ConfigDict, runlocal: bool = False)
     config.pretrain.train = small.train
     config.pretrain.checkpoint_every = small.checkpoint_every
     config.pretrain.log_every = small.log_every
+    config.anomalydino.backbone = "dinov2_test"
+    config.anomalydino.checkpoint = "random"
+    config.anomalydino.image_size = 56
+    config.anomalydino.rotations = (0, 90)
+    config.musc.backbone = "dinov2_test"
+    config.musc.checkpoint = "random"
+    config.musc.image_size = 56
+    config.musc.layers = (0, 2)
     mala = mala_settings.stages_config(runlocal=True)
     for field in ("stage1", "stage2", "checkpoint_every", "log_every"):
       config.mala[field] = mala[field]

@@ -34,6 +34,7 @@ from maeday_jax import (
   zero_shot,
 )
 from maeday_jax.models import MaskedAutoencoder
+from maeday_jax.weight_files import CheckpointError
 
 # `on_map(file_name, anomaly_map, original_size)`: one scored image's map (model
 # resolution) and the (height, width) of the image it came from.
@@ -200,6 +201,28 @@ def score_images(scoring: Scoring, images: np.ndarray) -> tuple[np.ndarray, np.n
   )
 
 
+def _check_finite(scoring: Scoring, batch: dict, maps, batch_scores, valid) -> None:
+  """Refuses a batch with NaN or infinite maps or scores before anything uses them (the
+  pixel metrics would otherwise fail on them with a bare ValueError).
+
+  Raises:
+    CheckpointError: naming what scores (`scoring.name`) and the first affected image.
+  """
+  rows = np.flatnonzero(valid)
+  if not len(rows):
+    return
+  maps_ok = np.isfinite(np.asarray(maps)[rows]).reshape(len(rows), -1).all(axis=1)
+  bad = ~(maps_ok & np.isfinite(np.asarray(batch_scores)[rows]))
+  if bad.any():
+    first = batch["file_name"][rows[np.flatnonzero(bad)[0]]]
+    raise CheckpointError(
+      f"{scoring.name or 'The model'} gives NaN or infinite anomaly maps (first for "
+      f"{first}, in {int(bad.sum())} of this batch's {len(rows)} images): its weights are "
+      "corrupt, diverged or overflow in this dtype. Check the checkpoint or detector, or "
+      "use --config.model.dtype=float32."
+    )
+
+
 @dataclasses.dataclass
 class ScoredSplit:
   """What scoring one split produced: this process's examples, or (`gather_scored`) all."""
@@ -245,6 +268,7 @@ def score_split(
     ):
       valid = batch["valid"]
       maps, batch_scores = _score_batch(scoring, batch["image"], valid)
+      _check_finite(scoring, batch, maps, batch_scores, valid)
       for i in np.flatnonzero(valid):
         names.append(batch["file_name"][i])
         labels.append(int(batch["label"][i]))

@@ -119,3 +119,23 @@ def mask_batch_size(
     per_mask / max(1, images_per_device) / 2**20,
   )
   return chosen
+
+
+def require_fits(what: str, needed_bytes: int, field: str, device=None) -> None:
+  """Refuses, before anything compiles, a step whose largest array would not fit in
+  `MEMORY_FRACTION` of the device's free memory (unknown free memory passes).
+
+  Raises:
+    ConfigError: naming `field`, the bytes needed and the bytes free.
+  """
+  from maeday_jax.config_errors import require
+
+  available = free_bytes(device)
+  if available is None:
+    return
+  require(
+    needed_bytes <= MEMORY_FRACTION * available,
+    field,
+    f"{what} needs {needed_bytes / 2**30:.2f} GiB per device, but {available / 2**30:.2f} GiB "
+    f"are free (half of it may be used); lower it.",
+  )

@@ -9,13 +9,14 @@ fields override it), anything else is loaded by `models.mae_import.load_mae`.
 from __future__ import annotations
 
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from maeday_jax import models
-from maeday_jax.config_errors import require
+from maeday_jax.config_errors import ConfigError, require
 from maeday_jax.models import mae_import
 from maeday_jax.settings import model as model_settings
 from maeday_jax.weight_files import CheckpointError
@@ -71,12 +72,110 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
     f"is empty; give a known name, a path, or {model_settings.RANDOM_WEIGHTS!r} for randomly "
     "initialised weights of model.variant.",
   )
+  overrides = _architecture_overrides(model_config)
+  for field, value in overrides.items():
+    require(
+      value > 0 and not isinstance(value, bool),
+      f"model.{field}",
+      f"must be a positive number (or unset: the variant's or the checkpoint's), got {value}.",
+    )
+  require(
+    overrides.get("in_chans", 3) == 3,
+    "model.in_chans",
+    f"must be 3: every image is read as RGB, got {overrides.get('in_chans')}.",
+  )
   if model_config.checkpoint == model_settings.RANDOM_WEIGHTS:
     require(
       model_config.variant in models.VARIANTS,
       "model.variant",
       f"{model_config.variant!r} is not one of {sorted(models.VARIANTS)}.",
     )
+    _check_architecture(random_architecture(model_config), set(overrides))
+  elif "img_size" in overrides and "patch_size" in overrides:
+    _check_architecture(overrides, set(overrides))
+
+
+def random_architecture(model_config: ml_collections.ConfigDict) -> dict:
+  """The architecture fields of `checkpoint='random'`: the variant's, overridden."""
+  model = models.create(model_config.variant, **_architecture_overrides(model_config))
+  return models.architecture(model)  # A module's fields: nothing is built or initialised.
+
+
+def _check_architecture(arch: dict, given: set[str]) -> None:
+  """Checks the shapes the MAE's layers need (the model would fail on its first call)."""
+
+  def named(*fields: str) -> str:
+    # Name the fields the user set: the variant's own values are not theirs to fix.
+    return "model." + next((f for f in fields if f in given), fields[0])
+
+  img, patch = arch["img_size"], arch["patch_size"]
+  require(
+    img % patch == 0,
+    named("img_size", "patch_size"),
+    f"img_size {img} is not a multiple of patch_size {patch}: the image must split into "
+    f"whole patches (e.g. img_size={max(patch, img // patch * patch)}).",
+  )
+  for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+    if width not in arch or heads not in arch:
+      continue
+    require(
+      arch[width] % 4 == 0,
+      named(width),
+      f"{arch[width]} is not a multiple of 4 (the 2-D sin-cos position table needs it).",
+    )
+    require(
+      arch[width] % arch[heads] == 0,
+      named(heads, width),
+      f"{width} {arch[width]} is not divisible by {heads} {arch[heads]}.",
+    )
+
+
+def known_num_patches(model_config: ml_collections.ConfigDict) -> int | None:
+  """The model's patch count when the settings alone say it (random weights, or a
+  checkpoint with `img_size` and `patch_size` given), else None (read from the file)."""
+  if model_config.checkpoint == model_settings.RANDOM_WEIGHTS:
+    if model_config.variant not in models.VARIANTS:
+      return None
+    arch = random_architecture(model_config)
+  else:
+    arch = _architecture_overrides(model_config)
+  if "img_size" not in arch or "patch_size" not in arch or arch["img_size"] % arch["patch_size"]:
+    return None
+  return (arch["img_size"] // arch["patch_size"]) ** 2
+
+
+def check_visible_patches(settings, num_patches: int) -> None:
+  """Refuses `settings.mask_ratio` when a stratified mask schedule would show no patch
+  of the model's `num_patches`.
+
+  A stratified schedule (`models.masking.stratified_noise`) shows each mask
+  K = int(L * (1 - mask_ratio)) patches and groups the masks so that their visible
+  patches partition the image: it needs K >= 1.
+
+  Raises:
+    ConfigError: naming `mask_ratio` and the largest ratio that works.
+  """
+  if settings.get("masking", "random") != "stratified":
+    return
+  from maeday_jax.models import masking
+
+  if masking.num_visible(num_patches, float(settings.mask_ratio)) < 1:
+    # Rounded down, so that the ratio shown does leave one patch.
+    largest = math.floor((1 - 1 / num_patches) * 1e4) / 1e4
+    raise ConfigError(
+      f"--config.mask_ratio: {settings.mask_ratio} leaves no visible patch of the model's "
+      f"{num_patches} under --config.masking=stratified, whose groups of masks partition "
+      f"the image into visible sets; use a mask_ratio of at most {largest:g} "
+      "(or --config.masking=random)."
+    )
+
+
+def validate_masking(settings, model_config: ml_collections.ConfigDict) -> None:
+  """`check_visible_patches` where the patch count is known before loading the model
+  (`known_num_patches`); a checkpoint's is checked once it is loaded."""
+  num_patches = known_num_patches(model_config)
+  if num_patches is not None and 0.0 <= settings.mask_ratio < 1.0:
+    check_visible_patches(settings, num_patches)
 
 
 def build_model(model_config: ml_collections.ConfigDict, key: jax.Array):

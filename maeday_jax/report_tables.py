@@ -172,6 +172,8 @@ METHOD_TITLES = {
   "patchcore": "PC",
   "patchcore_x2": "2 x PC",
   "ensemble": "MAEDAY + PC",
+  "anomalydino": "AnomalyDINO",
+  "maeday_anomalydino": "MAEDAY + AnomalyDINO",
 }
 
 

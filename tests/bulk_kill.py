@@ -4,6 +4,9 @@
     record = run_and_kill(workdir, killed / "list.txt", log, parts=1, "--config.detector=...")
     unblock(killed, reference, names[18])
 
+`start_run` and `wait_for_parts` run one without killing it (a second run beside it, a
+Ctrl-C); `feed` then hands the blocked read its file through the pipe.
+
 Reading a named pipe blocks until the test replaces it with the real file, so a run that
 reaches a pipe's batch waits there, after committing the batches before it (the engine
 commits a batch once the next one is on its way): the kill then lands between commits,
@@ -45,36 +48,64 @@ def blocking_copy(reference, folder, names, blocked) -> pathlib.Path:
   return folder
 
 
-def run_and_kill(workdir, manifest, log_path, parts: int, *args: str, timeout=240.0) -> dict:
-  """Runs `configs/score.py:runlocal` as a command on `manifest` (with `COMMON_ARGS` and
-  the further command-line `args`), SIGKILLs it once `parts` parts are committed, and
-  returns its progress record (process 0)."""
-  workdir, log_path = pathlib.Path(workdir), pathlib.Path(log_path)
+def start_run(workdir, manifest, log_path, *args: str) -> subprocess.Popen:
+  """Starts `configs/score.py:runlocal` as a command on `manifest` (with `COMMON_ARGS` and
+  the further command-line `args`), its output to `log_path`."""
   command = [
     *(sys.executable, "-m", "maeday_jax.main", "--config", "configs/score.py:runlocal"),
     *("--workdir", str(workdir), f"--config.data.path={manifest}", *COMMON_ARGS, *args),
   ]
   with open(log_path, "w") as log:
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log)
-  shard = workdir / "shards/process_0"
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log)
 
-  def committed() -> int:
-    try:
-      return json.loads((shard / "progress.json").read_text())["parts"]
-    except (OSError, ValueError, KeyError):
-      return 0
 
+def committed_parts(workdir) -> int:
+  """The parts process 0's record counts (0 before it has one)."""
   try:
-    deadline = time.monotonic() + timeout
-    while committed() < parts:
-      assert proc.poll() is None, log_path.read_text()[-3000:]
-      assert time.monotonic() < deadline, f"no commit {parts} within {timeout} s"
-      time.sleep(0.05)
+    record = pathlib.Path(workdir) / "shards/process_0/progress.json"
+    return json.loads(record.read_text())["parts"]
+  except (OSError, ValueError, KeyError):
+    return 0
+
+
+def wait_for_parts(proc, workdir, log_path, parts: int, timeout=240.0) -> None:
+  """Waits until the run `proc` has committed `parts` parts (it must not end before)."""
+  deadline = time.monotonic() + timeout
+  while committed_parts(workdir) < parts:
+    assert proc.poll() is None, pathlib.Path(log_path).read_text()[-3000:]
+    assert time.monotonic() < deadline, f"no commit {parts} within {timeout} s"
+    time.sleep(0.05)
+
+
+def run_and_kill(workdir, manifest, log_path, parts: int, *args: str, timeout=240.0) -> dict:
+  """Runs `configs/score.py:runlocal` as a command on `manifest` (`start_run`), SIGKILLs
+  it once `parts` parts are committed, and returns its progress record (process 0)."""
+  workdir, log_path = pathlib.Path(workdir), pathlib.Path(log_path)
+  proc = start_run(workdir, manifest, log_path, *args)
+  try:
+    wait_for_parts(proc, workdir, log_path, parts, timeout)
     time.sleep(0.5)  # A run that does not block as planned would commit more here.
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-  return json.loads((shard / "progress.json").read_text())
+  return json.loads((workdir / "shards/process_0/progress.json").read_text())
+
+
+def feed(killed, reference, name, timeout=30.0) -> None:
+  """Writes the real file into the named pipe `name` of `killed` once its reader has it
+  open: the read that blocks a run returns (use `unblock` for the runs after)."""
+  fifo = pathlib.Path(killed) / name
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no one reads.
+      break
+    except OSError:
+      assert time.monotonic() < deadline, f"no reader opened {fifo} within {timeout} s"
+      time.sleep(0.05)
+  os.set_blocking(fd, True)
+  with os.fdopen(fd, "wb") as f:
+    f.write((pathlib.Path(reference) / name).read_bytes())
 
 
 def unblock(killed, reference, name) -> None:

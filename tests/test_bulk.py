@@ -83,12 +83,12 @@ def test_folder_glob_and_csv_manifest_listings(tmp_path):
   assert folder.files == ["a.png", "sub/b.JPG", "sub/deep/c.png"]
   assert {name for name, _ in folder.skipped} == {"broken.png", "sub/loop"}
   manifest = tmp_path / "m.csv"
-  manifest.write_text("path,label,mask\nsub/b.JPG,1,m/b.png\n/abs/x.png,,\na.png,0,\na.png,0,\n")
+  # An empty mask column is no mask (mask files are refused: tests/test_bulk_trust.py).
+  manifest.write_text("path,label,mask\nsub/b.JPG,1,\n/abs/x.png,,\na.png,0,\na.png,0,\n")
   listed = source.list_source(str(manifest))
   assert listed.files == ["/abs/x.png", "a.png", "sub/b.JPG"] and listed.duplicates == 1
   assert listed.labels == [-1, 0, 1]
   assert listed.paths == ["/abs/x.png", str(tmp_path / "a.png"), str(tmp_path / "sub/b.JPG")]
-  assert listed.masks == ["", "", str(tmp_path / "m/b.png")]
   (tmp_path / "bad.csv").write_text("file\nx.png\n")
   with pytest.raises(ConfigError, match="no 'path' column"):
     source.list_source(str(tmp_path / "bad.csv"))

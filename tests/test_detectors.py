@@ -186,20 +186,24 @@ def test_config_files_read_every_method_without_jax():
 
 
 ROUND_TRIPS = {
-  "patchcore": {},
-  "maeday_lora": {},
-  "ensemble": {"members": "maeday_lora,patchcore"},
-  "mala": {},
+  "patchcore": ("patchcore", {}),
+  "maeday_lora": ("maeday_lora", {}),
+  "ensemble": ("ensemble", {"members": "maeday_lora,patchcore"}),
+  "mala": ("mala", {}),
+  "anomalydino": ("anomalydino", {}),
+  # Members of different input sizes (32 and 56 px): resized on device.
+  "ensemble_dino": ("ensemble", {"members": "maeday_lora,anomalydino"}),
 }
 
 
-@pytest.mark.parametrize("method", list(ROUND_TRIPS))
-def test_fitted_artifact_scores_alike_in_evaluate_and_bulk(dataset, tmp_path, method):
+@pytest.mark.parametrize("case", list(ROUND_TRIPS))
+def test_fitted_artifact_scores_alike_in_evaluate_and_bulk(dataset, tmp_path, case):
   """fit -> copy the artifact, delete the fit -> evaluate and bulk scoring of the same
   images from the copy give the same per-image scores (1e-4 relative), all finite and
   not all equal; the manifest records what the fit saw."""
   tfds_dir = tmp_path / "tfds"
-  config = _fit_config(dataset, tfds_dir, method, **ROUND_TRIPS[method])
+  method, fields = ROUND_TRIPS[case]
+  config = _fit_config(dataset, tfds_dir, method, **fields)
   copy = _fit_elsewhere(tmp_path, config)
 
   manifest = json.loads((copy / artifact.MANIFEST).read_text())

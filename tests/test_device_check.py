@@ -63,8 +63,19 @@ def test_dry_run_prints_the_whole_plan(tmp_path):
   assert "JAX_DEFAULT_MATMUL_PRECISION=highest" in parity[0]
   assert "XLA_FLAGS= " in parity[0]
   # Every zero-shot configuration, and the fine-tune, each JAX only, each to its JSON.
-  lines = _benchmark_lines(plan)
+  lines = [
+    line
+    for line in _benchmark_lines(plan)
+    if "--task zero_shot" in line or "--task finetune" in line
+  ]
   assert len(lines) == len(ARCHS) * len(DTYPES) * len(BATCHES) + 1
+  # The DINOv2 detectors at the ViT-S shape, each to its JSON.
+  dino = [
+    line for line in _benchmark_lines(plan) if "--task anomalydino" in line or "--task musc" in line
+  ]
+  assert len(dino) == 2 and all(
+    line.startswith("+ timeout ") and "--json " in line for line in dino
+  )
   for arch in ARCHS:
     for dtype in DTYPES:
       for batch in BATCHES:

@@ -1,5 +1,6 @@
-"""The few-shot job with every method on the same shots: MAEDAY, PatchCore, 2 x PatchCore
-and the MAEDAY + PatchCore ensemble (tiny random backbone and fixture MAE)."""
+"""The few-shot job with every method on the same shots: MAEDAY, PatchCore, 2 x PatchCore,
+the MAEDAY + PatchCore ensemble, AnomalyDINO and MAEDAY + AnomalyDINO (tiny random
+backbones and fixture MAE)."""
 
 import csv
 import json
@@ -12,7 +13,7 @@ from maeday_jax.jobs import few_shot as few_shot_job
 from tests import data_makers
 from tests.test_main_few_shot import RUN
 
-METHODS = ("maeday", "patchcore", "patchcore_x2", "ensemble")
+METHODS = ("maeday", "patchcore", "patchcore_x2", "ensemble", "anomalydino", "maeday_anomalydino")
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +44,16 @@ def test_every_method_scores_the_same_images(run):
     files = files or set(scores)
     assert set(scores) == files
   table = (workdir / "metrics.md").read_text()
-  for title in ("MAEDAY image AUROC", "PC image AUROC", "2 x PC image AUROC", "MAEDAY + PC"):
+  titles = ("MAEDAY image AUROC", "PC image AUROC", "2 x PC image AUROC", "MAEDAY + PC")
+  for title in (*titles, "AnomalyDINO image AUROC", "MAEDAY + AnomalyDINO image AUROC"):
     assert title in table
   # The shown images' maps of every method, side by side.
   assert list((workdir / "seed_0" / "comparison" / "images").rglob("*.png"))
 
 
+# (maeday_anomalydino is not recomputed this way: its members read images at 32 and 56 px,
+# the ensemble reads them once at 56 and resizes on device, so its MAEDAY member's inputs
+# are not the single MAEDAY's.)
 @pytest.mark.parametrize("combo, members", [("ensemble", ("maeday", "patchcore"))])
 def test_the_ensemble_is_the_standardised_sum_of_its_members(run, combo, members):
   """Recomputed from the members' own scores.csv and the recorded held-out statistics."""

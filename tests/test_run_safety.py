@@ -188,3 +188,18 @@ def test_an_images_score_depends_on_the_image_alone(tmp_path, data_config, tiny_
   (folder / "c.png").unlink()
   after = scores(tmp_path / "tfds2")
   assert after["a.png"] == before["a.png"] and after["d.png"] == before["d.png"]
+
+
+def test_a_run_recorded_before_a_setting_existed_is_the_same_run(tmp_path, job_config):
+  """A config.json written by an older maeday_jax lacks the newer fields: rerunning the
+  same command there is the same run, not another one; a changed value is still refused."""
+  config = job_config("zero_shot", "runlocal")
+  workdir = tmp_path / "work"
+  common.prepare_workdir(workdir, config)
+  recorded = json.loads((workdir / "config.json").read_text())
+  del recorded["data"]["max_image_pixels"]
+  (workdir / "config.json").write_text(json.dumps(recorded))
+  common.prepare_workdir(workdir, config)
+  config.num_masks = 8
+  with pytest.raises(common.WorkdirError, match="differs in num_masks"):
+    common.prepare_workdir(workdir, config)

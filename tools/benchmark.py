@@ -25,6 +25,8 @@ both sides):
   with 1 and 2 processes, and the input pipeline alone.
 - `--task input` (`benchmark_input.py`, no model, its own options): the input pipeline
   (decode, resize, normalise) per CPU core, and the cores one accelerator needs.
+- `--task anomalydino`, `--task musc` (`benchmark_dino.py`, JAX only, its own options):
+  the DINOv2 detectors' scoring speed and peak memory; MuSc against its group size.
 
 The task modules (`benchmark_*.py`) live in `tools/benchmarks/`, the independent PyTorch
 models the PyTorch sides run in `tools/references/`.
@@ -377,7 +379,14 @@ def _torch_python(args) -> str | None:
 
 # The tasks that are whole tools of their own, with their own options (not one side's
 # step against the other's): `--task NAME` runs the module's `main` on the other arguments.
-OWN_TOOLS = {"bulk": "benchmark_bulk", "input": "benchmark_input"}
+OWN_TOOLS = {
+  "bulk": "benchmark_bulk",
+  "input": "benchmark_input",
+  "anomalydino": "benchmark_dino",
+  "musc": "benchmark_dino",
+}
+# Tools that serve several tasks are told which.
+_TOOL_TASK_ARG = {"benchmark_dino"}
 
 
 def _own_tool(argv) -> tuple[str, list[str]] | None:
@@ -385,10 +394,11 @@ def _own_tool(argv) -> tuple[str, list[str]] | None:
   argv = list(sys.argv[1:] if argv is None else argv)
   for i, arg in enumerate(argv):
     for task, module in OWN_TOOLS.items():
+      told = ["--task", task] if module in _TOOL_TASK_ARG else []
       if arg == f"--task={task}":
-        return module, argv[:i] + argv[i + 1 :]
+        return module, told + argv[:i] + argv[i + 1 :]
       if arg == "--task" and argv[i + 1 : i + 2] == [task]:
-        return module, argv[:i] + argv[i + 2 :]
+        return module, told + argv[:i] + argv[i + 2 :]
   return None
 
 

@@ -615,6 +615,17 @@ if [[ $QUICK == 0 ]]; then
   zero_shot large bfloat16 8
   zero_shot large float32 32
 fi
+# The DINOv2 detectors at the real ViT-S shape (random weights: the cost, not the figures),
+# and MuSc's image AUROC against its group size where MVTec AD and the weights are here.
+run_step anomalydino 90 "$OUT/anomalydino.json" -- env JAX_PLATFORMS="$PLATFORM" \
+  "$VPY" tools/benchmark.py --task anomalydino --batch 16 --json "$OUT/anomalydino.json"
+run_step musc 120 "$OUT/musc.json" -- env JAX_PLATFORMS="$PLATFORM" \
+  "$VPY" tools/benchmark.py --task musc --groups 8,32,64 --json "$OUT/musc.json"
+if [[ -n ${MAEDAY_MVTEC:-} ]]; then
+  run_step musc_groups 240 "$OUT/musc_groups.json" -- env JAX_PLATFORMS="$PLATFORM" \
+    "$VPY" tools/studies/musc_group_size.py --data-path "$MAEDAY_MVTEC" \
+    --categories bottle,screw --groups 8,32,all --repeats 2 --json "$OUT/musc_groups.json"
+fi
 
 # --- 3. Merge ---------------------------------------------------------------------------------
 

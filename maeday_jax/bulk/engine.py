@@ -9,7 +9,9 @@ shorter shard's last batches are padding), so the compiled step's collectives li
 
 On disk, under the work directory:
 
-  shards/process_<i>/part_<n>.csv   the rows (index, file, score[, label]) of the n-th commit
+  .lock                             held by the running run's process 0 (`lock`)
+  shards/process_<i>/part_<n>.csv   the rows (index, file, score, label, and the input's
+                                    path, size and mtime) of the n-th commit
   shards/process_<i>/maps_<n>.npz   with `maps`: those rows' anomaly maps (`maps_store`)
   shards/process_<i>/progress.json  what is committed: next batch and position in the shard,
                                     parts written, images scored, skipped files (path and
@@ -31,9 +33,20 @@ never counts a part or maps that are not whole. On start each process reads its 
 part and map files beyond it (a kill between them and the record) are deleted. The
 processes resume together from the smallest recorded batch; a process that had committed
 further re-scores those batches without writing their rows (or maps) again, so every image
-is written exactly once. A finished run does no work on a rerun
-(not even loading the model). A record of another process count, file list, batch or
-group size is refused with a `ConfigError` saying what changed.
+is written exactly once. A finished run does no scoring on a rerun (not even loading the
+model). A record of another process count, file list, batch or group size is refused with
+a `ConfigError` saying what changed, and so is a committed input (scored or skipped) whose
+path, size, modification time or CSV label changed since (`shards.changed_inputs`: every
+committed file is stat-ed on each rerun, a finished run's too).
+
+Trust: one run at a time holds the work directory (`lock`); temporary files a killed
+merge left beside the outputs are deleted under that lock. Every batch's maps and scores
+are checked: a NaN or infinite value in a valid row stops the run with a
+`CheckpointError` naming the model and the first affected image, before that batch is
+committed (on several processes the processes agree at the next commit point, so all of
+them stop there, with nothing of the window committed). A run that scores no image at all
+(every listed file missing or unreadable) ends with a `DataError` naming the first file,
+where it was looked up and why it was skipped (after writing `summary.json`).
 
 Transductive detectors (an image's score depends on the images scored with it) score
 groups: with `group_size`, the global batch is the group (`group_batch_size`: the group
@@ -56,11 +69,12 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from maeday_jax import batch_step, parallel
-from maeday_jax.bulk import maps_store, reader
+from maeday_jax.bulk import lock, maps_store, reader
 from maeday_jax.bulk.merge import (
   INDEX_FILE,
   PARQUET_FILE,
@@ -71,6 +85,7 @@ from maeday_jax.bulk.merge import (
   image_metrics,
   merge,
   picture_name,
+  remove_stale_temporaries,
 )
 from maeday_jax.bulk.shards import (
   PART_COLUMNS,
@@ -79,10 +94,13 @@ from maeday_jax.bulk.shards import (
   Progress,
   ShardStore,
   agree,
+  changed_inputs,
   part_name,
 )
-from maeday_jax.bulk.source import Listing
+from maeday_jax.bulk.source import Listing, output_name
+from maeday_jax.checkpoints import CheckpointError
 from maeday_jax.config_errors import ConfigError
+from maeday_jax.data import DataError
 from maeday_jax.data.pipeline import batches_per_shard
 
 log = logging.getLogger("maeday_jax")
@@ -130,6 +148,7 @@ def score_listing(
   maps: str = "none",
   top_pictures: int = 0,
   group_size: int = 0,
+  detector: str = "",
 ) -> dict:
   """Scores this process's shard of `listing`, then (process 0) writes the merged outputs.
 
@@ -152,9 +171,18 @@ def score_listing(
       device count)`: the global batch is the group, and each group is committed on its
       own (`commit_every` does not apply). Recorded, so that a resume with another group
       size is refused.
+    detector: where the model comes from, for messages (a fitted detector folder), besides
+      `Scoring.name`.
 
   Returns:
     The summary (`summary.json`) on every process.
+
+  Raises:
+    WorkdirLocked: another run holds the work directory (`lock`).
+    ConfigError: a record of another run, or committed inputs that changed since.
+    CheckpointError: the model gives NaN or infinite maps or scores (nothing of the
+      batch is committed).
+    DataError: no listed image could be scored (after `summary.json` is written).
   """
   started = time.perf_counter()
   workdir = pathlib.Path(workdir)
@@ -186,36 +214,100 @@ def score_listing(
     num_batches=total_batches,
     group_size=group_size,
   )
-  recorded = store.read()
-  start = agree(recorded, fresh, listing)
-  record = recorded or fresh
-  store.remove_uncommitted(record.parts)
-  if recorded is None:
-    store.write(record)
-  if start < total_batches:
-    scoring = make_scoring()
-    _score(listing, shard, store, record, start, scoring, commit_every, progress, maps)
-  else:
-    log.info("Every image of %s is already scored; nothing to do.", listing.source)
-  parallel.barrier("maeday_jax: bulk scoring done")
-  if index == 0:
-    merge(
-      workdir,
-      listing,
-      count,
-      wall_seconds=time.perf_counter() - started,
-      threshold=threshold,
-      maps=maps,
-      top_pictures=top_pictures,
-    )
-  parallel.barrier("maeday_jax: bulk scores merged")
-  return json.loads((workdir / SUMMARY_FILE).read_text())
+  with lock.hold(workdir):  # Before any record is read: nothing may change under us.
+    if index == 0:
+      remove_stale_temporaries(workdir)  # A merge killed half way; no one else writes.
+    recorded = store.read()
+    changed = (0, [])
+    if recorded is not None and recorded.parts + len(recorded.skipped) > 0:
+      changed = changed_inputs(store, recorded, listing)
+    start = agree(recorded, fresh, listing, changed)
+    record = recorded or fresh
+    store.remove_uncommitted(record.parts)
+    if recorded is None:
+      store.write(record)
+    if start < total_batches:
+      scoring = make_scoring()
+      model = f"{scoring.name} ({detector})" if detector else (scoring.name or "the model")
+      _score(listing, shard, store, record, start, scoring, commit_every, progress, maps, model)
+    else:
+      log.info("Every image of %s is already scored; nothing to do.", listing.source)
+    parallel.barrier("maeday_jax: bulk scoring done")
+    if index == 0:
+      merge(
+        workdir,
+        listing,
+        count,
+        wall_seconds=time.perf_counter() - started,
+        threshold=threshold,
+        maps=maps,
+        top_pictures=top_pictures,
+      )
+    parallel.barrier("maeday_jax: bulk scores merged")
+  summary = json.loads((workdir / SUMMARY_FILE).read_text())
+  if summary["images"] == 0:
+    raise DataError(nothing_scored(listing, summary, workdir))
+  return summary
+
+
+def nothing_scored(listing: Listing, summary: dict, workdir) -> str:
+  """The error of a run that scored no image: the first listed file, where it was looked
+  up and why it was skipped."""
+  name, path = listing.files[0], listing.paths[0]
+  shown = output_name(name)
+  reason = next((s["reason"] for s in summary["skipped"] if s["file"] == shown), "not scored")
+  where = ""
+  if listing.kind == "manifest":
+    if os.path.isabs(os.path.expanduser(name)):
+      where = f" ({output_name(path)})"
+    else:
+      where = (
+        f", looked up as {output_name(path)} (a manifest's relative paths are resolved "
+        f"against its folder, {output_name(listing.base)})"
+      )
+  elif listing.kind == "folder":
+    where = f" in {output_name(listing.base)}"
+  return (
+    f"--config.data.path={output_name(listing.source)}: no image could be scored: all "
+    f"{summary['listed']} listed file(s) were skipped (each with its reason in "
+    f"{pathlib.Path(workdir) / SUMMARY_FILE}). The first: {shown}{where}: {reason}"
+  )
+
+
+@jax.jit
+def _rows_finite(maps):
+  """Whether each row of a batch of maps is finite everywhere: reduced on device, so that
+  only B booleans are fetched when the maps themselves are not kept."""
+  return jnp.all(jnp.isfinite(maps), axis=tuple(range(1, maps.ndim)))
+
+
+def _non_finite(model: str, listing: Listing, position: int, bad: int, valid: int) -> str:
+  return (
+    f"{model} gives NaN or infinite anomaly maps or scores, first for "
+    f"{output_name(listing.files[position])} ({bad} of the {valid} images of its batch on "
+    "this process). The run stops without committing them (what is committed is kept). "
+    "The weights or the fitted state are corrupt, or overflow in this dtype: check the "
+    "checkpoint or detector artifact, or use --config.model.dtype=float32."
+  )
 
 
 def _score(
-  listing, shard, store: ShardStore, record: Progress, start, scoring, commit_every, show, maps
+  listing,
+  shard,
+  store: ShardStore,
+  record: Progress,
+  start,
+  scoring,
+  commit_every,
+  show,
+  maps,
+  model: str,
 ):
-  """Runs global batches `start, ...` of this shard, committing this process's new rows."""
+  """Runs global batches `start, ...` of this shard, committing this process's new rows.
+
+  Raises:
+    CheckpointError: non-finite maps or scores (see `score_listing`).
+  """
   total = record.num_batches
   count = record.process_count
   paths = listing.paths[shard.start : shard.stop]
@@ -224,6 +316,7 @@ def _score(
   row_maps: list[np.ndarray] = []  # With `maps`: the rows' maps, in row order.
   skipped: list[dict] = []
   scored = 0
+  failure: tuple[int, str] | None = None  # (listing position, message) of the first.
   last = time.perf_counter()
   bar = tqdm(
     total=len(listing),
@@ -234,44 +327,83 @@ def _score(
     disable=not show or jax.process_index() != 0,
   )
 
+  def check_finite(batch: reader.Batch, finite: np.ndarray) -> None:
+    """Records (one process: raises) the first valid row that is not finite."""
+    nonlocal failure
+    bad = np.flatnonzero(batch.valid & ~finite)
+    if bad.size and failure is None:
+      position = shard.start + int(batch.positions[bad[0]])
+      message = _non_finite(model, listing, position, bad.size, int(batch.valid.sum()))
+      failure = (position, message)
+    if failure is not None and count == 1:
+      raise CheckpointError(failure[1])
+
+  def agree_finite() -> None:
+    """Several processes: all stop together, at a commit point all of them reach."""
+    gathered = parallel.allgather_arrays(
+      {
+        "message": np.asarray(failure[1] if failure else ""),
+        "position": np.asarray(failure[0] if failure else -1, np.int64),
+      }
+    )
+    failures = [(int(g["position"]), str(g["message"])) for g in gathered if str(g["message"])]
+    if failures:
+      raise CheckpointError(min(failures)[1])
+
   def finish(batch: reader.Batch, device_maps, device_scores) -> None:
     nonlocal scored, last
     own = batch.index >= own_from
     if maps != "none" and own:
       local_maps, scores = parallel.to_local_numpy((device_maps, device_scores), scoring.mesh)
+      finite = np.isfinite(local_maps).reshape(len(local_maps), -1).all(axis=1)
     else:
-      scores = parallel.to_local_numpy(device_scores, scoring.mesh)
-    if own:
+      scores, finite = parallel.to_local_numpy(
+        (device_scores, _rows_finite(device_maps)), scoring.mesh
+      )
+    check_finite(batch, finite & np.isfinite(scores))
+    if own and failure is None:
       for row in np.flatnonzero(batch.valid):
         i = shard.start + int(batch.positions[row])
         label = "" if listing.labels is None else listing.labels[i]
-        rows.append((i, listing.files[i], repr(float(scores[row])), label))
+        # PART_COLUMNS: the input's fingerprint as it was read, for reruns to compare.
+        fingerprint = (listing.paths[i], *(int(v) for v in batch.stats[row]))
+        rows.append((i, listing.files[i], repr(float(scores[row])), label, *fingerprint))
         if maps != "none":
           row_maps.append(local_maps[row])
       scored += int(batch.valid.sum())
       for position, path, reason in batch.skipped:
-        name = listing.files[shard.start + position]
-        log.warning("Skipped %s: %s", name, reason)
-        skipped.append({"file": name, "path": path, "reason": reason})
+        i = shard.start + position
+        name = listing.files[i]
+        log.warning("Skipped %s: %s", output_name(name), reason)
+        size, mtime = (int(v) for v in batch.stats[position - batch.index * record.batch_size])
+        entry = {"file": name, "path": path, "reason": reason, "index": i}
+        skipped.append({**entry, "size": size, "mtime_ns": mtime})
     bar.update(batch.covered * count)
     done = batch.index + 1
-    if (done % commit_every == 0 or done == total) and done > record.next_batch:
-      if rows:
-        if maps != "none":  # Before the part and the record: both count it.
-          store.write_maps(record.parts, np.stack(row_maps), [r[1] for r in rows], maps)
-        store.write_part(record.parts, rows)
-        record.parts += 1
-      now = time.perf_counter()
-      record.next_batch = done
-      record.next_position = min(len(shard), done * record.batch_size)
-      record.images += scored
-      record.seconds += now - last
-      record.skipped.extend(skipped)
-      store.write(record)  # After the part: the record never counts a missing part.
-      rows.clear()
-      row_maps.clear()
-      skipped.clear()
-      scored, last = 0, now
+    if done % commit_every == 0 or done == total:
+      if count > 1:
+        agree_finite()  # Every process reaches this point at the same batch.
+      if done > record.next_batch:
+        commit(done)
+
+  def commit(done: int) -> None:
+    nonlocal scored, last
+    if rows:
+      if maps != "none":  # Before the part and the record: both count it.
+        store.write_maps(record.parts, np.stack(row_maps), [r[1] for r in rows], maps)
+      store.write_part(record.parts, rows)
+      record.parts += 1
+    now = time.perf_counter()
+    record.next_batch = done
+    record.next_position = min(len(shard), done * record.batch_size)
+    record.images += scored
+    record.seconds += now - last
+    record.skipped.extend(skipped)
+    store.write(record)  # After the part: the record never counts a missing part.
+    rows.clear()
+    row_maps.clear()
+    skipped.clear()
+    scored, last = 0, now
 
   pending = None
   with bar:

@@ -11,8 +11,11 @@ atomically and before the progress record. A shard holds:
 
 float16 keeps about 3 significant digits (relative error <= 1e-3); uint8 is within
 `scale / 255` of the float32 map (half that, rounded). The merge writes `maps_index.csv`
-(file, shard, row; `shard` relative to the work directory, names unescaped) listing every
-scored image once, and `load_map(workdir, file)` reads one map back through it.
+(file, shard, row; `shard` relative to the work directory) listing every scored image
+once, and `load_map(workdir, file)` reads one map back through it. The index names each
+file as `scores.parquet` does (`source.output_name`: never the `'` that `scores.csv` puts
+before a name starting with `=`, `+`, `-`, `@`; undecodable bytes as `\\xNN`); `load_map`
+takes that name or the name as listed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from maeday_jax import atomic_files
+from maeday_jax.bulk.source import output_name
 
 MAP_DTYPES = ("none", "float16", "uint8")
 INDEX_FILE = "maps_index.csv"
@@ -97,13 +101,16 @@ def write_index(workdir, entries: Iterable[tuple[str, str, int]]) -> pathlib.Pat
 
 
 def locate(workdir: str | os.PathLike, files: Iterable[str]) -> dict[str, tuple[str, int]]:
-  """(shard, row) of each of `files` that the index lists (one pass over the index)."""
-  wanted = set(files)
+  """(shard, row) of each of `files` (as listed, or as the index writes them) that the
+  index lists (one pass over the index)."""
+  wanted: dict[str, list[str]] = {}
+  for name in files:
+    wanted.setdefault(output_name(name), []).append(name)
   found: dict[str, tuple[str, int]] = {}
   with open(pathlib.Path(workdir) / INDEX_FILE, newline="", encoding="utf-8") as f:
     for entry in csv.DictReader(f):
-      if entry["file"] in wanted:
-        found[entry["file"]] = (entry["shard"], int(entry["row"]))
+      for name in wanted.get(entry["file"], ()):
+        found[name] = (entry["shard"], int(entry["row"]))
   return found
 
 

@@ -14,6 +14,17 @@ Under the work directory:
                              pictures
 
 The rows come from every process's committed parts (`shards`), streamed in listing order.
+
+File names in the outputs: each image is named as listed (the first name in sorted order
+when one file is listed under several, see `source`). Names that are not valid UTF-8 are
+written with each undecodable byte as the four characters `\\xNN` (`source.output_name`,
+Python's 'backslashreplace'; `maeday_jax.data.names.to_disk` gives the name on disk back)
+in every output. `scores.csv` alone, being meant for spreadsheets, puts a `'` before a
+name that starts with `=`, `+`, `-`, `@`, a tab or a carriage return
+(`reports.spreadsheet_safe`: `=cmd.png` is written `'=cmd.png`); `scores.parquet`,
+`maps_index.csv` and `summary.json` carry the name without it, so join on those (or drop
+that one leading `'` of a `scores.csv` cell). A non-finite committed score is refused,
+never written.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ import numpy as np
 from maeday_jax import atomic_files, metrics, pictures
 from maeday_jax.bulk import maps_store, source
 from maeday_jax.bulk.shards import ShardStore, part_name
-from maeday_jax.bulk.source import Listing
+from maeday_jax.bulk.source import Listing, output_name
+from maeday_jax.checkpoints import CheckpointError
 from maeday_jax.data.images import read_image
 from maeday_jax.reports import spreadsheet_safe
 
@@ -42,6 +54,22 @@ SUMMARY_FILE = "summary.json"
 INDEX_FILE = maps_store.INDEX_FILE
 PARQUET_FILE = "scores.parquet"
 PICTURES_FOLDER = "pictures"
+# The outputs `merge` writes beside the shards (each through a temporary file).
+MERGED_FILES = (SCORES_FILE, PARQUET_FILE, INDEX_FILE, SUMMARY_FILE)
+
+
+def remove_stale_temporaries(workdir) -> None:
+  """Deletes the temporary files of a merge that was killed half way (`.scores.csv.tmp-*`
+  and the like, and those under `pictures/`). Only under the work directory's lock."""
+  workdir = pathlib.Path(workdir)
+  removed = atomic_files.remove_temporaries(workdir, MERGED_FILES)
+  removed += atomic_files.remove_temporaries(workdir / PICTURES_FOLDER)
+  if removed:
+    log.info(
+      "Deleted %d temporary file(s) of an interrupted merge: %s",
+      len(removed),
+      ", ".join(str(p) for p in removed[:3]) + (", ..." if len(removed) > 3 else ""),
+    )
 
 
 def _parquet_writer(stack: contextlib.ExitStack, path, with_label: bool, with_prediction: bool):
@@ -106,14 +134,14 @@ def draw_top_pictures(workdir, listing: Listing, top: list[tuple[float, int]]) -
   drawn = []
   for rank, (score, i) in enumerate(top, start=1):
     name = listing.files[i]
-    path = workdir / PICTURES_FOLDER / picture_name(rank, name)
+    path = workdir / PICTURES_FOLDER / picture_name(rank, output_name(name))
     try:
       image = read_image(listing.paths[i])
     except Exception as e:  # A file changed since it was scored must not stop the merge.
-      log.warning("No picture of %s: %s", name, e)
+      log.warning("No picture of %s: %s", output_name(name), e)
       continue
     pictures.save_overlay(path, image, loaded[name])
-    drawn.append({"rank": rank, "file": name, "score": score, "picture": str(path)})
+    drawn.append({"rank": rank, "file": output_name(name), "score": score, "picture": str(path)})
   return drawn
 
 
@@ -135,6 +163,7 @@ def merge(
 
   Raises:
     RuntimeError: the parts do not account for every listed image exactly once.
+    CheckpointError: a committed score is not finite (parts of an older version).
   """
   workdir = pathlib.Path(workdir)
   with_label = listing.labels is not None
@@ -168,7 +197,7 @@ def merge(
           if listed != [row["file"] for row in part]:
             raise RuntimeError(f"{shard}: its maps are not those of {part_name(number)}.")
           relative = str(shard.relative_to(workdir))
-          index_entries.extend((name, relative, r) for r, name in enumerate(listed))
+          index_entries.extend((output_name(name), relative, r) for r, name in enumerate(listed))
         columns: dict[str, list] = {name: [] for name in header}
         for row in part:
           position = int(row["index"])
@@ -176,8 +205,15 @@ def merge(
             raise RuntimeError(f"{store.folder}: row {row['file']!r} is out of order or repeated.")
           previous = position
           score = float(row["score"])
-          cells = [spreadsheet_safe(row["file"]), row["score"]]
-          columns["file"].append(row["file"])
+          name = output_name(row["file"])
+          if not np.isfinite(score):
+            raise CheckpointError(
+              f"{store.folder / part_name(number)}: the committed score of {name} is "
+              f"{row['score']}: the model that scored this work directory was broken. "
+              "Rerun with --overwrite (or a new --workdir) once it is fixed."
+            )
+          cells = [spreadsheet_safe(name), row["score"]]  # Spreadsheet quoting: CSV only.
+          columns["file"].append(name)
           columns["score"].append(score)
           if with_label:
             cells.append(row["label"])
@@ -199,19 +235,27 @@ def merge(
           images += 1
         if parquet is not None:
           parquet(columns)
-  skipped = [{"file": name, "reason": reason} for name, reason in listing.skipped]
-  skipped += [{"file": s["file"], "reason": s["reason"]} for r in records for s in r.skipped]
+  skipped = [{"file": output_name(name), "reason": reason} for name, reason in listing.skipped]
+  skipped += [
+    {"file": output_name(s["file"]), "reason": s["reason"]} for r in records for s in r.skipped
+  ]
   unreadable = sum(len(r.skipped) for r in records)
   if images + unreadable != len(listing):
     raise RuntimeError(
       f"{workdir}: {images} scored and {unreadable} skipped images, but {len(listing)} listed."
     )
   summary = {
-    "source": listing.source,
+    "source": output_name(listing.source),
     "kind": listing.kind,
     "listed": len(listing),
     "fingerprint": listing.fingerprint.to_dict(),
+    # Entries naming a file listed already (the same name, or another spelling of its
+    # path); the first few as (dropped, kept).
     "duplicates": listing.duplicates,
+    "duplicate_examples": [
+      {"file": output_name(dropped), "same_as": output_name(kept)}
+      for dropped, kept in listing.duplicate_examples
+    ],
     "images": images,
     "skipped_count": len(skipped),
     "skipped": skipped,

@@ -8,12 +8,18 @@ positions `[b * batch_size, (b + 1) * batch_size)`; positions past the shard's e
 padding (`valid` False, position -1), so the last batch, and any batch past a short
 shard's end, has the same shape. A file that cannot be read is reported in the batch's
 `skipped` (position, path, reason) and left invalid; it never stops the run.
+
+Each file is `os.stat`-ed just before it is read, and its size and modification time
+(`stats`) go into the commit records, so that a rerun can tell whether the file changed
+since it was scored (`shards.changed_inputs`). Stat-ing first errs on the safe side: a
+file written after the stat, even while it is being read, has a newer modification time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -34,6 +40,8 @@ class Batch:
     valid: bool (B,): a decoded image.
     positions: int64 (B,): each row's position in the shard, -1 for padding.
     skipped: (position, path, reason) of the files of this batch that could not be read.
+    stats: int64 (B, 2): each row's file size and modification time (`st_mtime_ns`) when
+      it was read, `MISSING` where there is no file (or padding).
   """
 
   index: int
@@ -41,6 +49,7 @@ class Batch:
   valid: np.ndarray
   positions: np.ndarray
   skipped: list[tuple[int, str, str]]
+  stats: np.ndarray | None = None
 
   @property
   def covered(self) -> int:
@@ -48,9 +57,31 @@ class Batch:
     return int((self.positions >= 0).sum())
 
 
+# (size, st_mtime_ns) of a file that cannot be stat-ed (missing, a broken link).
+MISSING = (-1, -1)
+
+
+def file_stat(path: str) -> tuple[int, int]:
+  """(size, st_mtime_ns) of the file at `path` (links followed), or `MISSING`."""
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return MISSING
+  return stat.st_size, stat.st_mtime_ns
+
+
 def load_image(path: str, image_size: int) -> np.ndarray:
   """One file as a normalised float32 (image_size, image_size, 3) model input."""
   return preprocess_image(read_image(path), image_size)
+
+
+def _load(path: str, image_size: int) -> tuple[np.ndarray | None, tuple[int, int], str]:
+  """(input or None, stat, reason it cannot be read): the stat is taken before reading."""
+  stat = file_stat(path)
+  try:
+    return load_image(path, image_size), stat, ""
+  except Exception as e:  # An unreadable file must never stop the run.
+    return None, stat, _reason(e)
 
 
 def _reason(error: BaseException) -> str:
@@ -95,23 +126,27 @@ def read_batches(
     return [p for p in range(start, start + batch_size) if p < len(paths)]
 
   def tasks(batch: int) -> list:
-    return [functools.partial(load_image, paths[p], image_size) for p in positions_of(batch)]
+    return [functools.partial(_load, paths[p], image_size) for p in positions_of(batch)]
 
   def assemble(batch: int, futures: list) -> Batch:
     positions = positions_of(batch)
     images = np.zeros((batch_size, image_size, image_size, 3), np.float32)
     valid = np.zeros((batch_size,), bool)
     rows = np.full((batch_size,), -1, np.int64)
+    stats = np.full((batch_size, 2), MISSING[0], np.int64)
     skipped = []
     for row, (position, future) in enumerate(zip(positions, futures, strict=True)):
       rows[row] = position
       try:
-        images[row] = future.result()
+        image, stats[row], reason = future.result()
       except Exception as e:  # An unreadable file must never stop the run.
-        skipped.append((position, str(paths[position]), _reason(e)))
+        image, reason = None, _reason(e)
+      if image is None:
+        skipped.append((position, str(paths[position]), reason))
         continue
+      images[row] = image
       valid[row] = True
-    return Batch(batch, images, valid, rows, skipped)
+    return Batch(batch, images, valid, rows, skipped, stats)
 
   yield from prefetched(
     range(first_batch, stop_batch),

@@ -2,26 +2,37 @@
 
 Under the work directory, each process owns `shards/process_<i>/`:
 
-  part_<n>.csv   the rows (index, file, score, label) of its n-th commit
+  part_<n>.csv   the rows of its n-th commit (`PART_COLUMNS`): index in the listing, file
+                 (as listed), score, label, and the input's fingerprint when it was read:
+                 path, size and modification time (`st_mtime_ns`)
   maps_<n>.npz   with maps: those rows' anomaly maps (`maps_store`)
   progress.json  what is committed (`Progress`): next batch and position in the shard,
-                 parts written, images scored, skipped files (path and reason), scoring
-                 seconds, the listing's fingerprint, the process count, the batch and
-                 (transductive detectors) the group size
+                 parts written, images scored, skipped files (index, path, reason and the
+                 same fingerprint), scoring seconds, the listing's fingerprint, the process
+                 count, the batch and (transductive detectors) the group size
+
+Parts and records keep names that are not valid UTF-8 as they are listed (written with
+'surrogateescape'): internal files, read back exactly; the merged outputs escape them.
 
 A commit writes the map shard (when maps are kept) and the part under a temporary name,
 fsynced and renamed, and only then the progress record (the same way), so a record never
 counts a part or maps that are not whole. On start each process reads its record and
 deletes part and map files beyond it (a kill between them and the record). `agree` then
-checks every process's record against this run and returns the smallest recorded batch,
-from which all processes resume together.
+checks every process's record against this run, and every committed input (scored or
+skipped) against the file on disk now (`changed_inputs`: path, size, modification time,
+and a CSV manifest's label), and returns the smallest recorded batch, from which all
+processes resume together. A committed input that changed is refused: its score would be
+stale.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import json
+import logging
+import math
 import os
 import pathlib
 from collections.abc import Iterator
@@ -29,13 +40,19 @@ from collections.abc import Iterator
 import numpy as np
 
 from maeday_jax import atomic_files, parallel
-from maeday_jax.bulk import maps_store
-from maeday_jax.bulk.source import Fingerprint, Listing
+from maeday_jax.bulk import maps_store, reader
+from maeday_jax.bulk.source import Fingerprint, Listing, output_name
 from maeday_jax.config_errors import ConfigError
+
+log = logging.getLogger("maeday_jax")
 
 SHARDS_FOLDER = "shards"
 PROGRESS_FILE = "progress.json"
-PART_COLUMNS = ("index", "file", "score", "label")
+PART_COLUMNS = ("index", "file", "score", "label", "path", "size", "mtime_ns")
+# Parts and records hold names as listed, bytes names included (see the module docstring).
+PART_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+CHANGED_EXAMPLES = 5  # Changed inputs named in the error (all are counted).
+STAT_THREADS = 16  # Stat-ing is latency-bound on network file systems: threads overlap it.
 
 
 def part_name(number: int) -> str:
@@ -60,7 +77,9 @@ class Progress:
   parts: int = 0
   images: int = 0
   seconds: float = 0.0
-  skipped: list = dataclasses.field(default_factory=list)  # [{"file", "path", "reason"}]
+  # [{"file", "path", "reason", "index", "size", "mtime_ns"}] (the last three: inputs'
+  # fingerprints, absent from records written before they were kept).
+  skipped: list = dataclasses.field(default_factory=list)
 
   @property
   def done(self) -> bool:
@@ -98,10 +117,17 @@ class ShardStore:
     )
 
   def write_part(self, number: int, rows: list[tuple]) -> None:
-    """Writes part `number` atomically (rows of `PART_COLUMNS`)."""
+    """Writes part `number` atomically (rows of `PART_COLUMNS`).
+
+    Raises:
+      ValueError: a score that is not finite (the engine refuses them before).
+    """
+    for row in rows:
+      if not math.isfinite(float(row[2])):
+        raise ValueError(f"non-finite score {row[2]} of {output_name(row[1])} not committed")
     with (
       atomic_files.replace_when_done(self.folder / part_name(number)) as tmp,
-      open(tmp, "x", newline="", encoding="utf-8") as f,
+      open(tmp, "x", newline="", **PART_ENCODING) as f,
     ):
       writer = csv.writer(f)
       writer.writerow(PART_COLUMNS)
@@ -133,7 +159,7 @@ class ShardStore:
 
   def part_rows(self, number: int) -> list[dict]:
     """The rows of the `number`-th committed part."""
-    with open(self.folder / part_name(number), newline="", encoding="utf-8") as f:
+    with open(self.folder / part_name(number), newline="", **PART_ENCODING) as f:
       return list(csv.DictReader(f))
 
   def rows(self, progress: Progress) -> Iterator[dict]:
@@ -179,21 +205,108 @@ def mismatch(progress: Progress, listing: Listing, new: Progress) -> str:
   return ""
 
 
-def agree(progress: Progress | None, new: Progress, listing: Listing) -> int:
-  """Checks every process's record against this run (`new`, not yet written); returns
-  the batch all processes resume from. A collective.
+def _changes(recorded: tuple, now: tuple, label: str | None, expected: str | None) -> str:
+  """What differs between an input's recorded (path, size, mtime_ns) and `now` ('' none)."""
+  (path, size, mtime), (new_path, new_size, new_mtime) = recorded, now
+  if path != new_path:
+    return f"now read from {output_name(new_path)}, scored from {output_name(path)}"
+  if (size, mtime) != (new_size, new_mtime):
+    if (size, mtime) == reader.MISSING:
+      return "a file now, missing when scored"
+    if (new_size, new_mtime) == reader.MISSING:
+      return "missing now"
+    if size != new_size:
+      return f"{size} bytes when scored, {new_size} now"
+    return "modified since it was scored"
+  if label is not None and label != expected:
+    return f"label {label or 'unknown'} when scored, {expected or 'unknown'} now"
+  return ""
+
+
+def changed_inputs(
+  store: ShardStore, progress: Progress, listing: Listing
+) -> tuple[int, list[str]]:
+  """(count, first few descriptions) of this process's committed inputs (scored rows and
+  skipped files) whose path, size, modification time or CSV label differs from now.
+
+  Every committed file is stat-ed (in `STAT_THREADS` threads, one part per task, so that
+  memory holds one part per thread): a rerun of a finished run of a million images costs
+  a million `os.stat` calls. Rows committed before fingerprints were kept are not checked.
+  """
+
+  def expected_label(index: int) -> str:
+    return "" if listing.labels is None else str(listing.labels[index])
+
+  def check(entries) -> tuple[int, list[str], int]:
+    count, shown, unchecked = 0, [], 0
+    for index, name, path, size, mtime, label in entries:
+      if size is None or index >= len(listing) or listing.files[index] != name:
+        unchecked += size is None
+        continue  # No fingerprint (an older record); a changed list is `mismatch`'s.
+      now = (listing.paths[index], *reader.file_stat(listing.paths[index]))
+      expected = None if label is None else expected_label(index)
+      what = _changes((path, size, mtime), now, label, expected)
+      if what:
+        count += 1
+        if len(shown) < CHANGED_EXAMPLES:
+          shown.append(f"{output_name(name)} ({what})")
+    return count, shown, unchecked
+
+  def part_entries(number: int):
+    for row in store.part_rows(number):
+      size = row.get("size")
+      fingerprint = (None, None) if size in (None, "") else (int(size), int(row["mtime_ns"]))
+      yield (int(row["index"]), row["file"], row.get("path"), *fingerprint, row["label"])
+
+  skipped_entries = [
+    (s.get("index", len(listing)), s["file"], s["path"], s.get("size"), s.get("mtime_ns"), None)
+    for s in progress.skipped
+  ]
+  count, shown, unchecked = 0, [], 0
+  with concurrent.futures.ThreadPoolExecutor(STAT_THREADS, thread_name_prefix="bulk_stat") as pool:
+    tasks = [pool.submit(check, list(part_entries(n))) for n in range(progress.parts)]
+    tasks.append(pool.submit(check, skipped_entries))
+    for task in tasks:
+      part_count, part_shown, part_unchecked = task.result()
+      count += part_count
+      shown += part_shown[: CHANGED_EXAMPLES - len(shown)]
+      unchecked += part_unchecked
+  if unchecked:
+    log.info(
+      "%d committed input(s) of %s were recorded without their size and modification "
+      "time (an older version): whether they changed is not checked.",
+      unchecked,
+      store.folder,
+    )
+  return count, shown
+
+
+def agree(
+  progress: Progress | None,
+  new: Progress,
+  listing: Listing,
+  changed: tuple[int, list[str]] = (0, []),
+) -> int:
+  """Checks every process's record against this run (`new`, not yet written), and that
+  none of the inputs it committed changed (`changed`: this process's `changed_inputs`);
+  returns the batch all processes resume from. A collective.
 
   Raises:
     ConfigError: a record of another run (process count, file list, group or batch size),
-      or processes that list different files.
+      committed inputs that changed since they were scored, or processes that list
+      different files.
   """
   error = "" if progress is None else mismatch(progress, listing, new)
   record = progress or new
+  count, shown = changed
   gathered = parallel.allgather_arrays(
     {
       "error": np.asarray(error),
       "next_batch": np.asarray(record.next_batch if not error else 0, np.int64),
       "sha256": np.asarray(listing.fingerprint.sha256),
+      "changed_count": np.asarray(count, np.int64),
+      # Names may hold any character: one per element, not joined by a separator.
+      "changed": np.asarray(shown if shown else [""], dtype=str),
     }
   )
   errors = sorted({str(g["error"]) for g in gathered if str(g["error"])})
@@ -203,5 +316,15 @@ def agree(progress: Progress | None, new: Progress, listing: Listing) -> int:
     raise ConfigError(
       f"--config.data.path={listing.source}: the processes list different files (the "
       "hosts see different folders or manifests); every host must see the same list."
+    )
+  total = sum(int(g["changed_count"]) for g in gathered)
+  if total:
+    examples = [str(c) for g in gathered for c in g["changed"] if str(c)][:CHANGED_EXAMPLES]
+    more = f", and {total - len(examples)} more" if total > len(examples) else ""
+    raise ConfigError(
+      f"--config.data.path={listing.source}: {total} input(s) changed since this work "
+      f"directory scored them: {'; '.join(examples)}{more}. Their committed scores would "
+      "be stale, and a rerun does not rescore them: start fresh with --overwrite (clears "
+      "this work directory) or a new --workdir."
     )
   return min(int(g["next_batch"]) for g in gathered)

@@ -11,14 +11,25 @@
   folders (a link loop lists its files again under longer names; use a folder instead),
   and a broken link is listed, then skipped with the reason when it cannot be read.
 - a manifest: a `.txt` file of paths, one a line (blank lines and lines starting with
-  `#` ignored), or a `.csv` file with a header and the columns `path[,label][,mask]`
-  (label: an integer, empty = -1 unknown). Relative paths are resolved against the
-  manifest's folder; each image is named as the manifest writes it.
+  `#` ignored), or a `.csv` file with a header and the columns `path[,label]` (label: an
+  integer, empty = -1 unknown). Both are UTF-8, with or without a byte-order mark (as
+  spreadsheets save them); bytes that are not UTF-8 are kept as the file name's bytes.
+  Relative paths are resolved against the manifest's folder; each image is named as the
+  manifest writes it. A `mask` column with mask files is refused: bulk scoring computes
+  image scores only (`configs/evaluate.py` gives pixel metrics).
 
-The listing uses `os.scandir` only (no file is opened or stat-ed beyond what listing a
-folder needs), is sorted by name, and drops repeated names. Process `i` of `n` scores the
-contiguous range `data.pipeline.shard_bounds(N, i, n)`. The `Fingerprint` (count and
-SHA-256 of the sorted names) tells a rerun whether the list changed.
+The listing uses `os.scandir` only (no file is opened; a glob's or a manifest's files get
+one `lstat` each, a folder's none), is sorted by name, and keeps each file once: names
+are compared by their canonical path (`os.path.realpath`: `a/./x.png`, `a//x.png` and a
+link to `a/x.png` are `a/x.png`), the first name in sorted order is kept (and shown in
+every output) and the others are counted as duplicates. One file listed twice with two
+different labels is refused. Process `i` of `n` scores the contiguous range
+`data.pipeline.shard_bounds(N, i, n)`. The `Fingerprint` (count and SHA-256 of the sorted
+names) tells a rerun whether the list changed.
+
+Names that are not valid UTF-8 (bytes names on Linux) are kept as Python lists them
+(lone surrogates, 'surrogateescape'), so that the file can be read; outputs write them
+with `output_name` (`maeday_jax.data.names.to_text`: each undecodable byte as `\\xNN`).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import os
 from collections.abc import Sequence
 
 from maeday_jax.config_errors import ConfigError
+from maeday_jax.data import names as file_names
 from maeday_jax.data.images import IMAGE_SUFFIXES  # the suffixes the dataset builders read
 from maeday_jax.data.pipeline import shard_bounds
 
@@ -39,6 +51,13 @@ log = logging.getLogger("maeday_jax")
 
 MANIFEST_SUFFIXES = (".txt", ".csv")
 UNKNOWN_LABEL = -1
+DUPLICATE_EXAMPLES = 20  # Duplicates named in the listing (and summary.json); all counted.
+
+
+def output_name(name: str) -> str:
+  """A listed name as outputs write it: unchanged when valid UTF-8, else each undecodable
+  byte as the four characters `\\xNN` (`data.names.to_text`, Python's backslashreplace)."""
+  return file_names.to_text(name)
 
 
 def is_image_name(name: str) -> bool:
@@ -95,10 +114,14 @@ class Listing:
     files: each image's name as listed (see the module docstring), sorted, unique.
     paths: the path each image is read from (same order).
     labels: each image's label (-1 unknown) when a CSV manifest has a `label` column.
-    masks: each image's mask path ('' none) when a CSV manifest has a `mask` column.
     skipped: (name, reason) of entries that could not be listed (broken links, loops).
-    duplicates: names listed more than once (each is scored once).
+    duplicates: entries dropped because they name a file listed already (the same name
+      again, or another spelling of its path: `a/./x.png`, a link); each file is scored
+      once, under the first name in sorted order.
+    duplicate_examples: (dropped name, kept name) of the first `DUPLICATE_EXAMPLES`.
     fingerprint: `Fingerprint.of(files)`.
+    base: the folder relative paths were looked up in (a manifest's folder, the listed
+      folder; '' for a glob).
   """
 
   source: str
@@ -106,10 +129,11 @@ class Listing:
   files: list[str]
   paths: list[str]
   labels: list[int] | None
-  masks: list[str] | None
   skipped: list[tuple[str, str]]
   duplicates: int
   fingerprint: Fingerprint
+  duplicate_examples: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  base: str = ""
 
   def __len__(self) -> int:
     return len(self.files)
@@ -125,9 +149,11 @@ class Listing:
     return Shard(index, count, start, stop)
 
 
-def _list_folder(root: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-  """(names, paths, skipped) of the image files under `root`, with os.scandir only."""
-  names, paths, skipped = [], [], []
+def _list_folder(root: str) -> tuple[list[str], list[str], list[str], list[tuple[str, str]]]:
+  """(names, paths, canonical paths, skipped) of the image files under `root`, with
+  os.scandir only: a regular file's canonical path is its real folder's plus its name (no
+  system call); only a link to a file is resolved."""
+  names, paths, canonical, skipped = [], [], [], []
   real_root = os.path.realpath(root)
   visited = {real_root}
   # (folder to open, its name relative to root, its real path).
@@ -159,11 +185,31 @@ def _list_folder(root: str) -> tuple[list[str], list[str], list[tuple[str, str]]
           if entry.is_file():
             names.append(name)
             paths.append(entry.path)
+            link = entry.is_symlink()  # d_type: no system call.
+            canonical.append(
+              os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
+            )
           elif entry.is_symlink():
             skipped.append((name, "broken symbolic link"))
       except OSError as e:
         skipped.append((name, f"cannot list ({e.strerror or e})"))
-  return names, paths, skipped
+  return names, paths, canonical, skipped
+
+
+def canonical_paths(paths: Sequence[str]) -> list[str]:
+  """Each path's `os.path.realpath`, with each distinct folder resolved once and one
+  `lstat` per file (a link to a file is resolved; a missing file keeps its name)."""
+  folders: dict[str, str] = {}
+  canonical = []
+  cwd = os.getcwd()
+  for path in paths:
+    head, tail = os.path.split(os.path.join(cwd, path))
+    real = folders.get(head)
+    if real is None:
+      real = folders[head] = os.path.realpath(head)
+    full = os.path.join(real, tail)
+    canonical.append(os.path.realpath(full) if os.path.islink(full) else full)
+  return canonical
 
 
 def _list_glob(pattern: str) -> tuple[list[str], list[str]]:
@@ -186,15 +232,24 @@ def _parse_label(cell: str, manifest: str, line: int) -> int:
 
 
 def _list_manifest(manifest: str):
-  """(names, paths, labels or None, masks or None) of a .txt or .csv manifest."""
+  """(names, paths, labels or None) of a .txt or .csv manifest.
+
+  Read as UTF-8 with an optional byte-order mark ('utf-8-sig': Excel and Notepad write
+  one); bytes that are not UTF-8 become the file name's own bytes ('surrogateescape'), as
+  `os.listdir` lists such names.
+
+  Raises:
+    ConfigError: no `path` column, a label that is not an integer, or mask files (bulk
+      scoring does not use masks).
+  """
   folder = os.path.dirname(os.path.abspath(manifest))
 
   def resolve(path: str) -> str:
     path = os.path.expanduser(path)
     return path if os.path.isabs(path) else os.path.join(folder, path)
 
-  names, labels, masks = [], None, None
-  with open(manifest, newline="", encoding="utf-8") as f:
+  names, labels = [], None
+  with open(manifest, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
     if manifest.lower().endswith(".txt"):
       for line in f:
         line = line.strip()
@@ -207,58 +262,87 @@ def _list_manifest(manifest: str):
       if "path" not in columns:
         raise ConfigError(
           f"--config.data.path: {manifest} has no 'path' column (its header is "
-          f"{','.join(columns) or 'empty'}); expected path[,label][,mask]."
+          f"{','.join(columns) or 'empty'}); expected path[,label]."
         )
       labels = [] if "label" in columns else None
-      masks = [] if "mask" in columns else None
       for line, row in enumerate(reader, start=2):
+        mask = (row.get("mask") or "").strip()
+        if mask:
+          # Refused rather than ignored: a user who lists masks expects pixel metrics.
+          raise ConfigError(
+            f"--config.data.path: {manifest} line {line} gives a mask ({mask}): bulk "
+            "scoring does not use masks; use configs/evaluate.py for pixel metrics, or "
+            "drop the 'mask' column."
+          )
         path = (row.get("path") or "").strip()
         if not path:
           continue
         names.append(path)
         if labels is not None:
           labels.append(_parse_label(row.get("label"), manifest, line))
-        if masks is not None:
-          mask = (row.get("mask") or "").strip()
-          masks.append(resolve(mask) if mask else "")
-  return names, [resolve(n) for n in names], labels, masks
+  return names, [resolve(n) for n in names], labels, folder
 
 
 def list_source(path: str) -> Listing:
   """Lists the images of `path` (a folder, a glob or a manifest; see the module docstring).
 
   Raises:
-    ConfigError: `path` is none of these, a manifest is malformed, or nothing is listed.
+    ConfigError: `path` is none of these, a manifest is malformed (or gives masks, or one
+      file twice with different labels), or nothing is listed.
   """
   if not path:
     raise ConfigError(
       "--config.data.path: empty; give a folder of images, a glob or a .txt/.csv manifest."
     )
   expanded = os.path.expanduser(path)
-  labels = masks = None
+  labels = None
   skipped: list[tuple[str, str]] = []
   if os.path.isdir(expanded):
-    kind = "folder"
-    names, paths, skipped = _list_folder(expanded)
+    kind, base = "folder", os.path.abspath(expanded)
+    names, paths, canonical, skipped = _list_folder(expanded)
   elif os.path.isfile(expanded) and expanded.lower().endswith(MANIFEST_SUFFIXES):
     kind = "manifest"
-    names, paths, labels, masks = _list_manifest(expanded)
+    names, paths, labels, base = _list_manifest(expanded)
+    canonical = canonical_paths(paths)
   elif glob.has_magic(expanded):
-    kind = "glob"
+    kind, base = "glob", ""
     names, paths = _list_glob(expanded)
+    canonical = canonical_paths(paths)
   else:
     raise ConfigError(
       f"--config.data.path: {path} is not a folder, a .txt/.csv manifest or a glob pattern."
     )
   order = sorted(range(len(names)), key=names.__getitem__)
-  keep, previous = [], None
+  keep: list[int] = []
+  first: dict[str, int] = {}  # Canonical path -> the entry kept for it.
+  examples: list[tuple[str, str]] = []
   for i in order:
-    if names[i] != previous:
+    kept = first.setdefault(canonical[i], i)
+    if kept == i:
       keep.append(i)
-      previous = names[i]
+      continue
+    if labels is not None and labels[i] != labels[kept]:
+      raise ConfigError(
+        f"--config.data.path: {path} lists one file twice with different labels: "
+        f"{output_name(names[kept])} (label {labels[kept]}) and {output_name(names[i])} "
+        f"(label {labels[i]}) are both {output_name(canonical[i])}; keep one."
+      )
+    if len(examples) < DUPLICATE_EXAMPLES:
+      examples.append((names[i], names[kept]))
   duplicates = len(order) - len(keep)
   if duplicates:
-    log.warning("%s lists %d names more than once; each is scored once.", path, duplicates)
+    shown = ", ".join(
+      f"{output_name(a)} (= {output_name(b)})" if a != b else output_name(a)
+      for a, b in examples[:3]
+    )
+    log.warning(
+      "%s lists %d file(s) more than once (%s%s); each file is scored once, under its "
+      "first name in sorted order.",
+      path,
+      duplicates,
+      shown,
+      ", ..." if duplicates > 3 else "",
+    )
   files = [names[i] for i in keep]
   if not files:
     raise ConfigError(f"--config.data.path: {path} lists no images.")
@@ -268,8 +352,9 @@ def list_source(path: str) -> Listing:
     files=files,
     paths=[paths[i] for i in keep],
     labels=None if labels is None else [labels[i] for i in keep],
-    masks=None if masks is None else [masks[i] for i in keep],
     skipped=sorted(skipped),
     duplicates=duplicates,
     fingerprint=Fingerprint.of(files),
+    duplicate_examples=examples,
+    base=base,
   )

@@ -10,7 +10,7 @@ Typical use:
   shots = data.select_shots(train, k=1, seed=0)
 """
 
-from maeday_jax.data.errors import DataError, DownloadError
+from maeday_jax.data.errors import DataError, DownloadError, ImageTooLarge
 from maeday_jax.data.images import decode_image, decode_mask, read_image, read_mask
 from maeday_jax.data.pipeline import batches, batches_per_shard, load_example, shard_bounds
 from maeday_jax.data.prepare import DATASETS, data_dir, prepare, resolve_categories
@@ -24,6 +24,7 @@ __all__ = [
   "DATASETS",
   "DataError",
   "DownloadError",
+  "ImageTooLarge",
   "Split",
   "batches",
   "batches_per_shard",

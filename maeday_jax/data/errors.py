@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from maeday_jax.download import DownloadError
 
-__all__ = ["DataError", "DownloadError"]
+__all__ = ["DataError", "DownloadError", "ImageTooLarge"]
 
 
 class DataError(ValueError):
@@ -24,3 +24,23 @@ class DataError(ValueError):
   def for_file(cls, path: object, reason: str) -> DataError:
     """An error about one file: the message is '<path>: <reason>'."""
     return cls(f"{path}: {reason}", path=str(path), reason=reason)
+
+
+class ImageTooLarge(DataError):
+  """An image (or mask) whose header declares more pixels than the per-image budget.
+
+  Attributes:
+    pixels: width x height from the header.
+    budget: the budget in force (`maeday_jax.data.images.pixel_budget`).
+  """
+
+  def __init__(self, path: object, pixels: int, budget: int, size: tuple[int, int] | None = None):
+    self.pixels, self.budget = int(pixels), int(budget)
+    dims = f"{size[0]}x{size[1]} = " if size else ""
+    reason = (
+      f"image too large to decode: {dims}{self.pixels:,} pixels exceeds the per-image "
+      f"budget of {self.budget:,} pixels (a decompression bomb, or an image larger than "
+      "this machine's memory allows; raise config.data.max_image_pixels or "
+      "$MAEDAY_MAX_IMAGE_PIXELS to read it)"
+    )
+    super().__init__(f"{path}: {reason}", path=str(path), reason=reason)

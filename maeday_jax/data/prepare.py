@@ -6,7 +6,8 @@ MVTec AD and VisA, and for `magnetic_tile` and `folder` the folder name plus a h
 resolved path(s). It is prepared once and reused; a new builder version is a new folder,
 so it is rebuilt then; path-defined data is also rebuilt when the files change (a
 fingerprint of names, sizes, modification and inode change times and inode numbers is
-kept in the metadata). Downloads and extracted archives are kept in
+kept in the metadata), and when images refused as larger than the pixel budget
+(`data.images`) fit the budget now in force. Downloads and extracted archives are kept in
 `<data_dir>/downloads` (delete them once every category is prepared to save space).
 
 Preparation holds an exclusive lock on `<dataset>/<config>/<version>.lock` (`fcntl.flock`,
@@ -30,6 +31,7 @@ from collections.abc import Iterator, Sequence
 import ml_collections
 import tensorflow_datasets as tfds
 
+from maeday_jax.data import images
 from maeday_jax.data.builders import (
   Folder,
   ImageBuilder,
@@ -196,15 +198,24 @@ def make_builder(data_config: ml_collections.ConfigDict, category: str) -> Image
   return kind.builder(config=category, **common)
 
 
-def _is_stale(builder: ImageBuilder) -> bool:
-  """Whether prepared path-defined data no longer matches the files it was built from."""
+def _stale_reason(builder: ImageBuilder) -> str | None:
+  """Why prepared data must be rebuilt: path-defined data whose files changed, or images
+  refused as larger than the pixel budget that the budget now admits; None when current."""
   expected = builder.source_fingerprint()
-  return expected is not None and builder.info.metadata.get("fingerprint") != expected
+  if expected is not None and builder.info.metadata.get("fingerprint") != expected:
+    return f"the files under {builder.raw_path} changed since they were prepared"
+  refused = int(builder.info.metadata.get("refused_pixels") or 0)
+  if refused and images.pixel_budget() >= refused:
+    return (
+      f"an image of {refused:,} pixels was refused as too large when it was prepared, and "
+      f"the pixel budget is now {images.pixel_budget():,}"
+    )
+  return None
 
 
 def _is_ready(builder: ImageBuilder) -> bool:
-  """Whether the builder's data is prepared and matches its files."""
-  return builder.data_path.exists() and not _is_stale(builder)
+  """Whether the builder's data is prepared and current (`_stale_reason`)."""
+  return builder.data_path.exists() and _stale_reason(builder) is None
 
 
 @contextlib.contextmanager
@@ -237,6 +248,21 @@ def _remove(data_path: pathlib.Path) -> None:
   shutil.rmtree(doomed, ignore_errors=doomed != data_path)
 
 
+def _nothing_usable(builder: ImageBuilder) -> DataError:
+  """The error of a split whose every file was skipped, listing them with the reasons."""
+  metadata = builder.info.metadata
+  kept = metadata.get("file_names", {})
+  empty = [split for split, names in kept.items() if not names] or ["?"]
+  skipped = metadata.get("skipped", {}).get(empty[0], [])
+  shown = "".join(f"\n  {path}: {reason}" for path, reason in skipped[:10])
+  more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+  where = builder.raw_path or builder.name
+  return DataError(
+    f"{where}: no usable image in the '{empty[0]}' split: all {len(skipped)} file(s) "
+    f"were skipped:{shown}{more}"
+  )
+
+
 def prepare(data_config: ml_collections.ConfigDict, category: str) -> ImageBuilder:
   """Returns the builder of one category with its data prepared (built now if needed).
 
@@ -251,9 +277,7 @@ def prepare(data_config: ml_collections.ConfigDict, category: str) -> ImageBuild
     if _is_ready(builder):
       return builder
     if builder.data_path.exists():
-      logger.info(
-        "The files under %s changed since they were prepared; rebuilding", builder.raw_path
-      )
+      logger.info("Rebuilding %s: %s", builder.data_path, _stale_reason(builder))
       # A builder whose info was read from disk cannot regenerate it: remove, start afresh.
       _remove(pathlib.Path(os.fspath(builder.data_path)))
       builder = make_builder(data_config, category)
@@ -262,6 +286,11 @@ def prepare(data_config: ml_collections.ConfigDict, category: str) -> ImageBuild
       manual_dir=str(source) if source is not None and source.is_dir() else None,
       compute_stats=tfds.download.ComputeStatsMode.SKIP,
     )
-    builder.download_and_prepare(file_format="array_record", download_config=download_config)
+    try:
+      builder.download_and_prepare(file_format="array_record", download_config=download_config)
+    except AssertionError as e:  # tfds's words for a split whose every file was skipped.
+      if "No examples were yielded" not in str(e):
+        raise
+      raise _nothing_usable(builder) from None
   # A fresh builder reads back what was written, metadata included.
   return make_builder(data_config, category)

@@ -15,7 +15,9 @@ from maeday_jax.download import DownloadError
 
 
 def _text(value: bytes | str) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+  # Records hold UTF-8 (names that are not are stored escaped, `names.to_text`); an
+  # older record that is not must still read, escaped the same way.
+  return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 @dataclasses.dataclass(eq=False)

@@ -4,9 +4,10 @@ statistics on held-out normal images (`maeday_jax.ensemble`; the paper sums raw 
 
     --config.detector=ensemble --config.members=maeday_lora,patchcore
 
-Members fit on the same shots; they must read images at one input size, so their maps
-have one resolution. `patchcore_x2` is the paper's "2 x PC": two PatchCore banks of the
-same shots from different coreset keys.
+Members fit on the same shots. Members of different input sizes sum too: the images are
+read at the largest member's size and resized on device for the others, whose maps are
+resized back (bilinear, antialiased). `patchcore_x2` is the paper's "2 x PC": two
+PatchCore banks of the same shots from different coreset keys.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from maeday_jax.config_errors import ConfigError, require
+from maeday_jax.config_errors import require
 from maeday_jax.detectors import registry
 from maeday_jax.detectors.base import Detector
 from maeday_jax.detectors.patchcore import PatchCore
@@ -82,14 +83,9 @@ class Ensemble(Detector):
 
   @property
   def input_size(self) -> int:
-    sizes = {m.input_size for m in self.members}
-    if len(sizes) > 1:
-      raise ConfigError(
-        f"--config.members: the members read images at different sizes "
-        f"({', '.join(f'{m.method} {m.input_size}' for m in self.members)}); an ensemble sums "
-        "maps of one size: set them equal (e.g. --config.patchcore.image_size to the MAE's)."
-      )
-    return sizes.pop()
+    # The largest member's: the others see the batch resized on device to their own
+    # input, and their maps are resized back, so members of any sizes sum.
+    return max(m.input_size for m in self.members)
 
   def describe(self) -> str:
     return f"{self.method}({' + '.join(m.describe() for m in self.members)})"
@@ -121,7 +117,6 @@ class Ensemble(Detector):
   def _combine(self) -> None:
     """The members' standardisations (their normal statistics, or the raw sum) and the
     state: every member's state plus the statistics as one array."""
-    self.input_size  # noqa: B018  (checks the members agree)
     self.norms = [None] * len(self.members)
     if self.settings.ensemble.normalize:
       self.norms = [m.normal_statistics for m in self.members]
@@ -150,18 +145,33 @@ class Ensemble(Detector):
     return None if None in signatures else (self.method, *signatures)
 
   def score_function(self, mesh, local_batch: int):
+    import jax
+
     from maeday_jax import ensemble
 
     functions = [m.score_function(mesh, local_batch) for m in self.members]
-
     grouped = [m.transductive for m in self.members]
+    sizes = [m.input_size for m in self.members]
+    size = self.input_size
+
+    def resized(images, member_size):
+      if member_size == size:
+        return images
+      shape = (images.shape[0], member_size, member_size, images.shape[-1])
+      return jax.image.resize(images, shape, "linear", antialias=True)
+
+    def full_size(maps):
+      if maps.shape[-1] == size:
+        return maps
+      return jax.image.resize(maps, (maps.shape[0], size, size), "linear", antialias=True)
 
     def score(state, images, ids, key, *valid):
       # `valid` (transductive ensembles only) goes to the members that score groups.
-      outputs = [
-        fn(state[f"member_{i}"], images, ids, key, *(valid if grouped[i] else ()))
-        for i, fn in enumerate(functions)
-      ]
+      outputs = []
+      for i, fn in enumerate(functions):
+        extra = valid if grouped[i] else ()
+        maps, scores = fn(state[f"member_{i}"], resized(images, sizes[i]), ids, key, *extra)
+        outputs.append((full_size(maps), scores))
       norms = [ensemble.Standardization(*row) for row in state["norms"]]
       return ensemble.combine(outputs, norms)
 

@@ -63,6 +63,17 @@ class PretrainedMaeday(ZeroShotMaeday):
     "extra_data": lambda: [],
   }
 
+  @classmethod
+  def validate(cls, config) -> None:
+    from maeday_jax import recipe_checks
+    from maeday_jax.config_errors import require
+
+    super().validate(config)
+    recipe_checks.validate_pretrain_train(config.pretrain.train, "pretrain.train")
+    for field in ("checkpoint_every", "keep_checkpoints", "log_every"):
+      value = config.pretrain[field]
+      require(value >= 1, f"pretrain.{field}", f"must be >= 1, got {value}.")
+
   def fit(self, normals, key) -> None:
     del key  # The pre-training seed is `settings.seed`.
     from maeday_jax import checkpoints, model_builder

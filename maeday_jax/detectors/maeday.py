@@ -61,6 +61,7 @@ class ZeroShotMaeday(Detector):
       f"must be >= 0 (0 = chosen from the device's memory), got {config.mask_batch_size}.",
     )
     model_builder.validate_model_config(config.model)
+    model_builder.validate_masking(config, config.model)
 
   # -------------------------------------------------------------------------- model
 
@@ -80,6 +81,8 @@ class ZeroShotMaeday(Detector):
     self._model, params, _ = model_builder.build_model(
       model_config, jax.random.key(self.settings.seed)
     )
+    # A checkpoint's patch count is known only now: checked before anything compiles.
+    model_builder.check_visible_patches(self.settings, self._model.num_patches)
     self._weights = weights_ref.mae_reference(model_config)
     self.state = {"mae": params}
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
+import ml_collections
 import numpy as np
 
-from maeday_jax.config_errors import require
 from maeday_jax.detectors.maeday import ZeroShotMaeday
 from maeday_jax.settings import few_shot as few_shot_settings
 
@@ -30,19 +30,13 @@ class LoraMaeday(ZeroShotMaeday):
 
   @classmethod
   def validate(cls, config) -> None:
-    from maeday_jax.parallel import require_divides_devices
+    from maeday_jax import recipe_checks
 
     super().validate(config)
-    train = config.train
-    require(train.steps >= 0, "train.steps", "must be >= 0.")
-    require(train.batch_size >= 1, "train.batch_size", "must be >= 1.")
-    require_divides_devices(train.batch_size, "train.batch_size")
-    require(
-      train.lora.compute in few_shot_settings.LORA_COMPUTE_MODES,
-      "train.lora.compute",
-      f"{train.lora.compute!r} is not one of {few_shot_settings.LORA_COMPUTE_MODES}.",
-    )
-    require(train.lora.rank >= 1, "train.lora.rank", "must be >= 1.")
+    # Few-shot adaptation reads `train` with this method's fine-tuning mode.
+    train = ml_collections.ConfigDict(config.train.to_dict())
+    train.finetune = cls.finetune
+    recipe_checks.validate_few_shot_train(train)
 
   def __init__(self, settings):
     super().__init__(settings)

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from maeday_jax.config_errors import require
+from maeday_jax.config_errors import ConfigError, require
 from maeday_jax.detectors.base import Detector
 from maeday_jax.detectors.mae import pretraining_config, training_config
 from maeday_jax.settings import mala as mala_settings
@@ -64,7 +64,7 @@ def validate_textures(synthetic, field: str) -> None:
   """
   import os
 
-  from maeday_jax.mala import stage2
+  from maeday_jax.mala import stage2, texture_folder
 
   names = synthetic.textures
   sources = [
@@ -87,6 +87,18 @@ def validate_textures(synthetic, field: str) -> None:
       f"{field}.texture_dir",
       f"{folder}: no such folder of texture images.",
     )
+    max_textures = synthetic.get("max_textures") or 0
+    require(
+      max_textures >= 0,
+      f"{field}.max_textures",
+      f"must be >= 0 (0 = every texture), got {max_textures}.",
+    )
+    # Stage 2 reads the folder only after stage 1 has trained: a folder without one
+    # readable image must fail now, not minutes later.
+    try:
+      texture_folder.check_texture_folder(folder)
+    except ValueError as e:
+      raise ConfigError(f"--config.{field}.texture_dir: {e}") from e
 
 
 def validate_sections(model, mala, prefix: str) -> None:
@@ -97,7 +109,6 @@ def validate_sections(model, mala, prefix: str) -> None:
     ConfigError: naming the field and what to do.
   """
   from maeday_jax import model_builder
-  from maeday_jax.parallel import require_divides_devices
 
   model_builder.validate_model_config(model)
   require(
@@ -106,9 +117,66 @@ def validate_sections(model, mala, prefix: str) -> None:
     "stage 1 is off (epochs and steps 0) but model.checkpoint is 'random': stage 2 needs "
     "a trained MAE; enable stage 1 or give a checkpoint.",
   )
+  if stage1_enabled(mala.stage1):
+    from maeday_jax import recipe_checks
+
+    recipe_checks.validate_pretrain_train(mala.stage1, f"{prefix}stage1")
   validate_textures(mala.stage2.synthetic, f"{prefix}stage2.synthetic")
   require(mala.pool_size >= 1, f"{prefix}pool_size", f"must be >= 1, got {mala.pool_size}.")
-  require_divides_devices(mala.stage2.batch_size, f"{prefix}stage2.batch_size")
+  validate_stage2(mala.stage2, f"{prefix}stage2")
+  for field in ("checkpoint_every", "keep_checkpoints", "log_every"):
+    value = mala.get(field, 1)
+    require(value >= 1, f"{prefix}{field}", f"must be >= 1, got {value}.")
+
+
+def validate_stage2(stage2, field: str) -> None:
+  """Checks the segmenter's training settings (`settings.mala.stage2_config`) that its
+  training would otherwise reject only after stage 1.
+
+  Raises:
+    ConfigError: naming the field.
+  """
+  import math
+
+  from maeday_jax.parallel import require_divides_devices
+
+  def number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+  require(stage2.batch_size >= 1, f"{field}.batch_size", f"must be >= 1, got {stage2.batch_size}.")
+  require_divides_devices(stage2.batch_size, f"{field}.batch_size")
+  steps = stage2.get("steps") or 0
+  require(
+    steps > 0 or (number(stage2.epochs) and stage2.epochs > 0),
+    f"{field}.epochs",
+    f"is {stage2.epochs} and {field}.steps is {steps}: set either to a positive value.",
+  )
+  require(number(stage2.lr) and stage2.lr > 0, f"{field}.lr", f"must be > 0, got {stage2.lr}.")
+  for name in ("min_lr", "weight_decay", "grad_clip", "l1_weight", "focal_weight", "focal_gamma"):
+    value = stage2.get(name, 0.0)
+    require(number(value) and value >= 0, f"{field}.{name}", f"must be >= 0, got {value}.")
+  require(
+    stage2.l1_weight + stage2.focal_weight > 0,
+    f"{field}.l1_weight",
+    "and focal_weight are both 0: the segmenter would learn nothing.",
+  )
+  syn = stage2.synthetic
+  require(
+    number(syn.anomaly_prob) and 0.0 <= syn.anomaly_prob <= 1.0,
+    f"{field}.synthetic.anomaly_prob",
+    f"must be in [0, 1], got {syn.anomaly_prob}.",
+  )
+  beta = tuple(syn.beta_range)
+  require(
+    len(beta) == 2 and all(number(b) for b in beta) and 0.0 <= beta[0] <= beta[1] <= 1.0,
+    f"{field}.synthetic.beta_range",
+    f"must be two numbers 0 <= lo <= hi <= 1, got {beta}.",
+  )
+  require(
+    number(syn.threshold),
+    f"{field}.synthetic.threshold",
+    f"must be a finite number (the Perlin noise threshold), got {syn.threshold}.",
+  )
 
 
 class Mala(Detector):

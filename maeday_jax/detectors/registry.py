@@ -26,6 +26,8 @@ METHODS: dict[str, str] = {
   "patchcore_x2": "maeday_jax.detectors.ensemble:PatchCoreX2",
   "ensemble": "maeday_jax.detectors.ensemble:Ensemble",
   "mala": "maeday_jax.detectors.mala:Mala",
+  "anomalydino": "maeday_jax.detectors.anomalydino:AnomalyDino",
+  "musc": "maeday_jax.detectors.musc:Musc",
 }
 
 _CLASSES: dict[str, type[Detector]] = {}

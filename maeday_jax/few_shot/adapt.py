@@ -16,6 +16,7 @@ from flax import traverse_util
 from ml_collections import config_dict
 
 from maeday_jax import parallel, training
+from maeday_jax.config_errors import ConfigError
 from maeday_jax.few_shot.loss import as_model_input
 from maeday_jax.few_shot.optimizer import learning_rate, make_optimizer
 from maeday_jax.few_shot.step import StepSettings, initial_state, lower_train_step
@@ -44,7 +45,7 @@ def check_same_settings(workdir: pathlib.Path, config) -> None:
   `SETTINGS_FILE`; a later run with checkpoints there must have the same ones.
 
   Raises:
-    ValueError: naming every field that differs, with both values.
+    ConfigError (a ValueError): naming every field that differs, with both values.
   """
   path = workdir / SETTINGS_FILE
   current = _settings_record(config)
@@ -61,11 +62,40 @@ def check_same_settings(workdir: pathlib.Path, config) -> None:
   }
   if differ:
     fields = "; ".join(f"train.{k}: was {a!r}, now {b!r}" for k, (a, b) in differ.items())
-    raise ValueError(
+    raise ConfigError(
       f"{workdir} holds a few-shot run trained with other settings ({fields}). Resuming "
       "it would report the old adapter under the new settings; use a new workdir, or "
       "the old settings."
     )
+
+
+class AdaptationDiverged(FloatingPointError):
+  """The few-shot training loss became NaN or infinite; the message says at which step
+  and what to change.
+
+  A step's loss is computed before its update: at the first step a run takes, no update
+  of this run has happened, so the weights it started from (or the shots) are at fault,
+  not the learning rate; later, the updates diverged.
+
+  Attributes:
+    step: the (1-based) step whose loss was not finite; steps: the run's total.
+  """
+
+  def __init__(self, loss: float, step: int, steps: int, start_step: int, rate: float):
+    self.loss, self.step, self.steps = loss, step, steps
+    if step == start_step + 1:
+      started = "the resumed checkpoint" if start_step else "the pre-trained weights"
+      cause = (
+        f"before any update of this run, so {started} or the shots give non-finite "
+        "values, not the learning rate: check the checkpoint (or use "
+        "--config.model.dtype=float32)"
+      )
+    else:
+      cause = (
+        f"the training diverged at learning rate {rate:g}: lower "
+        "--config.train.learning_rate (e.g. 10 times)"
+      )
+    super().__init__(f"the few-shot loss became {loss} at step {step} of {steps}, {cause}.")
 
 
 def _typed_key(key: jax.Array) -> jax.Array:
@@ -82,7 +112,7 @@ def _resume(manager, state, key_data, steps: int, mesh, workdir) -> tuple[dict, 
   state = parallel.replicate(training.restore(manager, latest, state, key_data), mesh)
   start_step = int(state["step"])
   if start_step > steps:
-    raise ValueError(
+    raise ConfigError(
       f"{workdir} holds a run that is already at step {start_step}, beyond steps="
       f"{steps}; use a new workdir or at least {start_step} steps."
     )
@@ -166,10 +196,7 @@ def adapt(
     history["loss"].append(loss)
     history["step_time_s"].append(time.perf_counter() - t0)
     if not np.isfinite(loss):
-      raise FloatingPointError(
-        f"Few-shot loss became {loss} at step {step + 1}; lower the learning rate "
-        f"(now {learning_rate(config)})."
-      )
+      raise AdaptationDiverged(loss, step + 1, config.steps, start_step, learning_rate(config))
     done = step + 1
     if manager is not None and (done == config.steps or (every and done % every == 0)):
       training.save(manager, done, state, key_data)

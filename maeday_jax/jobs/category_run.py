@@ -7,6 +7,7 @@ thresholds, metrics, ROC curves and reconstructions use every process's images.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 
 import jax
@@ -14,9 +15,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maeday_jax import data, evaluation, pictures, reports, thresholds, zero_shot
+from maeday_jax import data, evaluation, parallel, pictures, reports, thresholds, zero_shot
 from maeday_jax.checkpoints import CheckpointError
-from maeday_jax.jobs.outputs import OutputWriter, output_path, save_overlay_and_panel
+from maeday_jax.data import names
+from maeday_jax.jobs.outputs import (
+  OutputWriter,
+  output_path,
+  remove_stale_outputs,
+  save_overlay_and_panel,
+)
+
+log = logging.getLogger("maeday_jax")
 
 _MIN_TILE = 160  # Pixels: the smallest tile drawn in reconstruction panels.
 
@@ -140,11 +149,27 @@ def run_category(
 ) -> CategoryOutcome:
   """Scores a category's test split, chooses its threshold, writes its pictures.
 
+  On a rerun of the same work directory, the per-image outputs of images no longer in the
+  split (deleted, or now skipped) are removed first (`outputs.remove_stale_outputs`).
+
   `config`: the job config (`data`, `threshold`, `outputs`, `mask_ratio`); `seed`: the
   shot selection of a few-shot run, None for zero-shot.
   """
   split = data.load_split(config.data, category, "test")
   splits = [split]
+  if jax.process_index() == 0:
+    # A rerun of this work directory: outputs of images no longer in the split go first.
+    removed = remove_stale_outputs(workdir, category, map(split.file_name, range(len(split))))
+    if removed:
+      log.warning(
+        "%s: removed %d output file(s) of images no longer in %s (e.g. %s)",
+        workdir,
+        len(removed),
+        split,
+        names.to_text(removed[0].relative_to(workdir)),
+      )
+  # No process writes an output before the stale ones are gone (and their folders).
+  parallel.barrier(f"maeday_jax: removed stale outputs of {category}")
   writer = OutputWriter(workdir, category)
   local = evaluation.score_split(scoring, split, on_map=writer.save_map, desc=category)
   local.result.seed = seed
@@ -171,9 +196,8 @@ def run_category(
       scoring, split, scored, config.outputs.reconstructions, config.mask_ratio, workdir
     )
     if config.outputs.roc and (scored.result.labels >= 0).any():
-      pictures.save_roc_curve(
-        workdir / "roc" / f"{category}.png", scored.result.scores, scored.result.labels, category
-      )
+      roc = workdir / "roc" / f"{names.to_disk(category)}.png"
+      pictures.save_roc_curve(roc, scored.result.scores, scored.result.labels, category)
   writer.close()
   if writer.failures:
     notes["output_failures"] = writer.failures

@@ -1,29 +1,45 @@
-"""Pieces every job shares: checking the scoring settings, the work directory, logging."""
+"""Pieces every job shares: checking the scoring settings, logging; the work directory
+(`jobs.workdir`) and the training recipes' checks (`maeday_jax.recipe_checks`) re-exported."""
 
 import json
 import logging
-import os
 import pathlib
-import shutil
 
-import jax
 import ml_collections
 
-from maeday_jax import atomic_files, defaults, evaluation, model_builder, parallel
+from maeday_jax import defaults, evaluation, model_builder
 from maeday_jax.config_errors import ConfigError, require
+from maeday_jax.jobs.workdir import (
+  WorkdirError,
+  apply_pixel_budget,
+  clear_workdir,
+  prepare_workdir,
+)
 from maeday_jax.parallel import require_divides_devices
+from maeday_jax.recipe_checks import (
+  is_finite_number,
+  validate_few_shot_train,
+  validate_pretrain_train,
+  validate_training_sources,
+)
 
 log = logging.getLogger("maeday_jax")
+
 
 __all__ = [
   "ConfigError",
   "WorkdirError",
+  "apply_pixel_budget",
   "clear_workdir",
   "describe_model",
   "prepare_workdir",
   "require",
   "require_divides_devices",
+  "validate_few_shot_train",
+  "validate_pretrain_train",
   "validate_scoring",
+  "validate_threshold",
+  "validate_training_sources",
 ]
 
 
@@ -50,99 +66,45 @@ def validate_scoring(config: ml_collections.ConfigDict) -> None:
     "eval_size",
     f"must be >= 0 (0 = the model's input size), got {config.eval_size}.",
   )
-  threshold = config.threshold
+  validate_threshold(config.threshold, config.data)
+  model_builder.validate_model_config(config.model)
+  model_builder.validate_masking(config, config.model)
+
+
+def validate_threshold(
+  threshold: ml_collections.ConfigDict, data: ml_collections.ConfigDict, field: str = "threshold"
+) -> None:
+  """Checks a scoring job's `threshold` section (`field` names it in messages) against
+  the images it will score (`data`).
+
+  Raises:
+    ConfigError: naming the field and what to set instead.
+  """
   require(
     threshold.method in evaluation.THRESHOLD_METHODS,
-    "threshold.method",
+    f"{field}.method",
     f"{threshold.method!r} is not one of {', '.join(evaluation.THRESHOLD_METHODS)}.",
   )
   require(
-    0.0 <= threshold.percentile <= 100.0,
-    "threshold.percentile",
+    is_finite_number(threshold.percentile) and 0.0 <= threshold.percentile <= 100.0,
+    f"{field}.percentile",
     f"must be in [0, 100], got {threshold.percentile}.",
   )
-  if threshold.method == "percentile" and config.data.name == "folder":
+  if threshold.method == "fixed":
+    # NaN compares false with every score (nothing is ever flagged), inf flags nothing
+    # or everything: refused now, not after scoring.
     require(
-      bool(config.data.normal_path),
-      "threshold.method",
+      is_finite_number(threshold.value),
+      f"{field}.value",
+      f"must be a finite number with {field}.method=fixed, got {threshold.value}.",
+    )
+  if threshold.method == "percentile" and data.name == "folder":
+    require(
+      bool(data.normal_path),
+      f"{field}.method",
       "'percentile' needs normal reference images: set --config.data.normal_path to a "
       "folder of normal images, or choose another method (f1, fixed, none).",
     )
-  model_builder.validate_model_config(config.model)
-
-
-class WorkdirError(ConfigError):
-  """The work directory holds another run; the message says how to proceed."""
-
-
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-  fields = []
-  for key in sorted(old.keys() | new.keys()):
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      fields += _config_differences(a, b, f"{prefix}{key}.")
-    elif a != b:
-      fields.append(f"{prefix}{key}")
-  return fields
-
-
-def prepare_workdir(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Creates the work directory and writes the resolved config into it.
-
-  A work directory holds one run: an empty or new one is used, one whose `config.json`
-  is this configuration is the same run (rerunning it rewrites the same outputs), and
-  anything else is refused, so that outputs of two runs never mix.
-
-  Raises:
-    WorkdirError: the directory holds files of another run, or files that are no run's.
-  """
-  workdir = pathlib.Path(workdir).expanduser()
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if workdir.is_dir() and any(workdir.iterdir()):
-    previous = workdir / "config.json"
-    how = "Use a new --workdir, or add --overwrite to clear this one."
-    if not previous.is_file():
-      raise WorkdirError(
-        f"--workdir {workdir} is not empty and holds no config.json: it is not a "
-        "maeday_jax work directory. Use a new or empty --workdir."
-      )
-    old = json.loads(previous.read_text())
-    fields = _config_differences(old, json.loads(text))
-    if fields:
-      shown = ", ".join(fields[:8]) + (" ..." if len(fields) > 8 else "")
-      raise WorkdirError(
-        f"--workdir {workdir} holds another run (its config.json differs in {shown}); "
-        f"its outputs would mix with this run's. {how}"
-      )
-    log.info("%s holds this same run; its outputs are rewritten.", workdir)
-  # Every process has checked the directory as it was before anyone writes into it.
-  parallel.barrier(f"maeday_jax: checked the work directory {workdir}")
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic_files.write_text(workdir / "config.json", text)
-  parallel.barrier(f"maeday_jax: prepared the work directory {workdir}")
-  return workdir
-
-
-def clear_workdir(workdir: str | os.PathLike) -> None:
-  """Deletes a maeday_jax work directory's contents (`--overwrite`); never another folder.
-
-  Raises:
-    WorkdirError: the folder is not empty and has no config.json (not a work directory).
-  """
-  workdir = pathlib.Path(workdir).expanduser()
-  if jax.process_index() == 0 and workdir.is_dir() and any(workdir.iterdir()):
-    if not (workdir / "config.json").is_file():
-      raise WorkdirError(
-        f"--overwrite: {workdir} holds no config.json, so it is not a maeday_jax work "
-        "directory; it is left untouched. Use a new or empty --workdir."
-      )
-    for child in workdir.iterdir():
-      if child.is_dir() and not child.is_symlink():
-        shutil.rmtree(child)
-      else:
-        child.unlink()
-  parallel.barrier(f"maeday_jax: cleared {workdir}")
 
 
 def write_json(path: pathlib.Path, payload) -> None:

@@ -33,25 +33,54 @@ from maeday_jax.detectors import fitting, registry
 from maeday_jax.jobs import category_run, common, detector_choice, run_report
 from maeday_jax.jobs.category_run import run_category
 from maeday_jax.jobs.outputs import output_path
+from maeday_jax.run_errors import RunFailed
+from maeday_jax.weight_files import CheckpointError
 
 log = logging.getLogger("maeday_jax")
+
+# What one method may raise for one category and seed without stopping the others: its
+# training diverged (`few_shot.adapt.AdaptationDiverged`), or its maps are not finite
+# (`evaluation.score_split`).
+METHOD_FAILURES = (FloatingPointError, CheckpointError)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the scoring and few-shot settings before any long work starts."""
   common.validate_scoring(config)
   common.require(config.shots >= 1, "shots", f"must be >= 1, got {config.shots}.")
-  common.require(len(config.seeds) >= 1, "seeds", "give at least one seed, e.g. 0,1,2.")
-  common.require(
-    config.train.finetune in defaults.FINETUNE_MODES,
-    "train.finetune",
-    f"{config.train.finetune!r} is not one of {defaults.FINETUNE_MODES}.",
-  )
+  seeds(config)
   names = methods(config)
-  for detector in {DETECTORS[n](config) for n in names} - {"ensemble", "patchcore_x2"}:
-    registry.get(detector).validate(config)
-  if _needs(names, "patchcore", "patchcore_x2", "ensemble"):
-    registry.get("patchcore").validate(config)
+  # The ensembles are built from the single methods' fitted detectors: check those.
+  parts = {part for name in names for part in PARTS[name]} - {"patchcore_b"}
+  for part in sorted(parts):
+    registry.get(DETECTORS[part](config)).validate(config)
+
+
+def seeds(config: ml_collections.ConfigDict) -> list[int]:
+  """`config.seeds`, checked: distinct integers 0 <= seed < 2**31, at least one.
+
+  ml_collections parses `--config.seeds=a,b` as the one string 'a,b' and
+  `--config.seeds=` as ('',); each seed names a folder (seed_<s>) and keys the shots.
+  """
+  given = config.seeds
+  values = [given] if isinstance(given, (str, int)) else list(given or ())
+  shown = ",".join(str(v) for v in values)
+  common.require(
+    bool(values) and values != [""],
+    "seeds",
+    "is empty: give at least one shot-selection seed, e.g. --config.seeds=0,1,2.",
+  )
+  common.require(
+    all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in values),
+    "seeds",
+    f"{shown!r} is not a list of integers from 0 to 2**31 - 1; give e.g. --config.seeds=0,1,2.",
+  )
+  common.require(
+    len(set(values)) == len(values),
+    "seeds",
+    f"{shown} names a seed twice: each seed is one shot selection (seed_<s>/).",
+  )
+  return values
 
 
 def methods(config: ml_collections.ConfigDict) -> list[str]:
@@ -67,17 +96,25 @@ def methods(config: ml_collections.ConfigDict) -> list[str]:
   return list(dict.fromkeys(names))
 
 
-# The paper's method names -> the detectors that compute them.
+# The recipe's method names -> the detectors that compute them.
 DETECTORS = {
   "maeday": lambda config: f"maeday_{config.train.finetune}",
   "patchcore": lambda config: "patchcore",
   "patchcore_x2": lambda config: "patchcore_x2",
   "ensemble": lambda config: "ensemble",
+  "anomalydino": lambda config: "anomalydino",
+  "maeday_anomalydino": lambda config: "ensemble",
 }
-
-
-def _needs(names, *wanted) -> bool:
-  return any(n in names for n in wanted)
+# The single detectors ("parts") each method needs; a method of several parts is their
+# standardised sum (`detectors.ensemble`), built from the parts fitted once.
+PARTS = {
+  "maeday": ("maeday",),
+  "patchcore": ("patchcore",),
+  "anomalydino": ("anomalydino",),
+  "ensemble": ("maeday", "patchcore"),
+  "patchcore_x2": ("patchcore", "patchcore_b"),
+  "maeday_anomalydino": ("maeday", "anomalydino"),
+}
 
 
 def check_shots(config: ml_collections.ConfigDict, categories) -> None:
@@ -99,42 +136,48 @@ class Detectors:
 
   def __init__(self, config, names: list[str]):
     self.config, self.names = config, names
-    self.maeday = self.patchcore = None
-    if _needs(names, "maeday", "ensemble"):
-      self.maeday = registry.create(DETECTORS["maeday"](config), config)
-      self.maeday.build()
-    if _needs(names, "patchcore", "patchcore_x2", "ensemble"):
-      self.patchcore = registry.create("patchcore", config)
-      self.patchcore.build()
-    if "ensemble" in names and self.patchcore.input_size != self.maeday.input_size:
-      common.require(
-        False,
-        "patchcore.image_size",
-        f"the ensemble sums maps of one input size: set it to the MAE's {self.maeday.input_size}.",
-      )
+    needed = {part for name in names for part in PARTS[name]}
+    # One detector per part, its network loaded once; `with_seed` twins share it.
+    self.bases = {}
+    for part in ("maeday", "patchcore", "anomalydino"):
+      if part in needed:
+        self.bases[part] = registry.create(DETECTORS[part](config), config)
+        self.bases[part].build()
+    self.second_bank = "patchcore_b" in needed
 
-  def fit(self, normals, seed: int, notes: dict) -> tuple[dict, dict]:
-    """({method: fitted detector}, {part: fitted detector}) for one category and seed;
-    `notes` gets the ensembles' standardisations."""
+  def fit(self, normals, seed: int, notes: dict) -> tuple[dict, dict, dict]:
+    """({method: fitted detector}, {part: fitted detector}, {method: why it failed}) for
+    one category and seed; `notes` gets the ensembles' standardisations.
+
+    Each part is fitted in its own try: one that diverges (`METHOD_FAILURES`) fails its
+    methods (an ensemble fails with its member) and leaves the others fitted."""
     key = jax.random.key(seed)
-    parts = {}
-    if self.maeday is not None:
-      parts["maeday"] = fitting.fit_with_statistics(self.maeday.with_seed(seed), normals, key)
-    if self.patchcore is not None:
-      parts["patchcore"] = fitting.fit_with_statistics(self.patchcore.with_seed(seed), normals, key)
-    if "patchcore_x2" in self.names:
-      second = self.patchcore.with_seed(seed).with_bank(1)
-      parts["patchcore_b"] = fitting.fit_with_statistics(second, normals, key)
-    combos = {
-      "ensemble": (detector_ensemble.Ensemble, ("maeday", "patchcore")),
-      "patchcore_x2": (detector_ensemble.PatchCoreX2, ("patchcore", "patchcore_b")),
-    }
-    fitted = {}
+    parts, broken = {}, {}
+
+    def attempt(part: str, detector) -> None:
+      try:
+        parts[part] = fitting.fit_with_statistics(detector, normals, key)
+      except METHOD_FAILURES as e:
+        broken[part] = f"{detector.method}: {e}"
+
+    for part, base in self.bases.items():
+      attempt(part, base.with_seed(seed))
+    if self.second_bank:
+      attempt("patchcore_b", self.bases["patchcore"].with_seed(seed).with_bank(1))
+    fitted, failed = {}, {}
     for name in self.names:
-      if name not in combos:
-        fitted[name] = parts[name]
+      members = PARTS[name]
+      if len(members) == 1:
+        if name in broken:
+          failed[name] = broken[name]
+        else:
+          fitted[name] = parts[name]
         continue
-      cls, members = combos[name]
+      cls = detector_ensemble.PatchCoreX2 if name == "patchcore_x2" else detector_ensemble.Ensemble
+      lost = [broken[m] for m in members if m in broken]
+      if lost:
+        failed[name] = "its member " + "; its member ".join(dict.fromkeys(lost))
+        continue
       settings = registry.settings_of(cls, self.config)
       settings.seed = seed
       if "members" in settings:
@@ -147,17 +190,21 @@ class Detectors:
           else "raw sum: fewer than two held-out normal images (or no spread) to standardise"
         )
       fitted[name] = combined
-    return fitted, parts
+    return fitted, parts, failed
 
   def scoring(self, detector) -> evaluation.Scoring:
     return detector_choice.scoring(detector, self.config)
 
 
 def write_comparisons(seed_dir, names, outcomes: dict, category: str, config) -> None:
-  """Side-by-side maps of every method for the category's showcase images (process 0)."""
-  first = outcomes[names[0]]
+  """Side-by-side maps of every method that scored the category (`outcomes`; `names`:
+  all the run's methods) for its showcase images (process 0)."""
+  shown = [n for n in names if n in outcomes]
+  if len(shown) < 2 or jax.process_index() != 0:
+    return
+  first = outcomes[shown[0]]
   count = len(first.result.file_names) if config.outputs.panels < 0 else config.outputs.panels
-  if len(names) < 2 or count <= 0 or jax.process_index() != 0:
+  if count <= 0:
     return
   split = first.splits[0]
   by_name = {split.file_name(i): i for i in range(len(split))}
@@ -166,7 +213,7 @@ def write_comparisons(seed_dir, names, outcomes: dict, category: str, config) ->
     try:
       example = split[by_name[name]]
       maps = {}
-      for method in names:
+      for method in shown:
         path = output_path(_method_dir(seed_dir, names, method), "maps", category, name, ".npz")
         with np.load(path) as f:
           maps[reports.METHOD_TITLES.get(method, method)] = f["map"]
@@ -184,54 +231,106 @@ def _method_dir(seed_dir, names: list[str], name: str):
   return seed_dir if names == ["maeday"] else seed_dir / name
 
 
+def _summary(outcomes: dict, failed: dict[str, str], dataset: str, seed: int) -> dict:
+  """`run_report.summarize_outcomes`, plus a row of undefined metrics for each category
+  the method failed on, with the reason (`failed`: {category: why})."""
+  summary = run_report.summarize_outcomes(outcomes, dataset, seed=seed)
+  if failed:
+    per_category = {c: o.metrics for c, o in outcomes.items()}
+    for category, reason in failed.items():
+      per_category[category] = {
+        **dict.fromkeys(reports.METRIC_NAMES),
+        "notes": {"failed": reason},
+      }
+    summary.update(reports.summarize(per_category, dataset, seed=seed))
+    summary["failed"] = dict(failed)
+  return summary
+
+
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Few-shot adaptation and scoring for every category, seed and method; returns the
-  summary (with several methods: `{"methods": {method: summary}, ...}`)."""
+  summary (with several methods: `{"methods": {method: summary}, ...}`).
+
+  A method that fails on a category and seed (its training diverges, its maps are not
+  finite: `METHOD_FAILURES`) is recorded there (adaptation.json, metrics.json) and
+  skipped; the other methods go on.
+
+  Raises:
+    RunFailed: at the end, after every output is written, when some method failed.
+  """
   validate(config)
   names = methods(config)
+  seed_list = seeds(config)
   categories = data.resolve_categories(config.data)
   workdir = common.prepare_workdir(workdir, config)
   check_shots(config, categories)
   detectors = Detectors(config, names)
 
   per_seed = {name: [] for name in names}
-  adaptation = []
-  for seed in config.seeds:
+  adaptation, failures = [], []
+  for seed in seed_list:
     seed_dir = workdir / f"seed_{seed}"
     outcomes = {name: {} for name in names}
+    failed = {name: {} for name in names}  # {method: {category: why}}
     for category in categories:
       normals, record = fitting.normal_images(
         config, category, seed_dir / "adapt" / category, seed=seed
       )
       notes = {}
-      fitted, parts = detectors.fit(normals, seed, notes)
+      fitted, parts, errors = detectors.fit(normals, seed, notes)
       if "maeday" in parts:
         record.update(parts["maeday"].history)
       record.pop("category")
       if notes:
         record["ensemble_normalization"] = notes
-      adaptation.append({"category": category, **record})
       for name in names:
         out_dir = _method_dir(seed_dir, names, name)
-        outcomes[name][category] = run_category(
-          detectors.scoring(fitted[name]), category, config, out_dir, seed=seed
-        )
+        if name not in errors:
+          try:
+            outcomes[name][category] = run_category(
+              detectors.scoring(fitted[name]), category, config, out_dir, seed=seed
+            )
+          except METHOD_FAILURES as e:
+            errors[name] = f"{fitted[name].method}: {e}"
+        if name in errors:
+          failed[name][category] = errors[name]
+          log.error(
+            "%s failed on seed %d, %s (skipped; the other methods go on): %s",
+            name,
+            seed,
+            category,
+            errors[name],
+          )
         # Each finished category is on disk at once: a later error or a kill loses none.
-        summary = run_report.summarize_outcomes(outcomes[name], config.data.name, seed=seed)
+        summary = _summary(outcomes[name], failed[name], config.data.name, seed)
         if jax.process_index() == 0:
-          run_report.write_scores(out_dir, outcomes[name])
+          out_dir.mkdir(parents=True, exist_ok=True)
+          if outcomes[name]:
+            run_report.write_scores(out_dir, outcomes[name])
           reports.write_metrics_json(out_dir / "metrics.json", summary)
+      if errors:
+        record["failed"] = dict(errors)
+        failures += [
+          {"method": n, "seed": seed, "category": category, "reason": errors[n]}
+          for n in names
+          if n in errors
+        ]
+      adaptation.append({"category": category, **record})
       write_comparisons(
-        seed_dir, names, {n: outcomes[n][category] for n in names}, category, config
+        seed_dir,
+        names,
+        {n: outcomes[n][category] for n in names if n not in errors},
+        category,
+        config,
       )
     for name in names:
-      per_seed[name].append(
-        run_report.summarize_outcomes(outcomes[name], config.data.name, seed=seed)
-      )
+      per_seed[name].append(_summary(outcomes[name], failed[name], config.data.name, seed))
 
   combined = {name: reports.summarize_seeds(per_seed[name]) for name in names}
   result = combined[names[0]] if len(names) == 1 else {"methods": combined}
   result["adaptation"] = adaptation
+  if failures:
+    result["failed"] = failures
   if jax.process_index() == 0:
     reports.write_metrics_json(workdir / "metrics.json", result)
     common.write_json(workdir / "adaptation.json", adaptation)
@@ -250,4 +349,29 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       atomic_files.write_text(workdir / "metrics.md", table)
       print(table)
     print(f"\nOutputs in {workdir}")
+  if failures:
+    raise RunFailed(_failure_message(failures, names, workdir))
   return result
+
+
+def _failure_message(failures: list[dict], names: list[str], workdir) -> str:
+  """One line: which methods failed where, why (the first reason of each), and where
+  the others' results are."""
+  by_method: dict[str, list[dict]] = {}
+  for failure in failures:
+    by_method.setdefault(failure["method"], []).append(failure)
+  parts = []
+  for method, items in by_method.items():
+    where = ", ".join(f"seed {f['seed']} {f['category']}" for f in items[:3])
+    where += f" and {len(items) - 3} more" if len(items) > 3 else ""
+    parts.append(f"{method} ({where}): {items[0]['reason']}")
+  others = [n for n in names if n not in by_method]
+  kept = (
+    f"the results of {', '.join(others)} are written in {workdir}"
+    if others
+    else f"the categories that finished are in {workdir}"
+  )
+  return (
+    f"{len(by_method)} of {len(names)} methods failed, recorded in adaptation.json and "
+    f"metrics.json ({kept}): " + "; ".join(parts)
+  )

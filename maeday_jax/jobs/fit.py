@@ -26,6 +26,7 @@ import numpy as np
 from maeday_jax import atomic_files, data, thresholds
 from maeday_jax.detectors import artifact, fitting, registry, scoring
 from maeday_jax.jobs import common, detector_choice
+from maeday_jax.run_errors import RunFailed
 
 THRESHOLD_METHODS = ("none", "percentile", "fixed")
 ARTIFACT_DIR = "detector"
@@ -64,7 +65,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   if method == "fixed":
     common.require(
-      bool(np.isfinite(config.threshold.value)),
+      common.is_finite_number(config.threshold.value),
       "threshold.value",
       f"must be a finite number, got {config.threshold.value}.",
     )
@@ -102,7 +103,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   normals, record = fitting.normal_images(
     config, categories[0], workdir / "training", with_shots=detector.requires_shots()
   )
-  fitting.fit_with_statistics(detector, normals, jax.random.key(config.seed))
+  try:
+    fitting.fit_with_statistics(detector, normals, jax.random.key(config.seed))
+  except FloatingPointError as e:  # Training diverged: the settings' to fix, no traceback.
+    raise RunFailed(f"{detector.method} on {categories[0]}: {e}") from e
   _, heldout = normals.images(detector.input_size)
   threshold = _threshold(config, detector, heldout)
   path = artifact.save(detector, workdir / ARTIFACT_DIR, threshold=threshold, fit_record=record)

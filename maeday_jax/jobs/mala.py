@@ -32,6 +32,8 @@ from maeday_jax.jobs import common, run_report
 
 _SHOWN = ("image_auroc", "pixel_auroc", "aupro")
 ARTIFACT_DIR = "detector"
+# The `data` fields the test images share with the training source (`eval_data`).
+_SHARED_DATA_FIELDS = ("mask_path", "normal_path", "data_dir", "num_workers", "prefetch")
 
 
 def detector_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -47,21 +49,75 @@ def detector_settings(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return ml_collections.ConfigDict(settings.to_dict())
 
 
+def eval_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The test images (`eval.data`), completed from the training source when they are
+  the same source (name and path): the fields set on `data` (where the folder examples
+  set `mask_path` and `normal_path`) and left at their defaults on `eval.data` apply to
+  the evaluation too. Without this, `--config.data.mask_path` gave no pixel metrics."""
+  test = ml_collections.ConfigDict(config.eval.data.to_dict())
+  if (test.name, test.path) == (config.data.name, config.data.path):
+    default = defaults.data_config()
+    for field in _SHARED_DATA_FIELDS:
+      unset = test.get(field, default.get(field)) == default.get(field)
+      if unset and config.data.get(field, default.get(field)) != default.get(field):
+        test[field] = config.data[field]
+  return test
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the settings before any long work starts."""
-  mala_detector.validate_sections(config.model, detector_settings(config).mala, "")
-  common.require_divides_devices(config.eval.batch_size, "eval.batch_size")
+  """Checks every setting before any data is read or anything trains or compiles.
+
+  Raises:
+    ConfigError: naming the field and what to set instead.
+  """
+  settings = detector_settings(config)
+  mala_detector.validate_sections(config.model, settings.mala, "")  # Stage 1's recipe too.
+  common.validate_training_sources([config.data, *config.extra_data], "data")
+  test = eval_data(config)
+  common.require(
+    not config.data.get("mask_path") or bool(test.get("mask_path")),
+    "data.mask_path",
+    "is set, but MALA trains on normal images only and scores eval.data, another source "
+    f"here ({test.name}:{test.path or '(default)'}): give the test images' masks as "
+    "--config.eval.data.mask_path.",
+  )
+  ev = config.eval
+  common.require(ev.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {ev.batch_size}.")
+  common.require_divides_devices(ev.batch_size, "eval.batch_size")
+  common.require(
+    ev.eval_size >= 0,
+    "eval.eval_size",
+    f"must be >= 0 (0 = the model's input size), got {ev.eval_size}.",
+  )
+  if ev.maeday:
+    common.require(ev.num_masks >= 1, "eval.num_masks", f"must be >= 1, got {ev.num_masks}.")
+  common.require(
+    0.0 <= ev.mask_ratio < 1.0, "eval.mask_ratio", f"must be in [0, 1), got {ev.mask_ratio}."
+  )
+  common.validate_threshold(ev.threshold, test, "eval.threshold")
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Resolves the training sources' and the test images' categories before training (a
+  wrong path or category fails now, not after both stages).
+
+  Raises:
+    DataError: naming the source and what is wrong.
+  """
+  for source in (config.data, *config.extra_data):
+    data.resolve_categories(source)
+  data.resolve_categories(eval_data(config))
 
 
 def _evaluate(scoring: evaluation.Scoring, config, workdir: pathlib.Path):
   """Scores every test category with one detector into `workdir`; returns the summary."""
   scoring_config = defaults.zero_shot_config()
-  scoring_config.data = config.eval.data
+  scoring_config.data = eval_data(config)
   scoring_config.mask_ratio = config.eval.mask_ratio
   scoring_config.threshold = config.eval.threshold
   scoring_config.outputs = config.eval.outputs
   workdir.mkdir(parents=True, exist_ok=True)
-  categories = data.resolve_categories(config.eval.data)
+  categories = data.resolve_categories(scoring_config.data)
   summary, _ = run_report.evaluate_categories(
     scoring, scoring_config, workdir, categories, "zero_shot"
   )
@@ -90,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Trains both stages (resuming), saves the detector, scores the test images; returns
   the training summaries and both methods' evaluations."""
   validate(config)
-  data.resolve_categories(config.eval.data)  # Early error for a bad path or category.
+  check_data(config)
   workdir = common.prepare_workdir(workdir, config)
   mala = registry.get("mala")(detector_settings(config))
   normals = detectors.NormalImages(

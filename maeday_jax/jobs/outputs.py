@@ -5,13 +5,17 @@ disk. A failure on one image is logged and recorded; the other images are unaffe
 """
 
 import concurrent.futures
+import contextlib
 import logging
+import os
 import pathlib
 import threading
+from collections.abc import Iterable
 
 import numpy as np
 
 from maeday_jax import atomic_files, pictures
+from maeday_jax.data import names
 from maeday_jax.resizing import resize_maps_bilinear
 
 log = logging.getLogger("maeday_jax")
@@ -27,10 +31,73 @@ def output_path(
   so `000.jpg` and `000.png` in one folder get outputs of their own. Backslashes count as
   folder separators; '..', empty and root parts are dropped so an output never lands
   outside `<workdir>/<kind>/<category>`.
+
+  A name that was not valid UTF-8 on disk reaches here escaped (`bad\\xff.png`, see
+  `maeday_jax.data.names`): its output is named with the original bytes
+  (`bad<0xff>.png.npz`), as the input was, while scores.csv and metrics.json show the
+  escaped text. The escapes are undone before backslashes are read as separators.
   """
-  posix = pathlib.PurePosixPath(file_name.replace("\\", "/"))
+  posix = pathlib.PurePosixPath(names.to_disk(file_name).replace("\\", "/"))
   parts = [p for p in posix.parts if p.strip("/") not in ("", "..")] or ["unnamed"]
-  return pathlib.Path(workdir, kind, category, *parts[:-1], parts[-1] + suffix)
+  folder = names.to_disk(category)
+  return pathlib.Path(workdir, kind, folder, *parts[:-1], parts[-1] + suffix)
+
+
+# The outputs written per image, by kind (the folder under the work directory): suffix.
+PER_IMAGE_OUTPUTS = {
+  "maps": ".npz",
+  "overlays": ".png",
+  "panels": ".png",
+  "reconstructions": ".png",
+}
+
+
+def _is_temporary(name: str) -> bool:
+  """An `atomic_files` temporary: maybe another process's output being written now."""
+  return name.startswith(".") and atomic_files.TEMPORARY_MARKER in name
+
+
+def remove_stale_outputs(
+  workdir: pathlib.Path, category: str, file_names: Iterable[str]
+) -> list[pathlib.Path]:
+  """Deletes the per-image outputs of `category` whose image is not in `file_names`.
+
+  A rerun in the same work directory rewrites the outputs of the images it scores; the
+  maps, overlays, panels and reconstructions of images deleted from the folder since
+  (or now skipped as unreadable) would otherwise stay beside them, as if scored. Only
+  files under `<workdir>/<kind>/<category>/` are considered, and `atomic_files`
+  temporaries are left (a run of the same work directory may be writing them); folders
+  left empty are removed, up to `<workdir>/<kind>`, so no empty `maps/` stays behind.
+  Call it while no process writes this category's outputs. A file that cannot be
+  deleted is logged, not raised: the run's own outputs matter more.
+
+  Returns:
+    The files removed.
+  """
+  names_now = list(file_names)
+  removed = []
+  for kind, suffix in PER_IMAGE_OUTPUTS.items():
+    root = pathlib.Path(workdir, kind, names.to_disk(category))
+    if not root.is_dir():
+      continue
+    keep = {output_path(workdir, kind, category, n, suffix) for n in names_now}
+    for parent, _, files in os.walk(root, topdown=False):
+      for name in files:
+        path = pathlib.Path(parent, name)
+        if path in keep or _is_temporary(name):
+          continue
+        try:
+          path.unlink()
+          removed.append(path)
+        except FileNotFoundError:
+          pass
+        except OSError as e:
+          log.warning("Could not remove the stale output %s: %s", path, e)
+      with contextlib.suppress(OSError):  # Only when empty: rmdir refuses otherwise.
+        os.rmdir(parent)
+    with contextlib.suppress(OSError):
+      root.parent.rmdir()
+  return removed
 
 
 class OutputWriter:

@@ -16,11 +16,23 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from maeday_jax import model_builder
+from maeday_jax import data, model_builder, recipe_checks
 from maeday_jax.config_errors import require
 from maeday_jax.jobs import common
 from maeday_jax.pretrain import loop
-from maeday_jax.pretrain import step as step_lib
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Resolves every data source's categories, and the evaluation's, before training
+  (an unknown category or a missing path fails now, not after the last step).
+
+  Raises:
+    DataError: naming the source and what is wrong.
+  """
+  for source in (config.data, *config.get("extra_data", [])):
+    data.resolve_categories(source)
+  if config.eval.enabled:
+    data.resolve_categories(config.eval.data)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -30,34 +42,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ConfigError: naming the field and what to set instead.
   """
   model_builder.validate_model_config(config.model)
-  train = config.train
-  require(train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {train.batch_size}.")
-  common.require_divides_devices(train.batch_size, "train.batch_size")
-  require(
-    (train.get("steps") or 0) > 0 or train.epochs > 0,
-    "train.epochs",
-    "is 0 and so is train.steps: set either to a positive value.",
-  )
-  require(
-    train.loss in step_lib.LOSSES,
-    "train.loss",
-    f"{train.loss!r} is not one of {', '.join(step_lib.LOSSES)}.",
-  )
-  require(
-    train.get("pixel_loss", "mse") in step_lib.PIXEL_LOSSES,
-    "train.pixel_loss",
-    f"{train.get('pixel_loss')!r} is not one of {', '.join(step_lib.PIXEL_LOSSES)}.",
-  )
-  require(
-    config.checkpoint_every >= 1,
-    "checkpoint_every",
-    f"must be >= 1, got {config.checkpoint_every}.",
-  )
+  common.validate_pretrain_train(config.train)
+  common.validate_training_sources([config.data, *config.get("extra_data", [])], "data")
+  for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
+    value = config.get(name, 1)
+    require(value >= 1, name, f"must be >= 1, got {value}.")
   if config.eval.enabled:
     require(
       config.eval.num_masks >= 1, "eval.num_masks", f"must be >= 1, got {config.eval.num_masks}."
     )
+    require(
+      config.eval.batch_size >= 1,
+      "eval.batch_size",
+      f"must be >= 1, got {config.eval.batch_size}.",
+    )
     common.require_divides_devices(config.eval.batch_size, "eval.batch_size")
+    require(
+      0.0 <= config.eval.mask_ratio < 1.0,
+      "eval.mask_ratio",
+      f"must be in [0, 1), got {config.eval.mask_ratio}.",
+    )
+    require(
+      config.eval.split in recipe_checks.SPLITS,
+      "eval.split",
+      f"{config.eval.split!r} is not one of {', '.join(recipe_checks.SPLITS)}.",
+    )
+    require(
+      config.eval.image_size >= 1,
+      "eval.image_size",
+      f"must be >= 1, got {config.eval.image_size}.",
+    )
 
 
 def _print_summary(summary: dict) -> None:
@@ -78,6 +92,7 @@ def _print_summary(summary: dict) -> None:
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Checks `config`, prepares `workdir`, pre-trains (resuming); returns the summary."""
   validate(config)
+  check_data(config)
   workdir = common.prepare_workdir(workdir, config)
   summary = loop.train(config, workdir)
   if jax.process_index() == 0:

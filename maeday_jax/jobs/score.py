@@ -21,7 +21,13 @@ Outputs under the work directory (see `maeday_jax.bulk.engine` for the layout):
   config.json     the resolved configuration
 
 Rerunning the same command on the same work directory resumes where the last run
-stopped (after a kill, a pre-emption, a crash); a finished run does nothing again.
+stopped (after a kill, a pre-emption, a crash); a finished run scores nothing again. A
+rerun after a committed input changed (its path, size, modification time or CSV label)
+is refused with the changed files named: `--overwrite` or a new --workdir starts fresh.
+One run at a time: a second run on a work directory in use stops at once, naming the
+host and pid that hold it (`bulk.lock`). A model that gives NaN or infinite maps or
+scores stops the run before that batch is committed; a run that scores no image at all
+is an error.
 
 A transductive detector (`Detector.transductive`: an image's score depends on the other
 images scored with it, e.g. MuSc) needs `--config.group_size`: it scores groups of that
@@ -35,6 +41,7 @@ detectors ignore `group_size` (a log line says so).
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 
 import jax
@@ -122,6 +129,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f"{method!r}: this job predicts labels only with a fixed threshold; use 'fixed' (with "
     "--config.threshold.value) or 'none'.",
   )
+  # Whatever the method: config.json and summary.json must stay valid JSON (no NaN).
+  value = config.threshold.value
+  common.require(
+    value is None or math.isfinite(float(value)),
+    "threshold.value",
+    f"must be a finite number, got {value}.",
+  )
   outputs = config.outputs
   common.require(
     outputs.maps in maps_store.MAP_DTYPES,
@@ -175,6 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     listing,
     workdir,
     make_scoring=make_scoring,
+    detector=f"fitted detector {spec}" if detector_choice.is_path(spec) else "",
     batch_size=batch_size,
     commit_every=commit_every,
     threshold=float(config.threshold.value) if config.threshold.method == "fixed" else None,
@@ -188,3 +203,13 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       f"({summary['skipped_count']} skipped, see summary.json): {summary['scores']}"
     )
   return summary
+
+
+def interrupted_message(workdir) -> str:
+  """What `main` prints on Ctrl-C: what this job keeps, and how to go on."""
+  shards = pathlib.Path(workdir) / engine.SHARDS_FOLDER
+  return (
+    f"Interrupted. Every batch committed so far is kept in {shards} (each process's "
+    "part_<n>.csv and progress.json); run the same command again to resume from the last "
+    "commit. scores.csv and summary.json are written once every image is scored."
+  )

@@ -47,6 +47,54 @@ def _read_texture(path: pathlib.Path, hw: tuple[int, int]) -> np.ndarray:
   return np.asarray(image, dtype=np.uint8)
 
 
+def texture_files(path: str | os.PathLike) -> list[pathlib.Path]:
+  """The texture image files of a folder, searched recursively, sorted: .jpg, .jpeg,
+  .png, .bmp in any case; hidden files and folders (e.g. macOS `._` files) left out.
+
+  Raises:
+    ValueError: naming the folder, when it does not exist or holds no image file.
+  """
+  folder = pathlib.Path(path).expanduser()
+  if not folder.is_dir():
+    raise ValueError(f"Texture folder {folder} does not exist or is not a folder.")
+  files = sorted(
+    p
+    for p in folder.rglob("*")
+    if p.suffix.lower() in TEXTURE_EXTENSIONS
+    and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    and p.is_file()
+  )
+  if not files:
+    raise ValueError(
+      f"Texture folder {folder} holds no image file ({', '.join(TEXTURE_EXTENSIONS)})."
+    )
+  return files
+
+
+def check_texture_folder(path: str | os.PathLike) -> int:
+  """Checks, before any training, that a folder holds a readable texture image: lists its
+  files and decodes them in order until one reads (a folder of good images costs one
+  small decode). Returns the number of texture files found.
+
+  Raises:
+    ValueError: naming the folder, when it does not exist, holds no image file, or none
+      of its image files can be read (the first few reasons given).
+  """
+  files = texture_files(path)
+  reasons = []
+  for file in files:
+    try:
+      _read_texture(file, (8, 8))
+      return len(files)
+    except Exception as e:  # Whatever Pillow raises for a bad file: try the next one.
+      if len(reasons) < 3:
+        reasons.append(f"{file.name}: {e}")
+  raise ValueError(
+    f"Texture folder {pathlib.Path(path).expanduser()} holds {len(files)} image files but "
+    f"none can be read ({'; '.join(reasons)})."
+  )
+
+
 def load_texture_folder(
   path: str | os.PathLike, size: int | tuple[int, int], max_images: int | None = None
 ) -> np.ndarray:
@@ -64,22 +112,10 @@ def load_texture_folder(
       readable one.
   """
   hw = rng.as_hw(size)
-  folder = pathlib.Path(path)
-  if not folder.is_dir():
-    raise ValueError(f"Texture folder {folder} does not exist or is not a folder.")
+  folder = pathlib.Path(path).expanduser()
   if max_images is not None and max_images < 1:
     raise ValueError(f"max_images must be >= 1 or None, got {max_images}.")
-  files = sorted(
-    p
-    for p in folder.rglob("*")
-    if p.suffix.lower() in TEXTURE_EXTENSIONS
-    and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    and p.is_file()
-  )
-  if not files:
-    raise ValueError(
-      f"Texture folder {folder} holds no image file ({', '.join(TEXTURE_EXTENSIONS)})."
-    )
+  files = texture_files(folder)
   order = range(len(files))
   if max_images is not None and max_images < len(files):
     order = np.random.default_rng(0).permutation(len(files))

@@ -1,11 +1,17 @@
 """Every network, with the code that loads its weights beside it.
 
+  vit_layers        the transformer layers the ViTs share (attention paths, MLP, SwiGLU,
+                    layer scale, the pre-norm block)
   vit_mae           the ViT-MAE, with `masking`, `patches`, `pos_embed`
   mae_import        official / Hugging Face / converted MAE weights -> `vit_mae`
                     (`load_mae`), with `mae_state_dict` (official keys <-> Flax paths)
   resnet            torchvision-layout ResNets / WideResNets for feature detectors
   resnet_import     torchvision / timm ResNet weights -> `resnet` (`load_backbone`)
   segmenter         MALA's segmenter (MAE + Token Balance Module)
+  dinov2            the DINOv2 ViT (official position resizing), `dinov2_import` its
+                    official / timm / Hugging Face weights
+  features          `load(name, checkpoint=...)`: one entry point for feature networks
+                    (`net.patch_tokens(images, layers=...)`)
   weights           the known names -> URL + hash table, the one resolver
                     (`weights.resolve`) and checkpoint fingerprints (`weights.sha256_of`)
 
@@ -17,7 +23,8 @@ The importers are imported on demand: they pull in the file readers (and Orbax),
 building or running a network does not need.
 """
 
-from maeday_jax.models import masking, patches, pos_embed, resnet, segmenter, weights
+from maeday_jax.models import dinov2, masking, patches, pos_embed, resnet, segmenter, weights
+from maeday_jax.models.features import load
 from maeday_jax.models.resnet import ResNet
 from maeday_jax.models.segmenter import Segmenter
 from maeday_jax.models.vit_mae import (
@@ -42,6 +49,8 @@ __all__ = [
   "Segmenter",
   "architecture",
   "create",
+  "dinov2",
+  "load",
   "init_params",
   "masking",
   "num_params",

@@ -67,6 +67,7 @@ class Kind:
 KINDS: dict[str, Kind] = {
   "mae": Kind("Checkpoint", "", "load_mae", "--config.model.checkpoint", True),
   "backbone": Kind("Backbone", "backbones", "load_backbone", None, False),
+  "dinov2": Kind("DINOv2 checkpoint", "dinov2", "models.load", "--config.dinov2.checkpoint", True),
 }
 
 
@@ -116,6 +117,7 @@ def _torchvision(filename: str) -> Weights:
 
 
 _MAE_URL = "https://dl.fbaipublicfiles.com/mae/visualize/"
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"
 
 KNOWN: dict[str, Weights] = {
   # The official pixel-target MAE checkpoints that include the decoder (no digest is
@@ -129,6 +131,14 @@ KNOWN: dict[str, Weights] = {
   "resnet18": _torchvision("resnet18-f37072fd.pth"),
   "resnet50": _torchvision("resnet50-0676ba61.pth"),
   "wide_resnet50_2": _torchvision("wide_resnet50_2-95faca4d.pth"),
+  # The official DINOv2 backbones (facebookresearch/dinov2 hub; no digest is published).
+  **{
+    f"dinov2_{size}{suffix}": Weights(
+      f"{_DINOV2_URL}dinov2_{size}/dinov2_{size}{file_suffix}_pretrain.pth", "dinov2"
+    )
+    for size in ("vits14", "vitb14", "vitl14", "vitg14")
+    for suffix, file_suffix in (("", ""), ("_reg", "_reg4"))
+  },
 }
 """Every known name -> its `Weights`; the views of `known` read and write this dict."""
 

@@ -28,6 +28,11 @@ def data_config() -> ml_collections.ConfigDict:
     mask_path: `folder` only: optional folder of masks paired with the images by name.
     num_workers: threads that decode and resize images while the model computes.
     prefetch: batches prepared ahead of the one being consumed.
+    max_image_pixels: the most pixels (width x height) one image or mask may have; a
+      larger one is skipped, named, before it is decoded (a decompression bomb: a small
+      PNG can declare gigabytes of pixels). 0 = `$MAEDAY_MAX_IMAGE_PIXELS` if set, else
+      derived from memory: min(250 megapixels, half the physical (or container) memory
+      / (num_workers x 20 bytes)); see `maeday_jax.data.images`.
 
   Example overrides on the command line:
 
@@ -46,6 +51,7 @@ def data_config() -> ml_collections.ConfigDict:
   config.mask_path = ""
   config.num_workers = 4
   config.prefetch = 2
+  config.max_image_pixels = 0
   return config
 
 

@@ -26,9 +26,17 @@ LORA_TARGETS: tuple[str, ...] = (
 # run on W + A B). Same values; the first does less backward work at ViT widths.
 LORA_COMPUTE_MODES = ("activations", "weights")
 FINETUNE_MODES = ("lora", "full")
-# Few-shot detectors (see `jobs/few_shot.py`): MAEDAY, PatchCore, their sum, and two
-# PatchCore banks from different coreset keys (the paper's "2 x PC").
-FEW_SHOT_METHODS = ("maeday", "patchcore", "ensemble", "patchcore_x2")
+# Few-shot detectors (see `jobs/few_shot.py`): MAEDAY, PatchCore, their sum, two
+# PatchCore banks from different coreset keys (the paper's "2 x PC"), AnomalyDINO and
+# its sum with MAEDAY.
+FEW_SHOT_METHODS = (
+  "maeday",
+  "patchcore",
+  "ensemble",
+  "patchcore_x2",
+  "anomalydino",
+  "maeday_anomalydino",
+)
 # Few-shot augmentation (see `maeday_jax.augment` for why these are mild).
 MAX_ROTATION_DEG = 15.0
 CROP_SCALE = (0.8, 1.0)

@@ -36,7 +36,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from maeday_jax.data import archives, images
-from maeday_jax.data.errors import DataError
+from maeday_jax.data.errors import DataError, ImageTooLarge
+from maeday_jax.data.names import to_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class Item:
   """One file to store, as a builder's `_plan` lists it.
 
   Attributes:
-    file_name: the relative path that identifies the example, unique within its split.
+    file_name: the relative path that identifies the example, unique within its split;
+      stored as `names.to_text` of it (bytes that are not UTF-8 written `\\xNN`).
     image_path: the image file.
     mask_path: its mask file, None when there is none (the mask is then all zero).
     label: 0 good, 1 anomalous, -1 unknown; None derives it from the mask (1 when the
@@ -225,8 +227,13 @@ def fingerprint(*directories: pathlib.Path | None) -> str:
   rebuilt then. Broken links and skipped folders count by path and reason.
   """
   digest = hashlib.sha256()
+
+  def add(text: str) -> None:
+    # A name that is not valid UTF-8 (bytes on disk, surrogates here) counts by its bytes.
+    digest.update(text.encode("utf-8", "surrogateescape"))
+
   for directory in directories:
-    digest.update(f"\0{directory}\0".encode())
+    add(f"\0{directory}\0")
     if directory is None or not directory.is_dir():
       continue
     listing = scan(directory)
@@ -235,13 +242,11 @@ def fingerprint(*directories: pathlib.Path | None) -> str:
       try:
         stat = path.stat()
       except OSError:
-        digest.update(f"{relative}|{link_problem(path) or 'unreadable'}\n".encode())
+        add(f"{relative}|{link_problem(path) or 'unreadable'}\n")
         continue
-      digest.update(
-        f"{relative}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}\n".encode()
-      )
+      add(f"{relative}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}\n")
     for path, reason in listing.skipped:
-      digest.update(f"{path.relative_to(directory)}|skipped|{reason}\n".encode())
+      add(f"{path.relative_to(directory)}|skipped|{reason}\n")
   return digest.hexdigest()
 
 
@@ -252,7 +257,8 @@ def path_config_name(label: str, *paths: pathlib.Path | None) -> str:
   """
   slug = re.sub(r"[^A-Za-z0-9_]+", "_", label).strip("_").lower() or "data"
   key = "\0".join(str(p.resolve()) if p else "" for p in paths)
-  return f"{slug[:40]}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+  digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+  return f"{slug[:40]}_{digest[:10]}"
 
 
 class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -348,6 +354,9 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # File names in record order, so they can be listed without reading the records.
     self.info.metadata["file_names"] = {split: [] for split in plan}
     self.info.metadata["unmasked"] = {split: 0 for split in plan}
+    # The fewest pixels of an image refused as larger than the pixel budget (0: none):
+    # `prepare` rebuilds once the budget admits it.
+    self.info.metadata["refused_pixels"] = 0
     if (digest := self.source_fingerprint()) is not None:
       self.info.metadata["fingerprint"] = digest
     return {split: self._generate_examples(split, items) for split, items in plan.items()}
@@ -357,6 +366,9 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     file_names = self.info.metadata["file_names"][split]
     seen = set()
     for item in items:
+      # Records, metadata and reports are UTF-8 text: a name that is not UTF-8 on disk
+      # is kept as its lossless escape (`names.to_text`), never a UnicodeEncodeError.
+      item = dataclasses.replace(item, file_name=to_text(item.file_name))
       if item.file_name in seen and not item.error:
         item = dataclasses.replace(item, error=f"listed twice as {item.file_name}")
       try:
@@ -364,8 +376,12 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       except DataError as e:
         # A problem with the mask names the mask in the reason; the path is the image's.
         reason = e.reason if e.path in (None, str(item.image_path)) else str(e)
-        logger.warning("Skipping %s: %s", item.image_path, reason)
-        skipped.append([str(item.image_path), reason])
+        reason, path = to_text(reason), to_text(item.image_path)
+        logger.warning("Skipping %s: %s", path, reason)
+        skipped.append([path, reason])
+        if isinstance(e, ImageTooLarge):
+          refused = self.info.metadata["refused_pixels"]
+          self.info.metadata["refused_pixels"] = min(refused or e.pixels, e.pixels)
         continue
       seen.add(item.file_name)
       file_names.append(item.file_name)

@@ -19,7 +19,10 @@
   is kept with the prepared data (`Split.unmasked`). Without a mask folder the label is
   -1 (unknown).
 - `file_name` is the path inside its folder; `defect_type` is 'good', 'anomaly' or
-  'unknown' from the label.
+  'unknown' from the label. A name that is not valid UTF-8 (bytes from an old NAS share
+  or a camera card) is read and scored like any other; it is kept as UTF-8 text with
+  each undecodable byte written `\\xNN` (`maeday_jax.data.names`), and outputs named
+  after it (maps, overlays) get the original bytes back on disk.
 - Symbolic links: a link to a file is read as that file and a broken link is reported
   ("broken symbolic link") and skipped. A link to a folder is followed, and its files
   are named by the path through the link; each real folder is listed once, so a link
@@ -42,6 +45,7 @@ import tensorflow_datasets as tfds
 
 from maeday_jax.data.builders import base
 from maeday_jax.data.errors import DataError
+from maeday_jax.data.names import to_text
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,8 +62,8 @@ class FolderConfig(tfds.core.BuilderConfig):
 
 
 def category_name(path: pathlib.Path) -> str:
-  """The folder dataset's single pseudo-category: the folder's name."""
-  return path.expanduser().resolve().name or "folder"
+  """The folder dataset's single pseudo-category: the folder's name (`names.to_text`)."""
+  return to_text(path.expanduser().resolve().name) or "folder"
 
 
 def _mask_key(relative: pathlib.PurePath) -> str:

@@ -1,0 +1,226 @@
+"""AnomalyDINO (Damm et al., 2024): training-free few-shot detection with DINOv2 patches.
+
+The memory bank holds the L2-normalised last-layer patch tokens (through DINOv2's final
+norm) of the normal shots, each also rotated by `rotations` degrees (multiples of 90:
+exact, no interpolation); a test patch's anomaly is its cosine distance to the nearest
+bank patch (an exact search on device, in chunks of the bank: `nearest_neighbors`).
+With `masking`, patches outside the zero-shot foreground (`maeday_jax.foreground`: the
+first principal component of the tokens) are left out of the bank and score 0, as the
+method does for object categories. Map: the patch distances upsampled (nearest) to the
+input and Gaussian-smoothed (sigma 4, PatchCore's `anomaly_map`); image score: the mean
+of the top 1 % patch distances.
+
+The artifact stores the bank, and DINOv2's weights unless they are the public checkpoint
+(then referenced by name and SHA-256).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ml_collections
+
+from maeday_jax.config_errors import require
+from maeday_jax.detectors import weights_ref
+from maeday_jax.detectors.base import Detector
+
+log = logging.getLogger("maeday_jax")
+TOP_FRACTION = 0.01
+
+
+def anomalydino_section() -> ml_collections.ConfigDict:
+  """AnomalyDINO's settings.
+
+  Fields:
+    backbone: the DINOv2 (`models.load` names: dinov2_vits14 ... dinov2_vitg14_reg;
+      dinov2_test for smoke tests).
+    checkpoint: its weights: '' (the backbone's public checkpoint), a file, a Hugging Face
+      folder, or 'random'.
+    image_size: the square input (a multiple of 14; 448 in the paper, 672 the larger).
+    layer: the block whose tokens are compared (-1: the last).
+    masking: zero-shot foreground masking (objects on plain backgrounds).
+    rotations: the shots are added at these rotations (degrees, multiples of 90).
+    chunk_size: bank rows per step of the nearest-neighbour search (memory bound:
+      patches per batch x chunk_size floats).
+  """
+  return ml_collections.ConfigDict(
+    {
+      "backbone": "dinov2_vits14",
+      "checkpoint": "",
+      "image_size": 448,
+      "layer": -1,
+      "masking": False,
+      "rotations": (0, 90, 180, 270),
+      "chunk_size": 4096,
+    }
+  )
+
+
+def require_patch_multiple(size: int, field: str) -> None:
+  """Checks a DINOv2 input size: a positive multiple of its 14-px patches.
+
+  Raises:
+    ConfigError: naming `field`.
+  """
+  require(
+    size >= 14 and size % 14 == 0,
+    field,
+    f"{size} is not a multiple of DINOv2's 14-px patches (e.g. 448 or 672).",
+  )
+
+
+class AnomalyDino(Detector):
+  """Cosine kNN of DINOv2 patch tokens to the shots' tokens; top-1 % mean image score."""
+
+  method = "anomalydino"
+  summary = "AnomalyDINO: DINOv2 patch kNN to the normal shots (training-free)"
+  needs_shots = True
+  SECTIONS = {"anomalydino": anomalydino_section}
+
+  def __init__(self, settings):
+    super().__init__(settings)
+    self._net = None
+    self._weights: dict | None = None
+
+  @classmethod
+  def validate(cls, config) -> None:
+    section = config.anomalydino
+    require_patch_multiple(section.image_size, "anomalydino.image_size")
+    rotations = list(section.rotations)
+    require(
+      bool(rotations) and all(int(r) % 90 == 0 for r in rotations),
+      "anomalydino.rotations",
+      f"{rotations}: give multiples of 90 degrees (0 keeps the shots as they are).",
+    )
+    require(section.chunk_size >= 1, "anomalydino.chunk_size", "must be >= 1.")
+
+  @property
+  def _section(self):
+    """This method's settings section (DINOv2 detectors share the rest)."""
+    return self.settings.anomalydino
+
+  @property
+  def input_size(self) -> int:
+    return int(self._section.image_size)
+
+  def describe(self) -> str:
+    return f"{self.method} ({self._section.backbone})"
+
+  def build(self) -> None:
+    """Loads DINOv2 (the public checkpoint, a file, or random weights)."""
+    import jax
+
+    from maeday_jax import models
+
+    section = self._section
+    checkpoint = section.checkpoint or section.backbone
+    if checkpoint == "random":
+      log.warning("%s with a RANDOM DINOv2: its figures are meaningless.", self.method)
+    self._net = models.load(section.backbone, checkpoint, key=jax.random.key(self.settings.seed))
+    self._weights = weights_ref.reference(checkpoint, "dinov2")
+    self.state = {"dinov2": self._net.params}
+
+  def _features(self, params, images):
+    """L2-normalised patch tokens (B, h, w, C) of the chosen layer, through the final norm."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    net = dataclasses.replace(self._net, params=params)
+    layer = int(self.settings.anomalydino.layer)
+    tokens = net.patch_tokens(images, layers=(layer,), norm=True)
+    features = next(iter(tokens.values()))
+    return features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+
+  def fit(self, normals, key) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from maeday_jax import foreground
+
+    del key  # Deterministic.
+    if self._net is None:
+      self.build()
+    shots, _ = normals.images(self.input_size)
+    if len(shots) == 0:
+      raise ValueError("anomalydino needs at least one normal shot for its memory bank.")
+    section = self.settings.anomalydino
+    views = np.concatenate(
+      [np.rot90(shots, int(r) // 90 % 4, axes=(1, 2)) for r in section.rotations]
+    )
+    features = jax.jit(self._features)(self.state["dinov2"], jnp.asarray(views))
+    rows = np.asarray(features).reshape(-1, features.shape[-1])
+    if section.masking:
+      masks = np.asarray(jax.jit(foreground.foreground_masks)(features)).reshape(-1)
+      if masks.any():
+        rows = rows[masks]
+    self.state = {**self.state, "bank": jnp.asarray(rows)}
+
+  def step_signature(self):
+    section = self.settings.anomalydino
+    return (
+      "anomalydino",
+      self._net.model,
+      int(section.layer),
+      bool(section.masking),
+      int(section.chunk_size),
+    )
+
+  def score_function(self, mesh, local_batch: int):
+    import jax.numpy as jnp
+
+    from maeday_jax import foreground, memory_budget, nearest_neighbors, patchcore
+
+    section = self.settings.anomalydino
+    masking, chunk = bool(section.masking), int(section.chunk_size)
+    patches = (self.input_size // self._net.model.patch_size) ** 2
+    # The search holds (local patches x chunk) float32 distances at a time.
+    memory_budget.require_fits(
+      f"{local_batch} images per device at {self.input_size} px with chunks of {chunk} bank rows",
+      4 * local_batch * patches * min(chunk, int(self.state["bank"].shape[0])),
+      "anomalydino.chunk_size",
+      mesh.devices.flat[0],
+    )
+
+    def score(state, images, ids, key):
+      del ids, key  # Deterministic given the bank.
+      features = self._features(state["dinov2"], images)
+      batch, rows, cols, dim = features.shape
+      d2, _ = nearest_neighbors.k_nearest(features.reshape(-1, dim), state["bank"], 1, chunk)
+      # |a - b|^2 = 2 - 2 cos for unit vectors: the cosine distance is half of it.
+      distances = jnp.clip(d2[:, 0] / 2.0, 0.0, 2.0).reshape(batch, rows, cols)
+      if masking:
+        distances = jnp.where(foreground.foreground_masks(features), distances, 0.0)
+      flat = distances.reshape(batch, -1)
+      top = max(int(flat.shape[1] * TOP_FRACTION), 1)
+      scores = jnp.mean(jnp.sort(flat, axis=1)[:, -top:], axis=1)
+      maps = patchcore.anomaly_map(distances, tuple(images.shape[1:3]))
+      return maps, scores
+
+    return score
+
+  def saved_state(self) -> Any:
+    if self._weights is None:
+      return self.state
+    # The public DINOv2 is referenced by name and hash, not copied.
+    return {k: v for k, v in self.state.items() if k != "dinov2"}
+
+  def record(self) -> dict:
+    from maeday_jax.models import dinov2
+
+    return {"architecture": dinov2.architecture(self._net.model), "weights": self._weights}
+
+  def restore(self, record: dict, state: Any) -> None:
+    from maeday_jax.models import dinov2, features
+
+    model = dinov2.DinoV2(**record["architecture"])
+    if record.get("weights"):
+      self._weights = record["weights"]
+      weights_ref.check(self._weights)
+      loaded = features.load(self._section.backbone, self._weights["name"])
+      state = {**state, "dinov2": loaded.params}
+      model = loaded.model
+    self._net = features.DinoV2Features(model, state["dinov2"])
+    self.state = state
