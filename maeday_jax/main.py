@@ -3,18 +3,15 @@
 Every job is an importable `run(config, workdir)` function; this file only parses flags.
 """
 
-import difflib
 import importlib
 import logging
-import os
-import re
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
-from maeday_jax import cpu_limits
+from maeday_jax import command_line, cpu_limits
 from maeday_jax.checkpoints import CheckpointError
 from maeday_jax.config_errors import ConfigError
 from maeday_jax.data import DataError
@@ -91,56 +88,6 @@ def main(argv) -> None:
     sys.exit(130)
 
 
-def _config_spec(argv: list[str]) -> str | None:
-  """The value of `--config` on the command line (`--config=F` or `--config F`)."""
-  for i, arg in enumerate(argv):
-    match = re.match(r"^--?config(=(.*))?$", arg)
-    if match:
-      return match.group(2) if match.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
-  return None
-
-
-def _field_names(node: config_dict.ConfigDict, prefix: str = ""):
-  """Every field of a config, sections included, as dotted names ('train.lora.rank')."""
-  for key in node:
-    yield prefix + key
-    if isinstance(node[key], config_dict.ConfigDict):
-      yield from _field_names(node[key], f"{prefix}{key}.")
-
-
-def _unknown_field(config: config_dict.ConfigDict, path: str) -> bool:
-  node = config
-  for part in path.split("."):
-    if not isinstance(node, config_dict.ConfigDict):
-      return False  # Inside a list or a value: ml_collections says what is wrong.
-    if part not in node:
-      return True
-    node = node[part]
-  return False
-
-
-def _misspelt_field(argv: list[str]) -> str | None:
-  """The message for the first `--config.<field>` override the config does not have,
-  naming the nearest field it has, or None when every override names a field."""
-  spec = _config_spec(argv)
-  overrides = [m.group(2) for arg in argv if (m := re.match(r"^--?(no)?config\.([^=]+)", arg))]
-  if not spec or not overrides:
-    return None
-  try:
-    config = flags.FLAGS["config"].parser.parse(spec)
-  except Exception:  # The file itself is the problem: its own message says so.
-    return None
-  if not isinstance(config, config_dict.ConfigDict):
-    return None
-  for path in overrides:
-    if _unknown_field(config, path):
-      close = difflib.get_close_matches(path, list(_field_names(config)), n=1)
-      if close:
-        return f"--config.{path}: no such field; did you mean --config.{close[0]}?"
-      return f"--config.{path}: no such field in {spec}."
-  return None
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """`app.run`'s flag parser: absl's, with every command-line mistake (a misspelt
   `--config.<field>`, a value of the wrong type, an unknown flag, a config file that does
@@ -155,33 +102,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     _CONFIG.value.get("job")
     return remaining
   except Exception as e:  # Whatever the flag parsers raise: the command line is wrong.
-    spec = _config_spec(argv)
-    if spec and not os.path.isfile(spec.split(":", 1)[0]):
-      message = f"--config={spec}: no such config file ({', '.join(_config_files())})."
-    else:
-      message = _misspelt_field(argv) or _one_line(e)
+    message = command_line.explain(argv, e, flags.FLAGS["config"].parser.parse)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def _config_files() -> list[str]:
-  """The job config files beside this package (`configs/*.py`), for messages."""
-  folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-  names = (
-    sorted(n for n in os.listdir(folder) if n.endswith(".py")) if os.path.isdir(folder) else []
-  )
-  return [f"configs/{n}" for n in names if not n.startswith("_")] or ["configs/<job>.py"]
-
-
-def _one_line(error: Exception) -> str:
-  """A flag parser's message on one line; of a config file's own traceback (which
-  ml_collections pastes into its message), only the exception it ends with."""
-  text = str(error)
-  if "Traceback (most recent call last)" in text:
-    head = text.split("\n", 1)[0].split(": Error whilst parsing", 1)[0]
-    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
-    text = f"{head}: {last}"
-  return " ".join(text.split()).removeprefix("flag ")
 
 
 if __name__ == "__main__":

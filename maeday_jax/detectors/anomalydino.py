@@ -1,4 +1,4 @@
-"""AnomalyDINO (Damm et al., 2024): training-free few-shot detection with DINOv2 patches.
+"""AnomalyDINO (WACV 2025): training-free few-shot detection with DINOv2 patches.
 
 The memory bank holds the L2-normalised last-layer patch tokens (through DINOv2's final
 norm) of the normal shots, each also rotated by `rotations` degrees (multiples of 90:

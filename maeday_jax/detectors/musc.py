@@ -1,4 +1,4 @@
-"""MuSc-style zero-shot detection (Li et al., ICLR 2024): the unlabeled images of a group
+"""MuSc-style zero-shot detection (ICLR 2024): the unlabeled images of a group
 score each other.
 
 Transductive: an image's score depends on the other images it is scored with (a group:
