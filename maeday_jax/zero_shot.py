@@ -15,16 +15,14 @@ position or name, on the batch or on the number of devices and hosts.
 """
 
 import functools
-import hashlib
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from maeday_jax import parallel
 from maeday_jax.blur import gaussian_blur
+from maeday_jax.content_ids import image_ids  # noqa: F401  (re-exported)
 from maeday_jax.models import MaskedAutoencoder
 from maeday_jax.models import masking as patch_masking
 
@@ -102,27 +100,6 @@ def image_noise(
 def example_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
   """One key per example of a batch, derived from its position `indices` (B,)."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-
-
-def image_ids(images: Sequence[np.ndarray | bytes | str]) -> np.ndarray:
-  """(B, 2) uint32: the first 64 bits of the SHA-256 of each image's content.
-
-  The identity an image's masks are drawn from: its pixels as the model reads them (an
-  array's bytes; bytes or a string are hashed as given). Byte-identical copies of an
-  image therefore get the same masks and the same score, and an image's masks do not
-  depend on its name, its position or the other images. 64 bits: two of a million
-  different images share masks with probability ~3e-8.
-  """
-
-  def digest(item) -> bytes:
-    if isinstance(item, str):
-      item = item.encode("utf-8")
-    elif not isinstance(item, bytes):
-      item = np.ascontiguousarray(item).tobytes()
-    return hashlib.sha256(item).digest()[:8]
-
-  digests = b"".join(digest(item) for item in images)
-  return np.frombuffer(digests, ">u4").astype(np.uint32).reshape(len(images), 2)
 
 
 def image_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
