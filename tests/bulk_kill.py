@@ -112,3 +112,24 @@ def unblock(killed, reference, name) -> None:
   """Replaces the named pipe `name` of `killed` with the real file of `reference`."""
   (pathlib.Path(killed) / name).unlink()
   shutil.copy(pathlib.Path(reference) / name, pathlib.Path(killed) / name)
+
+
+def kill_before_record(monkeypatch, parts: int, run) -> None:
+  """Calls `run()` with the progress record that would count part `parts` raising
+  KeyboardInterrupt (a kill after that part is written, before its record), then restores
+  the record writer."""
+  import pytest
+
+  from maeday_jax.bulk import shards
+
+  real = shards.ShardStore.write
+
+  def killed(self, progress):
+    if progress.parts == parts:
+      raise KeyboardInterrupt("simulated kill")
+    real(self, progress)
+
+  monkeypatch.setattr(shards.ShardStore, "write", killed)
+  with pytest.raises(KeyboardInterrupt):
+    run()
+  monkeypatch.setattr(shards.ShardStore, "write", real)

@@ -22,13 +22,14 @@ import pytest
 from PIL import Image
 
 from maeday_jax import evaluation, parallel
-from maeday_jax.bulk import engine, shards
+from maeday_jax.bulk import engine
 from maeday_jax.config_errors import ConfigError
 from maeday_jax.detectors import registry, scoring
 from maeday_jax.detectors.base import Detector
 from maeday_jax.jobs import score as score_job
 from maeday_jax.jobs.common import WorkdirError
 from tests import data_makers
+from tests.bulk_kill import kill_before_record
 from tests.processes import run_processes
 
 SIZE = 24  # The test detectors' input size.
@@ -211,18 +212,8 @@ def test_a_killed_run_resumes_to_the_same_groups_and_rows(
 ):
   """Killed after the second group's part was written but before its record: the rerun
   deletes that part, scores the same groups again and ends with the same rows."""
-  real = shards.ShardStore.write
-
-  def killed(self, progress):
-    if progress.parts == 2:
-      raise KeyboardInterrupt("simulated kill")
-    real(self, progress)
-
   config, workdir = _config(job_config, images), tmp_path / "work"
-  monkeypatch.setattr(shards.ShardStore, "write", killed)
-  with pytest.raises(KeyboardInterrupt):
-    score_job.run(config, workdir)
-  monkeypatch.setattr(shards.ShardStore, "write", real)
+  kill_before_record(monkeypatch, 2, lambda: score_job.run(config, workdir))
   shard = workdir / "shards/process_0"
   record = json.loads((shard / "progress.json").read_text())
   assert record["parts"] == 1 and record["next_batch"] == 1 and not record["done"]

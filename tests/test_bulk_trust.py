@@ -40,7 +40,14 @@ from maeday_jax.detectors.base import Detector
 from maeday_jax.jobs import common
 from maeday_jax.jobs import score as score_job
 from tests import data_makers
-from tests.bulk_kill import COMMON_ARGS, blocking_copy, feed, start_run, wait_for_parts
+from tests.bulk_kill import (
+  COMMON_ARGS,
+  blocking_copy,
+  feed,
+  kill_before_record,
+  start_run,
+  wait_for_parts,
+)
 from tests.conftest import REPO_ROOT
 from tests.processes import run_processes
 
@@ -290,18 +297,8 @@ def test_manifest_labels_changed_mid_run(images, tmp_path, job_config, monkeypat
     manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
 
   write({})
-  real = shards.ShardStore.write
-
-  def killed(self, progress):
-    if progress.parts == 2:
-      raise KeyboardInterrupt("simulated kill")
-    real(self, progress)
-
   config, workdir = _config(job_config, manifest), tmp_path / "work"
-  monkeypatch.setattr(shards.ShardStore, "write", killed)
-  with pytest.raises(KeyboardInterrupt):
-    score_job.run(config, workdir)
-  monkeypatch.setattr(shards.ShardStore, "write", real)
+  kill_before_record(monkeypatch, 2, lambda: score_job.run(config, workdir))
   assert _record(workdir)["parts"] == 1  # The first 8 rows.
   write({NAMES[2]: 1 - labels[NAMES[2]]})
   with pytest.raises(ConfigError, match=rf"{NAMES[2]} \(label 0 when scored, 1 now\)"):

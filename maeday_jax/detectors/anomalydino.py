@@ -81,7 +81,7 @@ class AnomalyDino(Detector):
   def __init__(self, settings):
     super().__init__(settings)
     self._net = None
-    self._weights: dict | None = None
+    self._weights: weights_ref.PublicWeights | None = None
 
   @classmethod
   def validate(cls, config) -> None:
@@ -118,7 +118,7 @@ class AnomalyDino(Detector):
     if checkpoint == "random":
       log.warning("%s with a RANDOM DINOv2: its figures are meaningless.", self.method)
     self._net = models.load(section.backbone, checkpoint, key=jax.random.key(self.settings.seed))
-    self._weights = weights_ref.reference(checkpoint, "dinov2")
+    self._weights = weights_ref.PublicWeights.of(checkpoint, "dinov2")
     self.state = {"dinov2": self._net.params}
 
   def _features(self, params, images):
@@ -210,16 +210,17 @@ class AnomalyDino(Detector):
   def record(self) -> dict:
     from maeday_jax.models import dinov2
 
-    return {"architecture": dinov2.architecture(self._net.model), "weights": self._weights}
+    weights = self._weights.record() if self._weights is not None else None
+    return {"architecture": dinov2.architecture(self._net.model), "weights": weights}
 
   def restore(self, record: dict, state: Any) -> None:
     from maeday_jax.models import dinov2, features
 
     model = dinov2.DinoV2(**record["architecture"])
     if record.get("weights"):
-      self._weights = record["weights"]
-      weights_ref.check(self._weights)
-      loaded = features.load(self._section.backbone, self._weights["name"])
+      self._weights = weights_ref.PublicWeights.from_record(record["weights"])
+      weights_ref.check(record["weights"])
+      loaded = features.load(self._section.backbone, self._weights.name)
       state = {**state, "dinov2": loaded.params}
       model = loaded.model
     self._net = features.DinoV2Features(model, state["dinov2"])

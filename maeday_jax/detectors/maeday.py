@@ -40,7 +40,8 @@ class ZeroShotMaeday(Detector):
   def __init__(self, settings):
     super().__init__(settings)
     self._model = None
-    self._weights: dict | None = None  # A public checkpoint referenced by name + hash.
+    # A public checkpoint, referenced in artifacts by name and hash.
+    self._weights: weights_ref.PublicWeights | None = None
 
   @classmethod
   def validate(cls, config) -> None:
@@ -83,7 +84,9 @@ class ZeroShotMaeday(Detector):
     )
     # A checkpoint's patch count is known only now: checked before anything compiles.
     model_builder.check_visible_patches(self.settings, self._model.num_patches)
-    self._weights = weights_ref.mae_reference(model_config)
+    self._weights = weights_ref.PublicWeights.of(
+      str(model_config.checkpoint), "mae", model_config.get("cache_dir") or None
+    )
     self.state = {"mae": params}
 
   @property
@@ -142,7 +145,8 @@ class ZeroShotMaeday(Detector):
   def record(self) -> dict:
     from maeday_jax import models
 
-    return {"architecture": models.architecture(self.model), "weights": self._weights}
+    weights = self._weights.record() if self._weights is not None else None
+    return {"architecture": models.architecture(self.model), "weights": weights}
 
   def restore(self, record: dict, state: Any) -> None:
     from maeday_jax import model_builder, models
@@ -150,7 +154,7 @@ class ZeroShotMaeday(Detector):
     dtype = model_builder.compute_dtype(self.settings.model.dtype)
     attention = self.settings.model.get("attention", "auto")
     if record.get("weights"):
-      self._weights = record["weights"]
+      self._weights = weights_ref.PublicWeights.from_record(record["weights"])
       # Resolved in this machine's cache (`$MAEDAY_CACHE_DIR`), not the fitting one's.
       self._model, params = weights_ref.load_referenced_mae(record["weights"], dtype, attention)
       state = {"mae": params}

@@ -57,9 +57,8 @@ class LoraMaeday(ZeroShotMaeday):
     record = {}
     if len(heldout):
       record["heldout_loss_before"] = few_shot.heldout_loss(model, base, heldout, key)
-    workdir = None if normals.workdir is None else normals.workdir
     merged, history = few_shot.adapt(
-      model, base, shots, jax.random.fold_in(key, 1), train, workdir=workdir
+      model, base, shots, jax.random.fold_in(key, 1), train, workdir=normals.workdir
     )
     if len(heldout):
       record["heldout_loss_after"] = few_shot.heldout_loss(model, merged, heldout, key)

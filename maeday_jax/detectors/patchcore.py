@@ -36,7 +36,7 @@ class PatchCore(Detector):
   def __init__(self, settings):
     super().__init__(settings)
     self._model = None
-    self._weights: dict | None = None
+    self._weights: weights_ref.PublicWeights | None = None
     self._grid = (0, 0)
 
   @classmethod
@@ -66,7 +66,7 @@ class PatchCore(Detector):
     else:
       cache = pc.cache_dir or None
       self._model, variables = backbones.load_backbone(pc.backbone, cache_dir=cache)
-      self._weights = weights_ref.backbone_reference(pc.backbone, cache)
+      self._weights = weights_ref.PublicWeights.of(pc.backbone, "backbone", cache)
     self.state = {"backbone": variables}
 
   def fit(self, normals, key) -> None:
@@ -124,7 +124,7 @@ class PatchCore(Detector):
         "width": model.width,
         "width_per_group": model.width_per_group,
       },
-      "weights": self._weights,
+      "weights": self._weights.record() if self._weights is not None else None,
       "grid": list(self._grid),
     }
 
@@ -133,7 +133,7 @@ class PatchCore(Detector):
 
     self._grid = tuple(record["grid"])
     if record.get("weights"):
-      self._weights = record["weights"]
+      self._weights = weights_ref.PublicWeights.from_record(record["weights"])
       self._model, variables = weights_ref.load_referenced_backbone(record["weights"])
       state = {**state, "backbone": variables}
     else:

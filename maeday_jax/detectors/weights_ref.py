@@ -16,16 +16,35 @@ class ArtifactError(ConfigError):
   """A detector artifact cannot be used; the message names the file and what to do."""
 
 
-def reference(name: str, kind: str, cache_dir=None) -> dict | None:
-  """`{"kind", "name", "sha256"}` when `name` is a known public name of `kind` ('mae' or
-  'backbone', `models.weights.KNOWN`), its file downloaded (once) and hashed; None when
-  the weights are not public and must be stored in the artifact."""
-  from maeday_jax.models import weights
+class PublicWeights:
+  """A public checkpoint a detector is built on: its name and kind at once, its SHA-256
+  only when an artifact records it (`record`), so building a detector to score never
+  reads the whole file again."""
 
-  if not weights.is_known(name, kind):
-    return None
-  path = weights.resolve(name, cache_dir, kind=kind)
-  return {"kind": kind, "name": name, "sha256": weights.sha256_of(path)}
+  def __init__(self, name: str, kind: str, cache_dir=None, recorded: dict | None = None):
+    self.name, self.kind, self.cache_dir, self._recorded = name, kind, cache_dir, recorded
+
+  @classmethod
+  def of(cls, name: str, kind: str, cache_dir=None) -> PublicWeights | None:
+    """The public weights `name` stands for (a known name of `kind`), else None: weights
+    that are not public must be stored in the artifact."""
+    from maeday_jax.models import weights
+
+    return cls(name, kind, cache_dir) if weights.is_known(name, kind) else None
+
+  @classmethod
+  def from_record(cls, record: dict) -> PublicWeights:
+    """The weights an artifact references (`record()` of the detector that was saved)."""
+    return cls(record["name"], record["kind"], recorded=dict(record))
+
+  def record(self) -> dict:
+    """`{"kind", "name", "sha256"}`, the file downloaded (once) and hashed on first use."""
+    if self._recorded is None:
+      from maeday_jax.models import weights
+
+      path = weights.resolve(self.name, self.cache_dir, kind=self.kind)
+      self._recorded = {"kind": self.kind, "name": self.name, "sha256": weights.sha256_of(path)}
+    return self._recorded
 
 
 def check(reference: dict, cache_dir=None) -> None:
@@ -51,16 +70,6 @@ def check(reference: dict, cache_dir=None) -> None:
       f"{path} has {found[:16]}...: another file under the same name. Delete it so it is "
       "downloaded again, or refit the detector on these weights."
     )
-
-
-def mae_reference(model_config) -> dict | None:
-  """The reference of `model_config.checkpoint` when it is a public MAE name."""
-  return reference(str(model_config.checkpoint), "mae", model_config.get("cache_dir") or None)
-
-
-def backbone_reference(name: str, cache_dir=None) -> dict | None:
-  """The reference of a public backbone name (torchvision's ImageNet ResNets)."""
-  return reference(name, "backbone", cache_dir)
 
 
 def load_referenced_mae(reference: dict, dtype, attention: str, cache_dir=None):

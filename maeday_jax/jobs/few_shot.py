@@ -280,7 +280,6 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       fitted, parts, errors = detectors.fit(normals, seed, notes)
       if "maeday" in parts:
         record.update(parts["maeday"].history)
-      record.pop("category")
       if notes:
         record["ensemble_normalization"] = notes
       for name in names:
@@ -315,7 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
           for n in names
           if n in errors
         ]
-      adaptation.append({"category": category, **record})
+      adaptation.append(record)
       write_comparisons(
         seed_dir,
         names,
