@@ -1,6 +1,7 @@
 """Bulk scoring: listing and sharding, bad files, kill and resume, changed lists, two hosts."""
 
 import csv
+import io
 import json
 import os
 import pathlib
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from maeday_jax import metrics
-from maeday_jax.bulk import engine, maps_store, source
+from maeday_jax.bulk import engine, maps_store, progress_line, source
 from maeday_jax.config_errors import ConfigError
 from maeday_jax.jobs import score as score_job
 from tests import data_makers
@@ -107,6 +108,23 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_scored(folder_run):
   assert set(reasons) == {"line0/bad.png", "note.png"}
   assert "truncated" in reasons["line0/bad.png"] and "not an image" in reasons["note.png"]
   assert summary["processes"][0]["images_per_second"] > 0
+  # Loading the model and compiling come before the first scores, within the run.
+  assert 0 < summary["startup_seconds"] == summary["processes"][0]["startup_seconds"]
+  assert summary["startup_seconds"] < summary["wall_seconds"] + 60
+
+
+def test_each_host_has_one_progress_line_that_a_log_file_can_read():
+  lines = io.StringIO()  # Not a terminal: plain ASCII, refreshed at most every 30 s.
+  with progress_line.host_progress(11, 4, host=1, hosts=3, file=lines) as bar:
+    for _ in range(7):
+      bar.update(1)
+  text = lines.getvalue()
+  assert "scoring (host 2/3)" in text and "11/11" in text and "img/s" in text
+  assert text.isascii() and "4/11" in text  # A resumed run starts from what is committed.
+  one = io.StringIO()
+  with progress_line.host_progress(3, 0, host=0, hosts=1, file=one) as bar:
+    bar.update(3)
+  assert one.getvalue().lstrip("\r").startswith("scoring: ")
 
 
 def test_rerun_of_a_finished_run_does_no_work(folder_run, monkeypatch, job_config):
@@ -219,6 +237,7 @@ def test_two_processes_write_exactly_the_rows_of_one(folder_run, tmp_path):
   run_processes(TWO_PROCESS_WORKER, str(images), str(tmp_path / "work"))
   two = json.loads((tmp_path / "work" / "summary.json").read_text())
   assert [p["images"] for p in two["processes"]] == [5, 6]  # 13 listed, 2 skipped.
+  assert all(p["startup_seconds"] > 0 for p in two["processes"])  # Each host's own.
   assert two["skipped"] == one["skipped"]
   one_rows, two_rows = _rows(single), _rows(tmp_path / "work")
   assert [r["file"] for r in two_rows] == [r["file"] for r in one_rows]

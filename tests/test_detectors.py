@@ -25,7 +25,7 @@ from PIL import Image
 
 from maeday_jax import data, defaults, detectors
 from maeday_jax.config_errors import ConfigError
-from maeday_jax.detectors import artifact, registry
+from maeday_jax.detectors import artifact, registry, scoring
 from maeday_jax.detectors.base import Detector
 from maeday_jax.jobs import evaluate as evaluate_job
 from maeday_jax.jobs import fit as fit_job
@@ -256,6 +256,31 @@ def patchcore_artifact(dataset, tmp_path_factory) -> pathlib.Path:
   config = _fit_config(dataset, tmp / "tfds", "patchcore")
   fit_job.run(config, tmp / "fit")
   return tmp / "fit" / fit_job.ARTIFACT_DIR
+
+
+def test_a_percentile_threshold_reuses_the_held_out_scores(dataset, tmp_path, monkeypatch):
+  calls = []
+  score_images = scoring.score_images
+
+  def counted(detector, images, *args, **kwargs):
+    calls.append(len(images))
+    return score_images(detector, images, *args, **kwargs)
+
+  monkeypatch.setattr(scoring, "score_images", counted)
+  config = _fit_config(
+    dataset, tmp_path / "tfds", "patchcore", **{"threshold.method": "percentile"}
+  )
+  summary = fit_job.run(config, tmp_path / "fit")
+  assert calls == [4]  # The held-out normals, scored once for statistics and threshold.
+  monkeypatch.setattr(scoring, "score_images", score_images)
+  # The same held-out images, scored again by the saved artifact: their 99th percentile.
+  fitted = detectors.load(tmp_path / "fit" / fit_job.ARTIFACT_DIR)
+  category = data.resolve_categories(config.data)[0]
+  normals, record = detectors.fitting.normal_images(config, category)
+  assert record["heldout"] == summary["heldout"]
+  _, again = scoring.score_images(fitted, normals.images(fitted.input_size)[1])
+  expected = np.percentile(again.astype(np.float64), 99.0)
+  np.testing.assert_allclose(summary["threshold"]["value"], expected, rtol=1e-5)
 
 
 def _damaged(source: pathlib.Path, target: pathlib.Path, change) -> pathlib.Path:

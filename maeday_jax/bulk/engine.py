@@ -23,8 +23,12 @@ On disk, under the work directory:
   maps_index.csv                    with `maps`: file, map shard, row of every scored image
   pictures/<rank>_<name>.png        with `top_pictures`: overlays of the highest scores
   summary.json                      images, skipped with reasons, images/s per process,
-                                    wall time, image metrics when labelled, threshold,
-                                    maps and pictures
+                                    wall time, the start-up time to the first scores
+                                    (`startup_seconds`: loading and compiling), image
+                                    metrics when labelled, threshold, maps and pictures
+
+Each host shows one progress line for its shard (`progress_line`: images done / total,
+images/s, time left; on one host that is the whole run).
 
 All processes commit at the same global batch counts (every `commit_every` batches and at
 the end): the map shard (when maps are kept) and the part are written under a temporary
@@ -71,7 +75,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from maeday_jax import batch_step, parallel
 from maeday_jax.bulk import lock, maps_store, reader
@@ -87,6 +90,7 @@ from maeday_jax.bulk.merge import (
   picture_name,
   remove_stale_temporaries,
 )
+from maeday_jax.bulk.progress_line import host_progress
 from maeday_jax.bulk.shards import (
   PART_COLUMNS,
   PROGRESS_FILE,
@@ -149,6 +153,7 @@ def score_listing(
   top_pictures: int = 0,
   group_size: int = 0,
   detector: str = "",
+  started: float | None = None,
 ) -> dict:
   """Scores this process's shard of `listing`, then (process 0) writes the merged outputs.
 
@@ -160,7 +165,7 @@ def score_listing(
     make_scoring: builds the `evaluation.Scoring` (called only when work remains).
     batch_size: the global batch (images), a multiple of the device count.
     commit_every: commit every this many global batches (and at the end).
-    progress: show a progress bar on process 0.
+    progress: show this host's progress line (`progress_line`).
     threshold: when given, `scores.csv` gets `predicted_label` (1 where score >= it).
     maps: 'none', or the dtype ('float16', 'uint8') each commit stores the maps in
       (`maps_store`).
@@ -173,6 +178,8 @@ def score_listing(
       size is refused.
     detector: where the model comes from, for messages (a fitted detector folder), besides
       `Scoring.name`.
+    started: when the job began (`time.perf_counter()`), for the start-up time to the
+      first scores (`startup_seconds` in the summary); default: when this call began.
 
   Returns:
     The summary (`summary.json`) on every process.
@@ -184,6 +191,7 @@ def score_listing(
       batch is committed).
     DataError: no listed image could be scored (after `summary.json` is written).
   """
+  job_started = time.perf_counter() if started is None else started
   started = time.perf_counter()
   workdir = pathlib.Path(workdir)
   index, count = jax.process_index(), jax.process_count()
@@ -229,7 +237,19 @@ def score_listing(
     if start < total_batches:
       scoring = make_scoring()
       model = f"{scoring.name} ({detector})" if detector else (scoring.name or "the model")
-      _score(listing, shard, store, record, start, scoring, commit_every, progress, maps, model)
+      _score(
+        listing,
+        shard,
+        store,
+        record,
+        start,
+        scoring,
+        commit_every,
+        progress,
+        maps,
+        model,
+        job_started,
+      )
     else:
       log.info("Every image of %s is already scored; nothing to do.", listing.source)
     parallel.barrier("maeday_jax: bulk scoring done")
@@ -302,6 +322,7 @@ def _score(
   show,
   maps,
   model: str,
+  job_started: float,
 ):
   """Runs global batches `start, ...` of this shard, committing this process's new rows.
 
@@ -318,14 +339,7 @@ def _score(
   scored = 0
   failure: tuple[int, str] | None = None  # (listing position, message) of the first.
   last = time.perf_counter()
-  bar = tqdm(
-    total=len(listing),
-    initial=min(len(listing), start * record.batch_size * count),
-    desc="scoring",
-    unit="img",
-    dynamic_ncols=True,
-    disable=not show or jax.process_index() != 0,
-  )
+  bar = host_progress(len(shard), start * record.batch_size, jax.process_index(), count, show=show)
 
   def check_finite(batch: reader.Batch, finite: np.ndarray) -> None:
     """Records (one process: raises) the first valid row that is not finite."""
@@ -360,6 +374,8 @@ def _score(
       scores, finite = parallel.to_local_numpy(
         (device_scores, _rows_finite(device_maps)), scoring.mesh
       )
+    if batch.index == start:  # This run's first scores: recorded at its first commit.
+      record.startup_seconds = round(time.perf_counter() - job_started, 3)
     check_finite(batch, finite & np.isfinite(scores))
     if own and failure is None:
       for row in np.flatnonzero(batch.valid):
@@ -378,7 +394,7 @@ def _score(
         size, mtime = (int(v) for v in batch.stats[position - batch.index * record.batch_size])
         entry = {"file": name, "path": path, "reason": reason, "index": i}
         skipped.append({**entry, "size": size, "mtime_ns": mtime})
-    bar.update(batch.covered * count)
+    bar.update(batch.covered)
     done = batch.index + 1
     if done % commit_every == 0 or done == total:
       if count > 1:

@@ -265,10 +265,15 @@ def merge(
         "images": r.images,
         "seconds": round(r.seconds, 3),
         "images_per_second": round(r.images / r.seconds, 3) if r.seconds > 0 else None,
+        "startup_seconds": r.startup_seconds,
       }
       for r in records
     ],
     "wall_seconds": round(wall_seconds, 3),
+    # The slowest process's time to its first scores, in the latest run that scored.
+    "startup_seconds": max(
+      (r.startup_seconds for r in records if r.startup_seconds is not None), default=None
+    ),
     "scores": str(workdir / SCORES_FILE),
     "scores_parquet": str(workdir / PARQUET_FILE) if (workdir / PARQUET_FILE).is_file() else None,
     "threshold": None if threshold is None else {"method": "fixed", "value": threshold},

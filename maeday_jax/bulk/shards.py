@@ -77,6 +77,9 @@ class Progress:
   parts: int = 0
   images: int = 0
   seconds: float = 0.0
+  # From the start of the latest run that scored here to its first scores on this process
+  # (loading the model and compiling included). None in records of older versions.
+  startup_seconds: float | None = None
   # [{"file", "path", "reason", "index", "size", "mtime_ns"}] (the last three: inputs'
   # fingerprints, absent from records written before they were kept).
   skipped: list = dataclasses.field(default_factory=list)

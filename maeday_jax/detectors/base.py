@@ -124,6 +124,9 @@ class Detector(abc.ABC):
     # Per-pixel and per-image mean/std of the detector on normal images, when fitted
     # with held-out normals (`fit_statistics`); ensembles standardise by them.
     self.normal_statistics: dict | None = None
+    # The held-out normals' image scores (NumPy), kept by `fit_statistics` so that a
+    # threshold on them costs no second scoring pass; not saved with the artifact.
+    self.heldout_scores: np.ndarray | None = None
     # Set on a detector loaded from an artifact: its fitted threshold ({"method",
     # "value"} or None) and what the fit saw (shots, held-out normals).
     self.threshold: dict | None = None
@@ -210,6 +213,7 @@ class Detector(abc.ABC):
     twin.settings = ml_collections.ConfigDict(self.settings.to_dict())
     twin.settings.seed = int(seed)
     twin.normal_statistics = None
+    twin.heldout_scores = None
     return twin
 
   def requires_shots(self) -> bool:

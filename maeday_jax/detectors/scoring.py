@@ -33,10 +33,15 @@ def score_images(detector: Detector, images: np.ndarray, mesh=None):
 def normal_statistics(detector: Detector, heldout: np.ndarray, mesh=None) -> dict | None:
   """Mean and standard deviation of the detector's maps and scores on held-out normal
   images (`ensemble.Standardization` fields), or None with fewer than two images or no
-  spread."""
+  spread. Keeps the images' scores in `detector.heldout_scores` (for a threshold)."""
   from maeday_jax import ensemble
 
-  if heldout is None or len(heldout) < 2:
+  detector.heldout_scores = None
+  if heldout is None or len(heldout) == 0:
     return None
-  norm = ensemble.Standardization.fit(*score_images(detector, heldout, mesh))
+  maps, scores = score_images(detector, heldout, mesh)
+  detector.heldout_scores = np.asarray(scores)
+  if len(heldout) < 2:
+    return None
+  norm = ensemble.Standardization.fit(maps, scores)
   return None if norm is None else norm.to_dict()

@@ -21,10 +21,9 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from maeday_jax import atomic_files, data, thresholds
-from maeday_jax.detectors import artifact, fitting, registry, scoring
+from maeday_jax.detectors import artifact, fitting, registry
 from maeday_jax.jobs import common, detector_choice
 from maeday_jax.run_errors import RunFailed
 
@@ -71,18 +70,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _threshold(config, detector, heldout: np.ndarray) -> dict | None:
+def _threshold(config, detector) -> dict | None:
+  """The threshold asked for; a percentile of the held-out normals' scores, which the fit
+  computed already (`scoring.normal_statistics`)."""
   method = config.threshold.method
   if method == "fixed":
     return {"method": "fixed", "value": float(config.threshold.value)}
   if method != "percentile":
     return None
-  if len(heldout) == 0:
+  scores = detector.heldout_scores
+  if scores is None or len(scores) == 0:
     raise common.ConfigError(
       "--config.threshold.method=percentile: no held-out normal images were left (every "
       "training image is a shot); lower --config.shots."
     )
-  _, scores = scoring.score_images(detector, heldout)
   value = thresholds.percentile_threshold(scores, config.threshold.percentile).value
   return {"method": "percentile", "percentile": float(config.threshold.percentile), "value": value}
 
@@ -107,8 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     fitting.fit_with_statistics(detector, normals, jax.random.key(config.seed))
   except FloatingPointError as e:  # Training diverged: the settings' to fix, no traceback.
     raise RunFailed(f"{detector.method} on {categories[0]}: {e}") from e
-  _, heldout = normals.images(detector.input_size)
-  threshold = _threshold(config, detector, heldout)
+  threshold = _threshold(config, detector)
   path = artifact.save(detector, workdir / ARTIFACT_DIR, threshold=threshold, fit_record=record)
   summary = {
     "detector": detector.method,

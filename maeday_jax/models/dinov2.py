@@ -240,7 +240,8 @@ def create(variant: str = "vits14", **overrides) -> DinoV2:
 def init_params(model: DinoV2, key: jax.Array) -> dict:
   """Random parameters for `model` (the training-size input)."""
   images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
-  return model.init(key, images)["params"]
+  # One compiled program, not one per operation (hundreds of small compilations).
+  return jax.jit(lambda k: model.init(k, images)["params"])(key)
 
 
 def param_shapes(model: DinoV2) -> dict:

@@ -287,7 +287,8 @@ def init_params(model: MaskedAutoencoder, key: jax.Array) -> dict:
   """Random (official-style) initial parameters for `model`."""
   images = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
   noise = jnp.zeros((1, model.num_patches), jnp.float32)
-  return model.init(key, images, noise=noise)["params"]
+  # One compiled program, not one per operation (hundreds of small compilations).
+  return jax.jit(lambda k: model.init(k, images, noise=noise)["params"])(key)
 
 
 def param_shapes(model: MaskedAutoencoder) -> dict:
