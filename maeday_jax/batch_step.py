@@ -40,10 +40,10 @@ def compile_step(detector: Any, mesh, global_batch: int):
   """
   local = max(1, global_batch // mesh.devices.size)
   signature = detector.step_signature()
-  cache_key = None if signature is None else (signature, mesh, local)
+  cache_key = None if signature is None else (signature, detector.tiling, mesh, local)
   if cache_key is not None and cache_key in _STEPS:
     return _STEPS[cache_key]
-  score = detector.score_function(mesh, local)
+  score = detector.scoring_function(mesh, local)
   data, whole = parallel.batch_sharded(mesh), parallel.replicated(mesh)
   transductive = bool(detector.transductive)
   inputs = (whole, data, data, whole, *((data,) if transductive else ()))

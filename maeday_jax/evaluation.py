@@ -166,7 +166,7 @@ class Scoring:
       score_fn=batch_step.compile_step(detector, mesh, batch_size),
       key=detector.scoring_key(),
       batch_size=batch_size,
-      image_size=detector.input_size,
+      image_size=detector.read_size,
       eval_size=eval_size,
       num_workers=num_workers,
       prefetch=prefetch,

@@ -17,7 +17,8 @@ Randomness: MAEDAY's masks come from the artifact's seed, baked into the export,
 image's content id (`content_ids.image_ids`: the SHA-256 of the float32 input), a declared
 input that `exported.load(...).score` computes the way the library does; so the exported
 and the library scores agree for the same images. A transductive detector (MuSc) also
-takes `valid` (B,) bool.
+takes `valid` (B,) bool. ONNX: `exporting_onnx`, which shares `scoring`, `input_specs` and
+`manifest_of` with this module.
 """
 
 from __future__ import annotations
@@ -60,46 +61,69 @@ def export_stablehlo(
     raise ValueError(f"platforms {unknown or '()'}: choose among {', '.join(PLATFORMS)}.")
   directory = pathlib.Path(directory).expanduser()
   directory.mkdir(parents=True, exist_ok=True)
-  mesh = parallel.data_mesh(jax.local_devices()[:1])  # The export is one device's program.
-  score = detector.score_function(mesh, 1)
-  key = detector.scoring_key()  # Baked in: the detector's own seed.
+  score, key = scoring(detector)
   transductive = bool(detector.transductive)
 
   def run(state, images, ids, *valid):
-    return score(state, images, ids, key, *valid)
+    return score(state, images, ids, key, *valid)  # The key is baked in: the artifact's seed.
 
   batch = export.symbolic_shape("batch")[0]
-  size = detector.input_size
   state = jax.tree.map(lambda x: jnp.asarray(x), detector.state)
-  specs = [
-    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
-    jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
-    jax.ShapeDtypeStruct((batch, 2), jnp.uint32),
-  ]
-  if transductive:
-    specs.append(jax.ShapeDtypeStruct((batch,), jnp.bool_))
+  specs = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)]
+  specs += input_specs(detector, batch)
   exported = export.export(jax.jit(run), platforms=tuple(platforms))(*specs)
   leaves = jax.tree_util.tree_leaves(state)
   with atomic_files.replace_when_done(directory / STATE_FILE) as tmp, open(tmp, "wb") as f:
     np.savez(f, **{f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
   with atomic_files.replace_when_done(directory / MODULE_FILE) as tmp:
     pathlib.Path(tmp).write_bytes(exported.serialize())
-  manifest = {
+  manifest = manifest_of(
+    detector,
+    threshold,
+    format="stablehlo",
+    inputs=["state", "images", "ids", *(["valid"] if transductive else [])],
+    platforms=list(platforms),
+    state_leaves=len(leaves),
+  )
+  atomic_files.write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
+  return directory
+
+
+def scoring(detector: Detector):
+  """(score, key): the detector's one-device score function and the key it is called
+  with (the detector's own seed, so the export scores like every job)."""
+  mesh = parallel.data_mesh(jax.local_devices()[:1])  # An export is one device's program.
+  return detector.scoring_function(mesh, 1), detector.scoring_key()  # Tiled, if it is.
+
+
+def input_specs(detector: Detector, batch) -> list[jax.ShapeDtypeStruct]:
+  """The score function's image inputs for `batch` images: images (B, S, S, 3) float32,
+  content ids (B, 2) uint32 and, for a transductive detector, valid (B,) bool."""
+  size = detector.read_size  # The tiled image size when the detector tiles.
+  specs = [
+    jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+    jax.ShapeDtypeStruct((batch, 2), jnp.uint32),
+  ]
+  if detector.transductive:
+    specs.append(jax.ShapeDtypeStruct((batch,), jnp.bool_))
+  return specs
+
+
+def manifest_of(detector: Detector, threshold: dict | None, **fields) -> dict:
+  """The manifest fields every export format shares, then `fields`."""
+  return {
     "format_version": FORMAT_VERSION,
     "method": detector.method,
     "description": detector.describe(),
-    "input_size": size,
+    "input_size": detector.read_size,
+    "tiling": None if detector.tiling is None else detector.tiling.describe(),
     "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-    "inputs": ["state", "images", "ids", *(["valid"] if transductive else [])],
     "outputs": ["maps", "scores"],
-    "transductive": transductive,
+    "transductive": bool(detector.transductive),
     "threshold": threshold if threshold is not None else getattr(detector, "threshold", None),
-    "platforms": list(platforms),
-    "state_leaves": len(leaves),
     "versions": {"jax": jax.__version__, "maeday_jax": _version()},
+    **fields,
   }
-  atomic_files.write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
-  return directory
 
 
 def _version() -> str | None:

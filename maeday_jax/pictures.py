@@ -9,6 +9,7 @@ atomically (`atomic_files`): a run killed half way never leaves a truncated PNG.
 
 from __future__ import annotations
 
+import io
 import pathlib
 import textwrap
 
@@ -165,6 +166,23 @@ def save_comparison_panel(path, image_uint8, gt_mask, maps: dict, title: str = "
     tiles.append(overlay_heatmap(image, fitted, float(fitted.min()), float(fitted.max())))
     captions.append(caption)
   return _save(compose_row(tiles, captions, title), path)
+
+
+def overlay_png(
+  image_uint8, anomaly_map, vmin=None, vmax=None, gt_mask=None, max_side: int | None = None
+) -> bytes:
+  """PNG bytes of the heatmap overlay (with the ground-truth outline when `gt_mask` has
+  one), shrunk to at most `max_side` pixels on its longer side, e.g. to embed in a page."""
+  image = as_rgb_uint8(image_uint8)
+  tile = overlay_heatmap(image, anomaly_map, vmin, vmax)
+  if gt_mask is not None and np.any(gt_mask):
+    tile = _draw_contour(tile, resize_masks_bool(gt_mask, image.shape[:2]))
+  picture = Image.fromarray(tile)
+  if max_side is not None and max(picture.size) > max_side:
+    picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+  buffer = io.BytesIO()
+  picture.save(buffer, format="PNG", optimize=True)
+  return buffer.getvalue()
 
 
 def save_overlay(path, image_uint8, anomaly_map, vmin=None, vmax=None) -> pathlib.Path:

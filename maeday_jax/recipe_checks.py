@@ -211,6 +211,18 @@ def validate_pretrain_train(train: ml_collections.ConfigDict, field: str = "trai
   require(load_size >= 0, f"{field}.load_size", f"must be >= 0 (0 = the model's), got {load_size}.")
   _range(f"{field}.augment.crop_scale", tuple(train.augment.crop_scale), 0.0, 1.0)
   _range(f"{field}.augment.crop_ratio", tuple(train.augment.crop_ratio), 0.0)
+  crop = train.augment.get("crop", "resized")
+  require(
+    crop in ("resized", "tile"),
+    f"{field}.augment.crop",
+    f"{crop!r} is not one of resized, tile.",
+  )
+  require(
+    crop != "tile" or load_size > 0,
+    f"{field}.load_size",
+    "augment.crop='tile' cuts tiles of the model's size from images kept at load_size: "
+    "set load_size larger than the model's input size (e.g. the tiling's image_size).",
+  )
 
 
 def validate_training_sources(sources, field: str) -> None:

@@ -36,13 +36,13 @@ def format_value(value, percent: bool = True) -> str:
   return f"{scale * value:.1f}"
 
 
-def _shown_metrics(summary: Mapping) -> list[str]:
+def shown_metrics(summary: Mapping) -> list[str]:
   # Columns undefined everywhere (e.g. pixel metrics without masks) are dropped.
   rows = list(summary["per_category"].values())
   return [n for n in METRIC_NAMES if any(r.get(n) is not None for r in rows)] or ["image_auroc"]
 
 
-def _group_label(group: str, info: Mapping | None = None) -> str:
+def group_label(group: str, info: Mapping | None = None) -> str:
   """'mean (objects)', or 'mean (objects, 3 of 10)' when some categories were not run."""
   label = group.replace("_", " ")
   if info is not None:
@@ -55,7 +55,7 @@ def _group_label(group: str, info: Mapping | None = None) -> str:
 def _collapsed_notes(summary: Mapping) -> list[str]:
   """'- where: metric, metric: reason' lines, one per distinct reason."""
   rows = [(c, v) for c, v in summary["per_category"].items()]
-  rows += [(_group_label(g, info), info) for g, info in summary["groups"].items()]
+  rows += [(group_label(g, info), info) for g, info in summary["groups"].items()]
   lines = []
   for where, values in rows:
     by_reason: dict[str, list[str]] = {}
@@ -67,11 +67,11 @@ def _collapsed_notes(summary: Mapping) -> list[str]:
 
 def format_summary_table(summary: Mapping) -> str:
   """A plain-text table (percent) of categories and group means, for the terminal."""
-  names = _shown_metrics(summary)
+  names = shown_metrics(summary)
   header = ["category"] + [METRIC_TITLES[n] for n in names]
   rows = [[c] + [format_value(r.get(n)) for n in names] for c, r in summary["per_category"].items()]
   rows += [
-    [_group_label(g, info)] + [format_value(info["mean"].get(n)) for n in names]
+    [group_label(g, info)] + [format_value(info["mean"].get(n)) for n in names]
     for g, info in summary["groups"].items()
   ]
   widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
@@ -88,7 +88,7 @@ def format_summary_table(summary: Mapping) -> str:
   return "\n".join([line(header), rule, *body, rule, *means])
 
 
-def _paper_cells(row: paper_numbers.PaperRow | None, category=None, group=None):
+def paper_cells(row: paper_numbers.PaperRow | None, category=None, group=None):
   """(paper image AUROC, paper pixel AUROC) strings for a category or group row."""
   if row is None:
     return "", ""
@@ -119,7 +119,7 @@ def markdown_table(
         f"paper_row must be one of {sorted(paper_numbers.SUMMARY_ROWS)}, got {key!r}."
       )
     row = paper_numbers.SUMMARY_ROWS[key]
-  names = _shown_metrics(summary)
+  names = shown_metrics(summary)
   rest = [n for n in names if n not in ("image_auroc", "pixel_auroc")]
 
   header = ["Category", "Image AUROC"]
@@ -137,11 +137,11 @@ def markdown_table(
 
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
   for category, values in summary["per_category"].items():
-    cat_cells = cells(category, values, _paper_cells(row, category=category))
+    cat_cells = cells(category, values, paper_cells(row, category=category))
     lines.append("| " + " | ".join(cat_cells) + " |")
   for group, info in summary["groups"].items():
-    label = f"**{_group_label(group, info)}**"
-    group_cells = cells(label, info["mean"], _paper_cells(row, group=group))
+    label = f"**{group_label(group, info)}**"
+    group_cells = cells(label, info["mean"], paper_cells(row, group=group))
     lines.append("| " + " | ".join(group_cells) + " |")
 
   setting_text = setting.replace("_", "-")
@@ -218,16 +218,16 @@ def methods_markdown_table(per_method: Mapping[str, Mapping], dataset: str, shot
         lambda s, c=category: s["per_category"].get(c, {}),
         # Per category the paper lists few numbers: show only those it has.
         lambda r, c=category: tuple(
-          "" if v == "—" else v for v in (_paper_cells(r, category=c) if r else ("", ""))
+          "" if v == "—" else v for v in (paper_cells(r, category=c) if r else ("", ""))
         ),
       )
     )
   for group, info in first["groups"].items():
     lines.append(
       row(
-        f"**{_group_label(group, info)}**",
+        f"**{group_label(group, info)}**",
         lambda s, g=group: s["groups"].get(g, {}).get("mean", {}),
-        lambda r, g=group: _paper_cells(r, group=g) if r else ("", ""),
+        lambda r, g=group: paper_cells(r, group=g) if r else ("", ""),
       )
     )
   seeds = first.get("num_seeds")

@@ -181,3 +181,23 @@ def kill_at_step(monkeypatch, step: int, run) -> None:
   with pytest.raises(KeyboardInterrupt):
     run()
   monkeypatch.setattr(inputs, "batch_indices", real)
+
+
+# XLA emits this event once per program it compiles (cache hits emit nothing).
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture
+def compile_counter():
+  """A list that grows by one name per backend compilation while the test runs."""
+  import jax
+
+  compiled: list[str] = []
+
+  def listen(event: str, duration: float, **kwargs):
+    if event == COMPILE_EVENT:
+      compiled.append(str(kwargs.get("fun_name", "")))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  yield compiled
+  jax.monitoring.unregister_event_duration_listener(listen)

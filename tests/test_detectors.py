@@ -193,6 +193,13 @@ ROUND_TRIPS = {
   "anomalydino": ("anomalydino", {}),
   # Members of different input sizes (32 and 56 px): resized on device.
   "ensemble_dino": ("ensemble", {"members": "maeday_lora,anomalydino"}),
+  # Tiled (4 tiles of 32 px of 48 px images; PatchCore also the whole image): fitted on
+  # tiles, scored tiled from the artifact's settings alone.
+  "patchcore_tiled": ("patchcore", {"tiling.mode": "tiles+global", "tiling.image_size": 48}),
+  "ensemble_tiled": (
+    "ensemble",
+    {"members": "maeday_lora,patchcore", "tiling.mode": "tiles", "tiling.image_size": 48},
+  ),
 }
 
 
@@ -209,6 +216,7 @@ def test_fitted_artifact_scores_alike_in_evaluate_and_bulk(dataset, tmp_path, ca
   manifest = json.loads((copy / artifact.MANIFEST).read_text())
   assert manifest["method"] == method and manifest["format_version"] == artifact.FORMAT_VERSION
   assert manifest["normalization"] == "imagenet"
+  assert manifest["settings"]["tiling"]["mode"] == fields.get("tiling.mode", "none")
   assert manifest["versions"]["jax"] == jax.__version__
   if method != "mala":  # MALA trains on every normal image, not on chosen shots.
     assert len(manifest["fit"]["shots"]) == 2 and len(manifest["fit"]["heldout"]) == 4

@@ -169,6 +169,8 @@ def test_stage2_resume_equals_uninterrupted(fake_tiles, tmp_path, monkeypatch, t
   checkpoints.orbax_format.save(
     mae_dir, models.architecture(tiny_mae), models.init_params(tiny_mae, jax.random.key(3))
   )
+  # Trained on random 32 px tiles of 48 px images (a resumed run draws the same tiles).
+  config.stage2.load_size = 48
   section = {k: config[k] for k in ("seed", "model", "data", "checkpoint_every", "log_every")}
   import ml_collections
 
@@ -183,6 +185,23 @@ def test_stage2_resume_equals_uninterrupted(fake_tiles, tmp_path, monkeypatch, t
   records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
   assert [r["step"] for r in records] == [1, 2, 3, 4]
   assert {"l1", "focal", "loss"} <= set(records[-1])
+
+
+def test_random_tiles_are_whole_pixel_windows_of_each_image():
+  images = np.random.default_rng(0).integers(0, 256, size=(5, 20, 24, 3), dtype=np.uint8)
+  tiles = np.asarray(jax.jit(lambda k, x: stage2.random_tiles(k, x, 8))(jax.random.key(1), images))
+  assert tiles.shape == (5, 8, 8, 3) and tiles.dtype == np.uint8
+  corners = set()
+  for image, tile in zip(images, tiles, strict=True):
+    found = [
+      (y, x)
+      for y in range(20 - 8 + 1)
+      for x in range(24 - 8 + 1)
+      if np.array_equal(image[y : y + 8, x : x + 8], tile)
+    ]
+    assert found
+    corners.add(found[0])
+  assert len(corners) > 1
 
 
 def test_the_job_trains_both_stages_and_reports_both_methods(fake_tiles, tmp_path):
@@ -217,6 +236,10 @@ def test_bad_settings_are_refused():
     job.validate(config)
   config.stage2.synthetic.textures = "folder"
   with pytest.raises(ConfigError, match="texture_dir"):
+    job.validate(config)
+  config = defaults.mala_config("runlocal")
+  config.stage2.load_size = -1
+  with pytest.raises(ConfigError, match="stage2.load_size"):
     job.validate(config)
 
 

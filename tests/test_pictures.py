@@ -197,3 +197,19 @@ def test_a_picture_write_that_fails_half_way_keeps_the_previous_file(tmp_path, s
   for path, content in before.items():
     assert path.read_bytes() == content, path
   assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize(
+  "scores, value, expected",
+  [
+    ([0.5, 1.0, 3.0], 2.0, (0.0, 4.0)),  # Positive errors: 0 to twice the threshold.
+    ([-3.0, -1.0, 2.0], -0.5, (-3.0, 2.0)),  # Standardised: the threshold still mid-scale.
+    ([0.5, 1.0], -1.0, (-3.0, 1.0)),  # Every score above a negative threshold.
+  ],
+)
+def test_the_colour_scale_puts_the_threshold_mid_scale(scores, value, expected):
+  from maeday_jax.jobs.category_run import color_range
+
+  threshold = thresholds.Threshold(value=value, method="fixed")
+  low, high = color_range(np.asarray(scores), threshold)
+  assert (low, high) == expected and low < value < high

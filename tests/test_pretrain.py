@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from maeday_jax import checkpoints, model_builder, models, parallel
+from maeday_jax import checkpoints, imagenet, model_builder, models, parallel
 from maeday_jax.jobs import pretrain as pretrain_job
 from maeday_jax.pretrain import augmentation, inputs, loop, optim
 from maeday_jax.pretrain import step as step_lib
@@ -84,6 +84,27 @@ def test_full_crop_without_flips_is_the_identity():
   box = augmentation.sample_crop(jax.random.key(3), (20, 30), (0.5, 0.5), (1.0, 1.0))
   assert float(box.height * box.width) == pytest.approx(300.0, rel=1e-5)
   assert 0 <= float(box.top) <= 20 - float(box.height)
+
+
+def test_tile_crops_are_whole_pixel_windows_at_the_images_resolution():
+  """`crop='tile'`: each image's crop is an exact window of the model's size (no
+  resampling) at a random position, different across images, flips aside."""
+  images = np.random.default_rng(4).integers(0, 256, size=(6, 40, 48, 3), dtype=np.uint8)
+  out = jax.jit(lambda k, x: augmentation.augment_batch(k, x, 16, crop="tile", hflip=False))(
+    jax.random.key(5), images
+  )
+  normalised = np.asarray(imagenet.normalize(images))
+  corners = set()
+  for image, tile in zip(normalised, np.asarray(out), strict=True):
+    found = [
+      (y, x)
+      for y in range(40 - 16 + 1)
+      for x in range(48 - 16 + 1)
+      if np.allclose(image[y : y + 16, x : x + 16], tile, atol=1e-5)
+    ]
+    assert found, "a tile is not a window of its image"
+    corners.add(found[0])
+  assert len(corners) > 1
 
 
 def test_batch_order_is_a_function_of_seed_and_step():
@@ -238,9 +259,14 @@ def test_the_job_refuses_bad_settings_before_any_work(tmp_path, job_config):
     ("loss", "some", "train.loss"),
     ("pixel_loss", "l3", "train.pixel_loss"),
     ("steps", 0, "train.epochs"),
+    ("augment.crop", "square", "train.augment.crop"),
+    ("augment.crop", "tile", "train.load_size"),
   ):
     config = job_config("pretrain", "runlocal")
-    config.train[field] = value
+    node, leaf = (
+      (config.train.augment, "crop") if field == "augment.crop" else (config.train, field)
+    )
+    node[leaf] = value
     if field == "steps":
       config.train.epochs = 0.0
     with pytest.raises(ConfigError, match=named):

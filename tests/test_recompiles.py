@@ -7,27 +7,8 @@ once per program it compiles (cache hits emit nothing).
 
 from __future__ import annotations
 
-import jax
-import pytest
-
 from maeday_jax.bulk import engine
 from tests import data_makers
-
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-@pytest.fixture
-def compile_counter():
-  """A list that grows by one name per backend compilation while the test runs."""
-  compiled: list[str] = []
-
-  def listen(event: str, duration: float, **kwargs):
-    if event == COMPILE_EVENT:
-      compiled.append(str(kwargs.get("fun_name", "")))
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  yield compiled
-  jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def test_a_bulk_run_compiles_nothing_after_its_first_batches(

@@ -27,6 +27,8 @@ both sides):
   (decode, resize, normalise) per CPU core, and the cores one accelerator needs.
 - `--task anomalydino`, `--task musc` (`benchmark_dino.py`, JAX only, its own options):
   the DINOv2 detectors' scoring speed and peak memory; MuSc against its group size.
+- `--task serve` (`benchmark_serve.py`, JAX only, its own options): the scoring service
+  (`maeday_jax.serve`) on loopback: requests/s and p50/p99 latency under concurrent load.
 
 The task modules (`benchmark_*.py`) live in `tools/benchmarks/`, the independent PyTorch
 models the PyTorch sides run in `tools/references/`.
@@ -85,7 +87,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -107,6 +108,7 @@ from benchmark_common import (  # noqa: E402
   machine_info,
   modules_importable,
   torch_importable,
+  write_json,
 )
 
 # Per task: the module with describe_work/compare/report_lines and WORKER_ARGS, and the
@@ -384,6 +386,7 @@ OWN_TOOLS = {
   "input": "benchmark_input",
   "anomalydino": "benchmark_dino",
   "musc": "benchmark_dino",
+  "serve": "benchmark_serve",
 }
 # Tools that serve several tasks are told which.
 _TOOL_TASK_ARG = {"benchmark_dino"}
@@ -415,7 +418,7 @@ def main(argv=None) -> int:
   task = TASKS[args.task][0]
   hidden = ("torch_worker", "torch_serve", "json")
   result = {
-    "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "timestamp_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     "config": {k: v for k, v in vars(args).items() if k not in hidden},
     "arch": arch,
@@ -439,11 +442,7 @@ def main(argv=None) -> int:
   if hasattr(os, "getloadavg"):
     result["load_average_end_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
   print(report(result), flush=True)
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
+  write_json(result, args.json)
   return 0
 
 

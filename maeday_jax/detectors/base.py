@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import ml_collections
 import numpy as np
 
+from maeday_jax.config_errors import ConfigError
+
 # `score(state, images, ids, key) -> (maps (B, S, S), scores (B,))` for ImageNet-
 # normalised images (B, S, S, 3) at the detector's `input_size`; `ids` (B, 2) uint32 are
 # the images' content ids (`zero_shot.image_ids`), from which stochastic detectors draw
@@ -188,6 +190,53 @@ class Detector(abc.ABC):
   @abc.abstractmethod
   def restore(self, record: dict, state: Any) -> None:
     """Rebuilds the fitted detector from `record()` and `state` (as saved)."""
+
+  # ------------------------------------------------------------------------ tiling
+
+  @property
+  def tiling(self):
+    """The detector's `tiling.Tiling` (settings section `tiling`), or None when it scores
+    whole images."""
+    from maeday_jax import tiling
+
+    section = self.settings.get("tiling")
+    if section is None or section.get("mode", "none") == "none":
+      return None  # Without asking `input_size`: some detectors know it only once fitted.
+    return tiling.from_settings(section, self.input_size)
+
+  @property
+  def read_size(self) -> int:
+    """The square size images are read at to be scored: the input size, or the tiled
+    image size."""
+    tiling = self.tiling
+    return self.input_size if tiling is None else tiling.image_size
+
+  def scoring_function(self, mesh, local_batch: int) -> ScoreFunction:
+    """`score_function`, on `read_size` images: tiled when the settings ask for it.
+
+    Raises:
+      ConfigError: tiling asked of a transductive detector.
+    """
+    tiling = self.tiling
+    if tiling is None:
+      return self.score_function(mesh, local_batch)
+    from maeday_jax import tiling as tiles
+
+    if self.transductive:
+      raise ConfigError(
+        f"--config.tiling.mode: {self.method} scores images against each other; it cannot "
+        "score tiles yet. Use --config.tiling.mode=none."
+      )
+    per_pass = tiles.tiles_per_pass(tiling, local_batch)
+    inner = self.score_function(mesh, local_batch * per_pass)
+    return tiles.tiled(inner, tiling, per_pass, self.tiled_image_scores)
+
+  def tiled_image_scores(self, maps, tile_scores):
+    """A tiled image's score from its stitched map (B, S, S) and its tiles' scores (B, n):
+    by default the largest tile score (for detectors whose score is their most anomalous
+    patch's, the most anomalous patch of any tile). Jittable."""
+    del maps
+    return tile_scores.max(axis=1)
 
   def saved_state(self) -> Any:
     """The part of `state` the artifact stores (default: all of it; public weights that

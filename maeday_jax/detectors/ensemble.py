@@ -76,7 +76,12 @@ class Ensemble(Detector):
       registry.get(member).validate(config)
 
   def _make_members(self) -> list[Detector]:
-    return [registry.get(name)(self.settings) for name in member_names(self.settings.members)]
+    settings = self.settings
+    if settings.get(registry.TILING) is not None:
+      # The ensemble is tiled as a whole: its members score the tiles it gives them.
+      settings = ml_collections.ConfigDict(settings.to_dict())
+      settings[registry.TILING].mode = "none"
+    return [registry.get(name)(settings) for name in member_names(settings.members)]
 
   def requires_shots(self) -> bool:
     return any(m.requires_shots() for m in self.members)

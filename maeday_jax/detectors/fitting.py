@@ -21,6 +21,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from maeday_jax import tiling as tiles
 from maeday_jax.config_errors import require
 from maeday_jax.detectors import registry, scoring
 from maeday_jax.detectors.base import Detector, NormalImages
@@ -118,7 +119,11 @@ def fit_with_statistics(
   """
   if subdir is not None and normals.workdir is not None:
     normals = dataclasses.replace(normals, workdir=pathlib.Path(normals.workdir) / subdir)
-  detector.fit(normals, key)
-  _, heldout = normals.images(detector.input_size)
+  # A tiled detector learns from its normal images' tiles (those that train on whole data
+  # sources crop their own: `load_size`, `augment.crop`); its statistics are those of
+  # whole (tiled) images, as it scores them.
+  tiling = None if detector.trains_on_sources else detector.tiling
+  detector.fit(normals if tiling is None else tiles.tile_normals(normals, tiling), key)
+  _, heldout = normals.images(detector.read_size)
   detector.normal_statistics = scoring.normal_statistics(detector, heldout)
   return detector

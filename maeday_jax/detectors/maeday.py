@@ -138,6 +138,13 @@ class ZeroShotMaeday(Detector):
 
     return detector_score
 
+  def tiled_image_scores(self, maps, tile_scores):
+    from maeday_jax import zero_shot
+
+    # MAEDAY's image score is its map's maximum: the stitched map's.
+    del tile_scores
+    return zero_shot.image_scores(maps)
+
   def saved_state(self) -> Any:
     # Public weights are referenced by name and hash, not copied into every artifact.
     return {} if self._weights is not None else self.state

@@ -152,6 +152,12 @@ def validate_stage2(stage2, field: str) -> None:
     f"is {stage2.epochs} and {field}.steps is {steps}: set either to a positive value.",
   )
   require(number(stage2.lr) and stage2.lr > 0, f"{field}.lr", f"must be > 0, got {stage2.lr}.")
+  load_size = stage2.get("load_size", 0)
+  require(
+    isinstance(load_size, int) and load_size >= 0,
+    f"{field}.load_size",
+    f"must be >= 0 (0 = the model's input size), got {load_size!r}.",
+  )
   for name in ("min_lr", "weight_decay", "grad_clip", "l1_weight", "focal_weight", "focal_gamma"):
     value = stage2.get(name, 0.0)
     require(number(value) and value >= 0, f"{field}.{name}", f"must be >= 0, got {value}.")

@@ -15,6 +15,7 @@ import ml_collections
 
 from maeday_jax.config_errors import ConfigError
 from maeday_jax.detectors.base import Detector
+from maeday_jax.settings import tiling as tiling_settings
 
 # name -> "module:Class". Modules are imported on first use (see `base`).
 METHODS: dict[str, str] = {
@@ -31,6 +32,7 @@ METHODS: dict[str, str] = {
 }
 
 _CLASSES: dict[str, type[Detector]] = {}
+TILING = "tiling"  # The section every detector reads (`maeday_jax.tiling`).
 
 
 def names() -> list[str]:
@@ -83,11 +85,11 @@ def create(name: str, config: ml_collections.ConfigDict) -> Detector:
 
 def settings_of(cls: type[Detector], config: ml_collections.ConfigDict):
   """The part of a job config a method reads: its sections (defaults where the config
-  lacks one), plus `seed`."""
+  lacks one), plus `seed` and `tiling`, which every detector reads."""
   settings = ml_collections.ConfigDict()
   settings.seed = int(config.get("seed", 0))
   defaults = None
-  for section in cls.sections(config):
+  for section in [*cls.sections(config), TILING]:
     if section in config:
       value = config[section]
     else:
@@ -99,13 +101,32 @@ def settings_of(cls: type[Detector], config: ml_collections.ConfigDict):
   return settings
 
 
+def validate_tiling(cls: type[Detector], config: ml_collections.ConfigDict) -> None:
+  """Checks a job config's `tiling` section for method `cls` before any work.
+
+  Raises:
+    ConfigError: an invalid field, or tiles asked of a transductive method.
+  """
+  section = config.get(TILING)
+  if section is None or section.get("mode", "none") == "none":
+    return
+  for field, message in tiling_settings.problems(section):
+    raise ConfigError(f"--config.tiling.{field}: {message}")
+  if cls.scores_groups(config):
+    raise ConfigError(
+      f"--config.tiling.mode: {cls.method} scores images against each other; it cannot "
+      "score tiles yet. Use --config.tiling.mode=none."
+    )
+
+
 def all_sections() -> dict:
-  """Every registered method's sections with their defaults, for the job configs.
+  """Every registered method's sections with their defaults, plus `tiling` (every
+  detector's), for the job configs.
 
   Raises:
     ValueError: two methods declare one section with different defaults.
   """
-  sections: dict = {}
+  sections: dict = {TILING: tiling_settings.tiling_config()}
   owners: dict[str, str] = {}
   for name in names():
     for section, value in get(name).default_sections().items():

@@ -42,10 +42,16 @@ class CategoryOutcome:
   splits: list
 
 
-def _color_range(scores: np.ndarray, threshold) -> tuple[float, float]:
-  # One colour scale per category: the threshold sits mid-scale when there is one.
+def color_range(scores: np.ndarray, threshold) -> tuple[float, float]:
+  """(vmin, vmax) of a category's one colour scale: with a threshold, from the lowest of 0
+  and the scores to as far above the threshold (it sits mid-scale, also when it is
+  negative, as for standardised ensembles); without, 0 to the 99th percentile."""
   if threshold is not None:
-    return 0.0, 2.0 * float(threshold.value)
+    value = float(threshold.value)
+    low = min(0.0, float(np.min(scores))) if scores.size else 0.0
+    if low >= value:  # Every score above a negative threshold.
+      low = value - abs(value) - 1.0
+    return low, 2.0 * value - low
   return 0.0, float(np.percentile(scores, 99)) if scores.size else 1.0
 
 
@@ -61,7 +67,7 @@ def write_pictures(writer, split, scored, threshold, outputs, all_scores=None) -
   set the colour scale (default: `scored`'s own).
   """
   all_scores = scored.result.scores if all_scores is None else all_scores
-  vmin, vmax = _color_range(all_scores, threshold)
+  vmin, vmax = color_range(all_scores, threshold)
   panel_budget = len(scored.indices) if outputs.panels < 0 else outputs.panels
   order = showcase_order(scored.result)
   panel_set = set(order[:panel_budget].tolist())

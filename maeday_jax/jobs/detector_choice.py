@@ -36,6 +36,7 @@ def check(config: ml_collections.ConfigDict, default: str = "maeday") -> str:
     return spec
   cls = registry.get(registry.check_name(spec))
   cls.validate(config)
+  registry.validate_tiling(cls, config)
   return spec
 
 

@@ -1,19 +1,23 @@
-"""The export job: a fitted detector as a StableHLO module that runs with JAX alone.
+"""The export job: a fitted detector as a StableHLO module that runs with JAX alone, or as
+ONNX checked in onnxruntime.
 
     python -m maeday_jax.main --config configs/export.py \
       --config.detector=runs/line3_pc/detector --config.platforms=cpu,cuda \
       --workdir runs/line3_export
 
-Writes `<workdir>/exported/` (`maeday_jax.exporting`); load it anywhere with
-`maeday_jax.exported.load(path).score(images)`. `--config.format=onnx` is not available
-yet (it is refused with that reason, never written half-converted).
+Writes `<workdir>/exported/` (`maeday_jax.exporting`, `--config.format=onnx`:
+`maeday_jax.exporting_onnx`, the `export` extra); load either anywhere with
+`maeday_jax.exported.load(path).score(images)`. An ONNX file is kept only when onnxruntime
+scores like the JAX detector; otherwise the job fails naming the detector and the
+primitive or operator, and writes nothing.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from maeday_jax import exporting
+from maeday_jax import exporting, exporting_onnx
+from maeday_jax.config_errors import ConfigError
 from maeday_jax.jobs import common, detector_choice
 
 EXPORT_DIR = "exported"
@@ -33,12 +37,11 @@ def validate(config: ml_collections.ConfigDict) -> str:
     "format",
     f"{config.format!r} is not one of {', '.join(FORMATS)}.",
   )
-  common.require(
-    config.format != "onnx",
-    "format",
-    "ONNX export is not available in this version; export StableHLO "
-    "(--config.format=stablehlo), which runs with JAX alone on cpu, cuda, rocm and tpu.",
-  )
+  if config.format == "onnx":
+    try:
+      exporting_onnx.require_extra()
+    except exporting_onnx.OnnxExportError as e:
+      raise ConfigError(f"--config.format=onnx: {e}") from e
   platforms = _platforms(config.platforms)
   unknown = sorted(set(platforms) - set(exporting.PLATFORMS))
   common.require(
@@ -55,6 +58,13 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   spec = validate(config)
   workdir = common.prepare_workdir(workdir, config)
   detector = detector_choice.load(config, spec, "export")
+  if config.format == "onnx":
+    try:
+      path = exporting_onnx.export_onnx(detector, workdir / EXPORT_DIR)
+    except exporting_onnx.OnnxExportError as e:
+      raise exporting_onnx.OnnxExportError(f"--config.format=onnx: {e}") from e
+    print(f"Exported {detector.describe()} to {path} (ONNX, checked in onnxruntime).")
+    return {"path": str(path), "method": detector.method}
   path = exporting.export_stablehlo(
     detector, workdir / EXPORT_DIR, platforms=_platforms(config.platforms)
   )

@@ -17,6 +17,8 @@ Outputs under the work directory:
   seed_<s>/comparison/<category>/  several methods: their maps side by side (panels)
   metrics.json, metrics.md     mean ± std over seeds per category and group (several
                         methods: one summary per method, one table with a column each)
+  report.html           the same table with the paper's numbers, every method and seed's
+                        ROC / PR curves and thresholds, the first seed's worst cases
   adaptation.json       shots, held-out reconstruction loss before/after, training
                         times, ensemble statistics
 """
@@ -27,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from maeday_jax import atomic_files, data, defaults, evaluation, pictures, reports
+from maeday_jax import atomic_files, data, defaults, evaluation, html_report, pictures, reports
 from maeday_jax.detectors import ensemble as detector_ensemble
 from maeday_jax.detectors import fitting, registry
 from maeday_jax.jobs import category_run, common, detector_choice, run_report
@@ -268,6 +270,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
   per_seed = {name: [] for name in names}
   adaptation, failures = [], []
+  # report.html: every method and seed's curves and thresholds; the galleries of the first
+  # seed only, shared out among the methods, so the page stays small.
+  page_runs = []
+  gallery_size = max(1, html_report.GALLERY_SIZE // len(names))
   for seed in seed_list:
     seed_dir = workdir / f"seed_{seed}"
     outcomes = {name: {} for name in names}
@@ -300,6 +306,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
             category,
             errors[name],
           )
+        elif jax.process_index() == 0:
+          shown = gallery_size if seed == seed_list[0] else None
+          page_runs.append(run_report.page_run(outcomes[name][category], out_dir, name, shown))
         # Each finished category is on disk at once: a later error or a kill loses none.
         summary = _summary(outcomes[name], failed[name], config.data.name, seed)
         if jax.process_index() == 0:
@@ -347,6 +356,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       table = reports.methods_markdown_table(combined, config.data.name, config.shots)
       atomic_files.write_text(workdir / "metrics.md", table)
       print(table)
+    run_report.write_page(workdir, "few_shot", config.data.name, combined, page_runs)
     print(f"\nOutputs in {workdir}")
   if failures:
     raise RunFailed(_failure_message(failures, names, workdir))

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from maeday_jax import data, reports
-from maeday_jax.jobs.category_run import CategoryOutcome, run_category
+import logging
+import pathlib
+
+import numpy as np
+
+from maeday_jax import data, html_report, pictures, reports
+from maeday_jax.jobs.category_run import CategoryOutcome, color_range, run_category
+from maeday_jax.jobs.outputs import output_path
+
+log = logging.getLogger("maeday_jax")
 
 
 def summarize_outcomes(outcomes: dict[str, CategoryOutcome], dataset: str, seed=None) -> dict:
@@ -47,15 +55,67 @@ def print_closing_summary(summary: dict, outcomes: dict[str, CategoryOutcome], w
   print(f"Outputs in {workdir}")
 
 
+def page_run(
+  outcome: CategoryOutcome,
+  out_dir,
+  method: str | None = None,
+  gallery_size: int | None = html_report.GALLERY_SIZE,
+) -> html_report.CategoryRun:
+  """One category's outcome as report.html shows it, with its gallery: the worst false
+  positives and negatives (`html_report.worst_cases`), drawn from the split's images and
+  the maps under `out_dir` on the category's colour scale (process 0). `gallery_size`
+  None (or an outcome without its split): no gallery. A picture that cannot be drawn is
+  left out (logged)."""
+  result, threshold = outcome.result, outcome.threshold
+  run = html_report.CategoryRun(result, threshold, outcome.notes.get("threshold", ""), method)
+  if gallery_size is None or not outcome.splits:  # No split: no images to draw.
+    return run
+  worst = html_report.worst_cases(result, threshold, gallery_size)
+  split = outcome.splits[0]
+  # Result positions follow every process's gathered order, not the split's: by name.
+  wanted = {result.file_names[p] for positions in worst for p in positions.tolist()}
+  where = {n: i for i in range(len(split)) if (n := split.file_name(i)) in wanted}
+  vmin, vmax = color_range(result.scores, threshold)
+
+  def draw(position: int) -> html_report.GalleryImage | None:
+    name = result.file_names[position]
+    try:
+      example = split[where[name]]
+      with np.load(output_path(out_dir, "maps", result.category, name, ".npz")) as f:
+        anomaly_map = f["map"]
+      mask = example["mask"] if example["label"] == 1 else None
+      png = pictures.overlay_png(
+        example["image"], anomaly_map, vmin, vmax, mask, html_report.GALLERY_SIDE
+      )
+    except (OSError, KeyError, ValueError) as e:  # One picture must not stop the report.
+      log.warning("report.html: could not draw %s: %s", name, e)
+      return None
+    return html_report.GalleryImage(
+      name, float(result.scores[position]), int(result.labels[position]), png
+    )
+
+  run.false_positives, run.false_negatives = (
+    [item for item in map(draw, positions.tolist()) if item is not None] for positions in worst
+  )
+  return run
+
+
+def write_page(workdir, setting: str, dataset: str, summaries: dict, runs: list) -> None:
+  """`<workdir>/report.html` (see `maeday_jax.html_report`), titled by the work directory."""
+  title = f"maeday_jax report: {pathlib.Path(workdir).name}"
+  html_report.write_page(workdir / "report.html", title, dataset, setting, summaries, runs)
+
+
 def evaluate_categories(scoring, config, workdir, categories, kind: str, seed=None) -> tuple:
   """Scores every category's test split with `scoring` into `workdir` (scores.csv,
-  maps, pictures, metrics.json / metrics.md rewritten after each category, so a later
-  error or a kill loses none); returns (summary, outcomes). `kind`: the table's title
-  ('zero_shot', 'evaluate', ...)."""
+  maps, pictures, metrics.json / metrics.md / report.html rewritten after each category,
+  so a later error or a kill loses none); returns (summary, outcomes). `kind`: the
+  paper's setting the tables compare with ('zero_shot' or 'few_shot')."""
   import jax
 
   outcomes = {}
   summary: dict = {}
+  page_runs = []  # Each category's gallery is drawn once, the page rewritten each time.
   for category in categories:
     outcomes[category] = run_category(scoring, category, config, workdir, seed=seed)
     summary = summarize_outcomes(outcomes, config.data.name, seed=seed)
@@ -63,4 +123,6 @@ def evaluate_categories(scoring, config, workdir, categories, kind: str, seed=No
       write_scores(workdir, outcomes)
       reports.write_metrics_json(workdir / "metrics.json", summary)
       reports.write_markdown_table(workdir / "metrics.md", summary, config.data.name, kind)
+      page_runs.append(page_run(outcomes[category], workdir))
+      write_page(workdir, kind, config.data.name, {None: summary}, page_runs)
   return summary, outcomes

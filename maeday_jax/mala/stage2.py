@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from maeday_jax import checkpoints, imagenet, model_builder, parallel, training
+from maeday_jax.config_errors import ConfigError
 from maeday_jax.mala import synthetic
 from maeday_jax.mala.segmenter_io import load_segmenter, save_segmenter
 from maeday_jax.models.segmenter import Segmenter, merge, segmenter_params, split_frozen
@@ -97,6 +98,26 @@ class Stage2Spec:
   l1_weight: float = 1.0
   focal_weight: float = 1.0
   focal_gamma: float = 2.0
+  # > 0: the training images are larger (`load_size`) and each step takes a random tile
+  # of this size from each, at their resolution, as tiled scoring cuts them.
+  tile_size: int = 0
+
+
+# Folded into the run's key for the tiles' positions: a stream apart from the defects'.
+_TILE_STREAM = 0x7119
+
+
+def random_tiles(key: jax.Array, images: jax.Array, size: int) -> jax.Array:
+  """One random `size` x `size` window (whole pixels, no resampling) of each image of
+  (B, H, W, C), row b's position drawn from `fold_in(key, b)`."""
+  from maeday_jax.pretrain import augmentation
+
+  def one(row, image):
+    box = augmentation.sample_tile(jax.random.fold_in(key, row), image.shape[:2], size)
+    start = (box.top.astype(jnp.int32), box.left.astype(jnp.int32), jnp.int32(0))
+    return jax.lax.dynamic_slice(image, start, (size, size, image.shape[-1]))
+
+  return jax.vmap(one)(jnp.arange(images.shape[0]), images)
 
 
 def _flip(key: jax.Array, images: jax.Array, axis: int) -> jax.Array:
@@ -205,6 +226,9 @@ def make_step(spec: Stage2Spec, mesh):
 
   @functools.partial(jax.jit, in_shardings=(whole, whole, data, whole), out_shardings=data)
   def draw(key, step, images_u8, bank):
+    if spec.tile_size:
+      tiles_key = jax.random.fold_in(jax.random.fold_in(key, _TILE_STREAM), step)
+      images_u8 = random_tiles(tiles_key, images_u8, spec.tile_size)
     return per_device(jax.random.fold_in(key, step), images_u8, bank)
 
   def update(state, frozen, images, masks):
@@ -244,7 +268,12 @@ def make_step(spec: Stage2Spec, mesh):
 
 
 def _spec(
-  config, segmenter: Segmenter, total: int, warmup: int, grayscale: bool = False
+  config,
+  segmenter: Segmenter,
+  total: int,
+  warmup: int,
+  grayscale: bool = False,
+  tile_size: int = 0,
 ) -> Stage2Spec:
   train = config.train
   syn = train.synthetic
@@ -265,6 +294,7 @@ def _spec(
     l1_weight=float(train.l1_weight),
     focal_weight=float(train.focal_weight),
     focal_gamma=float(train.focal_gamma),
+    tile_size=tile_size,
   )
 
 
@@ -303,10 +333,17 @@ def train(config: ml_collections.ConfigDict, workdir, mae_checkpoint: str) -> di
   segmenter = Segmenter(mae)
   frozen, trainable = split_frozen(segmenter_params(segmenter, mae_params, init_key))
   sources = inputs.training_sources([config.data, *config.get("extra_data", [])])
-  images, _ = inputs.load_images(sources, mae.img_size, True, config.data.num_workers)
+  load_size = int(settings.get("load_size") or 0) or mae.img_size
+  if load_size < mae.img_size:
+    raise ConfigError(
+      f"--config.stage2.load_size: {load_size} px images have no {mae.img_size} px tiles; "
+      "set 0 (whole images) or at least the model's input size."
+    )
+  images, _ = inputs.load_images(sources, load_size, True, config.data.num_workers)
   per_epoch, total, warmup = loop.schedule_lengths(config, len(images))
   grey = bool(np.all(images[..., :1] == images[..., 1:]))
-  spec = _spec(config, segmenter, total, warmup, grayscale=grey)
+  tile_size = mae.img_size if load_size > mae.img_size else 0
+  spec = _spec(config, segmenter, total, warmup, grayscale=grey, tile_size=tile_size)
   bank = parallel.replicate(jnp.asarray(_texture_bank(settings.synthetic, mae.img_size)), mesh)
   frozen = parallel.replicate(frozen, mesh)
   logger.info(

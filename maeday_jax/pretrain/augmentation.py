@@ -1,4 +1,5 @@
-"""On-device augmentation for MAE pre-training: random resized crop and flips.
+"""On-device augmentation for MAE pre-training: random resized crop (or a random tile at
+the image's resolution) and flips.
 
 Pure functions of a PRNG key, vmapped over the batch inside the jitted train step, so
 the host only ships uint8 images once per step.
@@ -49,6 +50,18 @@ def sample_crop(
   return CropBox(top, left, crop_h, crop_w)
 
 
+def sample_tile(key: jax.Array, image_hw: tuple[int, int], size: int) -> CropBox:
+  """A `size` x `size` window at a uniform random whole-pixel position: a tile at the
+  image's own resolution, as tiled scoring sees it (`maeday_jax.tiling`). The image must
+  be at least `size` on both sides."""
+  height, width = image_hw
+  k_top, k_left = jax.random.split(key)
+  top = jax.random.randint(k_top, (), 0, height - size + 1).astype(jnp.float32)
+  left = jax.random.randint(k_left, (), 0, width - size + 1).astype(jnp.float32)
+  side = jnp.float32(size)
+  return CropBox(top, left, side, side)
+
+
 def crop_and_resize(image: jax.Array, box: CropBox, size: int) -> jax.Array:
   """Resamples the crop `box` of `image` (H, W, C) to (size, size, C), bilinear.
 
@@ -75,10 +88,16 @@ def augment_image(
   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
   hflip: bool = True,
   vflip: bool = False,
+  crop: str = "resized",
 ) -> jax.Array:
-  """Random resized crop to `size`, then random flips, of one float image (H, W, C)."""
+  """Random resized crop to `size` (`crop='resized'`) or a random `size` tile at the
+  image's resolution (`crop='tile'`; `crop_scale` and `crop_ratio` unused), then random
+  flips, of one float image (H, W, C)."""
   k_crop, k_h, k_v = jax.random.split(key, 3)
-  box = sample_crop(k_crop, image.shape[:2], crop_scale, crop_ratio)
+  if crop == "tile":
+    box = sample_tile(k_crop, image.shape[:2], size)
+  else:
+    box = sample_crop(k_crop, image.shape[:2], crop_scale, crop_ratio)
   out = crop_and_resize(image, box, size)
   if hflip:
     out = jnp.where(jax.random.bernoulli(k_h), out[:, ::-1], out)

@@ -27,6 +27,7 @@ import numpy as np
 import tqdm
 
 from maeday_jax import models, parallel, training
+from maeday_jax.config_errors import ConfigError
 from maeday_jax.model_builder import build_model
 from maeday_jax.pretrain import evaluate, inputs, logs, optim
 from maeday_jax.pretrain import step as step_lib
@@ -78,6 +79,7 @@ def _augment_options(train: ml_collections.ConfigDict) -> dict:
     "crop_ratio": tuple(float(v) for v in aug.crop_ratio),
     "hflip": bool(aug.hflip),
     "vflip": bool(aug.vflip),
+    "crop": str(aug.get("crop", "resized")),
   }
 
 
@@ -111,6 +113,11 @@ def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   # (The middle key is unused: data order uses NumPy with the integer seed, inputs.py.)
   model, params, source = build_model(config.model, init_key)
   load_size = int(train.get("load_size") or model.img_size)
+  if train.augment.get("crop", "resized") == "tile" and load_size < model.img_size:
+    raise ConfigError(
+      f"--config.train.load_size: {load_size} px images have no {model.img_size} px tiles "
+      "(augment.crop='tile'); set it to at least the model's input size."
+    )
   sources = inputs.training_sources([config.data, *config.get("extra_data", [])])
   images, _ = inputs.load_images(
     sources, load_size, train.normal_only, num_workers=config.data.num_workers

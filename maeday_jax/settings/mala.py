@@ -44,6 +44,9 @@ def stage2_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   config.l1_weight = 1.0
   config.focal_weight = 1.0
   config.focal_gamma = 2.0
+  # 0: whole images resized to the model's input size; larger: images kept at this size,
+  # and each step trains on a random tile of the input size from each (tiled scoring).
+  config.load_size = 0
   config.synthetic = ml_collections.ConfigDict(
     dict(
       anomaly_prob=0.5,

@@ -42,6 +42,10 @@ def train_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   config.load_size = 0  # Resolution images are kept at; 0 = the model's img_size.
   config.normal_only = True  # Skip images labelled anomalous.
   config.augment = ml_collections.ConfigDict()
+  # 'resized': a random resized crop (area fraction and aspect ratio below) resampled to
+  # the model's size; 'tile': a random window of the model's size at `load_size`'s
+  # resolution, as tiled scoring (`--config.tiling`) cuts them.
+  config.augment.crop = "resized"
   config.augment.crop_scale = (0.2, 1.0)  # Random resized crop: area fraction ...
   config.augment.crop_ratio = (3 / 4, 4 / 3)  # ... and aspect ratio range.
   config.augment.hflip = True

@@ -304,6 +304,16 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+def write_json(result: dict, path: str | None) -> None:
+  """Writes a benchmark's figures to `path` (its folder made), when one is given."""
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {path}")
+
+
 def emit(payload: dict) -> None:
   print(RESULT_PREFIX + json.dumps(payload), flush=True)
 
