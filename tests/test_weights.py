@@ -26,7 +26,10 @@ def test_one_table_holds_every_kind():
   assert {kinds[n] for n in backbones.KNOWN_BACKBONES} == {"backbone"}
   dinov2 = {n for n, kind in kinds.items() if kind == "dinov2"}
   assert dinov2 == {f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")}
-  assert set(kinds) == set(checkpoints.KNOWN_CHECKPOINTS) | set(backbones.KNOWN_BACKBONES) | dinov2
+  clip = {n for n, kind in kinds.items() if kind == "clip"}
+  assert clip == {"clip_vit_b16", "clip_vit_l14", "clip_vit_l14_336"}
+  known = set(checkpoints.KNOWN_CHECKPOINTS) | set(backbones.KNOWN_BACKBONES) | dinov2 | clip
+  assert set(kinds) == known
   for name in backbones.KNOWN_BACKBONES:  # torchvision's names carry the SHA-256 prefix.
     entry = weights.KNOWN[name]
     assert entry.sha256_prefix and entry.filename.split("-")[-1].startswith(entry.sha256_prefix)

@@ -10,6 +10,9 @@
   segmenter         MALA's segmenter (MAE + Token Balance Module)
   dinov2            the DINOv2 ViT (official position resizing), `dinov2_import` its
                     official / timm / Hugging Face weights
+  clip              CLIP's image and text towers (OpenAI layout), `clip_import` its
+                    open_clip / Hugging Face weights, `clip_tokenizer` the BPE tokenizer
+                    (packaged vocabulary in `clip_vocab/`)
   features          `load(name, checkpoint=...)`: one entry point for feature networks
                     (`net.patch_tokens(images, layers=...)`)
   weights           the known names -> URL + hash table, the one resolver
@@ -23,7 +26,7 @@ The importers are imported on demand: they pull in the file readers (and Orbax),
 building or running a network does not need.
 """
 
-from maeday_jax.models import dinov2, masking, patches, pos_embed, resnet, segmenter, weights
+from maeday_jax.models import clip, dinov2, masking, patches, pos_embed, resnet, segmenter, weights
 from maeday_jax.models.features import load
 from maeday_jax.models.resnet import ResNet
 from maeday_jax.models.segmenter import Segmenter
@@ -48,6 +51,7 @@ __all__ = [
   "ResNet",
   "Segmenter",
   "architecture",
+  "clip",
   "create",
   "dinov2",
   "load",

@@ -19,9 +19,8 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from maeday_jax.models import dinov2, weights
+from maeday_jax.models import dinov2, param_trees, weights
 from maeday_jax.weight_files.errors import CheckpointError
 from maeday_jax.weight_files.state_dicts import read_state_dict
 
@@ -146,38 +145,6 @@ def _flax_name(key: str) -> tuple[tuple[str, ...], str]:
   return tuple(parts), "copy"  # bias
 
 
-def to_params(state: dict[str, np.ndarray], shapes: dict, source: str) -> dict:
-  """The Flax parameter tree of an official-layout state dict, checked against `shapes`
-  (`dinov2.param_shapes(model)`); every expected tensor must be found with its shape."""
-  expected = traverse_util.flatten_dict(shapes)
-  found: dict[tuple[str, ...], np.ndarray] = {}
-  unused = []
-  for key, value in state.items():
-    if key in _IGNORED:
-      continue
-    path, how = _flax_name(key)
-    if path not in expected:
-      unused.append(key)
-      continue
-    if how == "linear":
-      value = value.T
-    elif how == "conv":
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    if tuple(value.shape) != tuple(expected[path].shape):
-      raise CheckpointError(
-        f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
-        f"{tuple(expected[path].shape)} for {'/'.join(path)}."
-      )
-    found[path] = np.asarray(value, np.float32)
-  missing = sorted("/".join(p) for p in expected if p not in found)
-  if missing or unused:
-    raise CheckpointError(
-      f"{source}: not the expected DINOv2 layout (missing: {', '.join(missing[:5]) or 'none'}; "
-      f"unused: {', '.join(unused[:5]) or 'none'})."
-    )
-  return traverse_util.unflatten_dict(found)
-
-
 def read_checkpoint(
   name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
@@ -192,12 +159,15 @@ def read_checkpoint(
 
 def build(state, arch: dict, source: str, *, dtype: Any = jnp.float32, attention: str = "auto"):
   """(model, params) of `read_checkpoint`'s state dict and architecture."""
-  try:
-    model = dinov2.DinoV2(**arch, dtype=dtype, attention=attention)
-    shapes = dinov2.param_shapes(model)
-  except ValueError as e:
-    raise CheckpointError(f"{source}: cannot build its DINOv2 ({e}).") from None
-  return model, to_params(state, shapes, source)
+  return param_trees.build(
+    lambda: dinov2.DinoV2(**arch, dtype=dtype, attention=attention),
+    dinov2.param_shapes,
+    state,
+    source,
+    "DINOv2",
+    _flax_name,
+    ignored=_IGNORED,
+  )
 
 
 def load_dinov2(

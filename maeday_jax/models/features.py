@@ -6,15 +6,18 @@
     tokens = net.patch_tokens(images, layers=(11,))          # {11: (B, h, w, C)}
 
 `images` are NHWC float32, normalised as the network expects (ImageNet mean and std for
-all of these). Layers are 0-based block indices (the output of block i; 11 is the last
-block of ViT-S/B) for ViTs, stage indices (0 = `layer1` ... 3 = `layer4`) for ResNets;
-one out of range is a `ValueError` naming the valid range. DINOv2 takes any input whose
-sides are multiples of 14 (the position table is resized as the official code does).
+all of these but CLIP, which has its own: `clip.normalize`). Layers are 0-based block
+indices (the output of block i; 11 is the last block of ViT-S/B) for ViTs, stage indices
+(0 = `layer1` ... 3 = `layer4`) for ResNets; one out of range is a `ValueError` naming
+the valid range. DINOv2 and CLIP take any input whose sides are multiples of their patch
+size (the position table is resized as the official code / open_clip does). CLIP's
+networks also embed images and prompts (`encode_image`, `encode_text`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from maeday_jax.models import dinov2, resnet
+from maeday_jax.models import clip, dinov2, resnet
 
 RANDOM = "random"
 
@@ -77,6 +80,74 @@ class DinoV2Features:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClipFeatures:
+  """A CLIP, its parameters and its tokenizer (`clip.CLIP`, `clip_tokenizer`).
+
+  `encode_image` and `encode_text` return the projected embeddings before L2
+  normalisation (as open_clip's `encode_image` / Hugging Face's `get_image_features`);
+  `logit_scale` is exp of the stored parameter.
+  """
+
+  model: clip.CLIP
+  params: Any
+  vocabulary: str | None = None  # A Hugging Face folder with vocab.json; None: packaged.
+
+  @property
+  def num_layers(self) -> int:
+    return self.model.vision_layers
+
+  @functools.cached_property
+  def tokenizer(self):
+    """The checkpoint folder's tokenizer, else the packaged CLIP vocabulary's."""
+    from maeday_jax.models.clip_tokenizer import ClipTokenizer
+
+    return ClipTokenizer.load(self.vocabulary, self.model.context_length)
+
+  @property
+  def logit_scale(self) -> jax.Array:
+    return jnp.exp(self.params["logit_scale"])
+
+  def _apply(self, method: str, *args, **kwargs):
+    return self.model.apply({"params": self.params}, *args, method=method, **kwargs)
+
+  def patch_tokens(
+    self, images: jax.Array, layers: Sequence[int] = (-1,), norm: bool = False,
+    project: bool = False,
+  ) -> dict[int, jax.Array]:  # fmt: skip
+    """{layer: (B, h, w, C)} outputs of image blocks `layers` (the class token left out);
+    `norm`: through `ln_post`; `project`: through `ln_post` and `proj` (C = embed_dim)."""
+    depth = self.model.vision_layers
+    layers = tuple(depth + i if i < 0 else i for i in layers)
+    layers = _check_layers(layers, depth, f"this CLIP's image tower ({depth} blocks)")
+    blocks = self._apply("image_blocks", images, max(layers))
+    patch = self.model.patch_size
+    rows, cols = images.shape[1] // patch, images.shape[2] // patch
+    out = {}
+    for layer in layers:
+      tokens = blocks[layer][:, 1:]
+      if project or norm:
+        tokens = self._apply("image_project" if project else "image_norm", tokens)
+      out[layer] = tokens.reshape(tokens.shape[0], rows, cols, -1)
+    return out
+
+  def encode_image(self, images: jax.Array) -> jax.Array:
+    """(B, embed_dim) embeddings of NHWC float32 images normalised with CLIP's mean and
+    std (`clip.normalize`); any size whose sides are multiples of the patch size."""
+    return self._apply("encode_image", images)
+
+  def encode_text(self, texts) -> jax.Array:
+    """(N, embed_dim) embeddings of prompts (a str or a sequence of str, tokenized here;
+    '' is a valid prompt) or of token ids ((N, L) integers, L <= the context)."""
+    if isinstance(texts, str) or (
+      isinstance(texts, Sequence) and texts and all(isinstance(t, str) for t in texts)
+    ):
+      ids = self.tokenizer(texts)
+    else:
+      ids = texts
+    return self._apply("encode_text", clip.check_ids(ids, self.model.vocab_size))
+
+
+@dataclasses.dataclass(frozen=True)
 class ResNetFeatures:
   """A torchvision-layout ResNet and its variables (`resnet.ResNet`)."""
 
@@ -126,11 +197,13 @@ def load(
   """A feature network by name: `dinov2_vits14` ... `dinov2_vitg14_reg` (and the tiny
   `dinov2_test`, `dinov2_test_reg`), `mae_vit_base`, `mae_vit_large`, `mae_vit_huge`
   (`mae_<variant>` with checkpoint='random', e.g. `mae_test`), `resnet18`, `resnet50`,
-  `wide_resnet50_2` (and the other `resnet.VARIANTS`).
+  `wide_resnet50_2` (and the other `resnet.VARIANTS`), `clip_vit_b16`, `clip_vit_l14`,
+  `clip_vit_l14_336` (and the tiny `clip_test`).
 
   Args:
     name: the architecture.
-    checkpoint: the weights: a known name, a file (or a Hugging Face folder for DINOv2),
+    checkpoint: the weights: a known name, a file (or a Hugging Face folder for DINOv2
+      and CLIP),
       or 'random' (initialised from `key`); default: `name` itself, a known public
       checkpoint.
     dtype, attention: compute dtype and attention implementation (ViTs).
@@ -159,6 +232,8 @@ def load(
     arch["num_heads"] = expected["num_heads"]  # Not in the shapes: the variant's.
     model, params = dinov2_import.build(state, arch, source, dtype=dtype, attention=attention)
     return DinoV2Features(model, params)
+  if name.startswith("clip_"):
+    return _load_clip(name, checkpoint, dtype, attention, cache_dir, key)
   if name in resnet.VARIANTS:
     if checkpoint == RANDOM:
       model = resnet.create(name)
@@ -184,15 +259,40 @@ def load(
     return MaeFeatures(model, params)
   raise ValueError(
     f"Unknown feature network {name!r}: dinov2_* ({', '.join(dinov2.VARIANTS)}), mae_* "
-    f"(mae_vit_base, mae_vit_large, mae_vit_huge, mae_test, ...) or a ResNet "
-    f"({', '.join(resnet.VARIANTS)})."
+    f"(mae_vit_base, mae_vit_large, mae_vit_huge, mae_test, ...), clip_* "
+    f"({', '.join(clip.VARIANTS)}) or a ResNet ({', '.join(resnet.VARIANTS)})."
   )
 
 
-def _check_architecture(name: str, checkpoint: str, expected: dict, found: dict) -> None:
+def _load_clip(name, checkpoint, dtype, attention, cache_dir, key) -> ClipFeatures:
+  variant = name.removeprefix("clip_")
+  if variant not in clip.VARIANTS:
+    known = ", ".join(f"clip_{v}" for v in clip.VARIANTS)
+    raise ValueError(f"Unknown CLIP {name!r}; choose one of {known}.")
+  if checkpoint == RANDOM:
+    model = clip.create(variant, dtype=dtype, attention=attention)
+    return ClipFeatures(model, clip.init_params(model, key))
+  from maeday_jax.models import clip_import
+
+  expected = clip.architecture(clip.create(variant))
+  state, arch, source, folder = clip_import.read_checkpoint(checkpoint, cache_dir)
+  fields = ("image_size", "patch_size", "vision_width", "vision_layers", "embed_dim")
+  _check_architecture(name, source, expected, arch, fields + ("text_width", "text_layers"))
+  if folder is None:  # Not in the shapes, and no config: the variant's.
+    for field in ("vision_heads", "text_heads", "activation"):
+      arch[field] = expected[field]
+  model, params = clip_import.build(state, arch, source, dtype=dtype, attention=attention)
+  return ClipFeatures(model, params, None if folder is None else str(folder))
+
+
+_DINOV2_FIELDS = ("patch_size", "embed_dim", "depth", "ffn", "num_register_tokens")
+
+
+def _check_architecture(
+  name: str, checkpoint: str, expected: dict, found: dict, fields=_DINOV2_FIELDS
+) -> None:
   from maeday_jax.weight_files.errors import CheckpointError
 
-  fields = ("patch_size", "embed_dim", "depth", "ffn", "num_register_tokens")
   wrong = {f: (expected[f], found[f]) for f in fields if expected[f] != found[f]}
   if wrong:
     shown = ", ".join(f"{f} expected {e}, found {v}" for f, (e, v) in wrong.items())

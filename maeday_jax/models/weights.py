@@ -7,7 +7,7 @@
 
 `KNOWN` maps every name to a `Weights` entry: the URL, the expected SHA-256 (or the
 SHA-256 prefix torchvision writes into its file names), the cached file's name and the
-kind of network ('mae' or 'backbone'). Names download once into the cache
+kind of network ('mae', 'backbone', 'dinov2' or 'clip'). Names download once into the cache
 (`$MAEDAY_CACHE_DIR`, default `~/.cache/maeday_jax`; backbones in its `backbones/`
 folder) through `maeday_jax.download.fetch`: resumed, size- and hash-checked, never kept
 when corrupt. `known(kind, ...)` gives one kind's names as a live dict-like view
@@ -68,6 +68,7 @@ KINDS: dict[str, Kind] = {
   "mae": Kind("Checkpoint", "", "load_mae", "--config.model.checkpoint", True),
   "backbone": Kind("Backbone", "backbones", "load_backbone", None, False),
   "dinov2": Kind("DINOv2 checkpoint", "dinov2", "models.load", "--config.dinov2.checkpoint", True),
+  "clip": Kind("CLIP checkpoint", "clip", "models.load", None, True),
 }
 
 
@@ -118,6 +119,7 @@ def _torchvision(filename: str) -> Weights:
 
 _MAE_URL = "https://dl.fbaipublicfiles.com/mae/visualize/"
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"
+_HUGGINGFACE_URL = "https://huggingface.co/{}/resolve/main/model.safetensors"
 
 KNOWN: dict[str, Weights] = {
   # The official pixel-target MAE checkpoints that include the decoder (no digest is
@@ -138,6 +140,19 @@ KNOWN: dict[str, Weights] = {
     )
     for size in ("vits14", "vitb14", "vitl14", "vitg14")
     for suffix, file_suffix in (("", ""), ("_reg", "_reg4"))
+  },
+  # OpenAI's CLIP as Hugging Face `CLIPModel` safetensors (OpenAI's own .pt files are
+  # TorchScript, which is not read here). The Hub shows each file's SHA-256 (its LFS
+  # object id), but it could not be read where this table was written (no network): as
+  # for DINOv2, no digest yet; the download checks the size the server announces. Every
+  # file is called model.safetensors, so each is cached under its name.
+  **{
+    name: Weights(_HUGGINGFACE_URL.format(repo), "clip", filename=f"{name}.safetensors")
+    for name, repo in (
+      ("clip_vit_b16", "openai/clip-vit-base-patch16"),
+      ("clip_vit_l14", "openai/clip-vit-large-patch14"),
+      ("clip_vit_l14_336", "openai/clip-vit-large-patch14-336"),
+    )
   },
 }
 """Every known name -> its `Weights`; the views of `known` read and write this dict."""
