@@ -105,6 +105,9 @@ def zero_shot_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # all masks in one pass when they fit).
   config.mask_batch_size = 0
   config.eval_size = 0  # Pixel-metric resolution (0 = the model's input size, 224).
+  # > 0: pixel metrics at each mask's original size instead (e.g. MVTec AD's 700-1024 px),
+  # its longer side capped at this; each map is resized to its mask. 0: at eval_size.
+  config.eval_original_max_side = 0
 
   config.threshold = ml_collections.ConfigDict(dict(method="auto", percentile=99.0, value=0.0))
   config.outputs = ml_collections.ConfigDict(
@@ -166,6 +169,7 @@ def mala_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.data = data_config()
   config.eval.batch_size = 8
   config.eval.eval_size = 224
+  config.eval.eval_original_max_side = 0  # As the zero-shot job's (> 0: masks' own size).
   config.eval.maeday = True
   config.eval.num_masks = 4 if runlocal else 32
   config.eval.mask_ratio = 0.75

@@ -30,6 +30,7 @@ from maeday_jax import (
   metrics,
   parallel,
   reports,
+  resizing,
   thresholds,
   zero_shot,
 )
@@ -72,6 +73,8 @@ class Scoring:
     image_size: the size images are read at; resized on device to the model's when it
       differs (pixel metrics of models of every resolution then use the same masks).
     eval_size: pixel-metric resolution (None: the maps' own).
+    eval_original_max_side: > 0: pixel metrics at each mask's original size instead (its
+      longer side capped at this; each map resized bilinearly to its mask); 0: eval_size.
     num_workers, prefetch: image decoding threads and batches read ahead.
     masking: the mask schedule, 'random' or 'stratified' (`zero_shot.image_noise`).
   """
@@ -90,6 +93,7 @@ class Scoring:
   resize_fn: Callable | None = None
   masking: str = "random"
   name: str = ""  # What scores, for messages (a detector's description, a checkpoint).
+  eval_original_max_side: int = 0
 
   @classmethod
   def create(
@@ -150,6 +154,7 @@ class Scoring:
     mesh=None,
     num_workers: int = 4,
     prefetch: int = 2,
+    eval_original_max_side: int = 0,
   ) -> Scoring:
     """Scoring with a fitted `maeday_jax.detectors` detector: its compiled step over
     `mesh`, its state on every device, images read at its input size, its own key."""
@@ -172,6 +177,7 @@ class Scoring:
       prefetch=prefetch,
       masking=detector.settings.get("masking", "random"),
       name=detector.describe(),
+      eval_original_max_side=eval_original_max_side,
     )
 
 
@@ -223,6 +229,13 @@ def _check_finite(scoring: Scoring, batch: dict, maps, batch_scores, valid) -> N
     )
 
 
+def _add_at_original_size(accumulator, maps, original_masks, rows) -> None:
+  """Each row's map resized (bilinear) to its mask's original size, pooled one by one."""
+  for i in np.flatnonzero(rows):
+    mask = original_masks[i]
+    accumulator.add(resizing.resize_maps_bilinear(np.asarray(maps[i]), mask.shape), mask)
+
+
 @dataclasses.dataclass
 class ScoredSplit:
   """What scoring one split produced: this process's examples, or (`gather_scored`) all."""
@@ -265,6 +278,7 @@ def score_split(
       scoring.image_size,
       num_workers=scoring.num_workers,
       prefetch=scoring.prefetch,
+      original_masks=scoring.eval_original_max_side if pixel_metrics else 0,
     ):
       valid = batch["valid"]
       maps, batch_scores = _score_batch(scoring, batch["image"], valid)
@@ -279,7 +293,10 @@ def score_split(
       labelled = valid & (batch["label"] >= 0)
       if pixel_metrics and labelled.any():
         has_mask |= bool(batch["mask"][labelled].any())
-        accumulator.add(maps[labelled], batch["mask"][labelled])
+        if scoring.eval_original_max_side:
+          _add_at_original_size(accumulator, maps, batch["mask_original"], labelled)
+        else:
+          accumulator.add(maps[labelled], batch["mask"][labelled])
       bar.update(int(valid.sum()))
   seconds = time.perf_counter() - start
   result = reports.CategoryResult(

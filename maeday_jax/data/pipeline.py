@@ -46,16 +46,28 @@ def batches_per_shard(num_examples: int, batch_size: int, shard_count: int) -> i
   return math.ceil(math.ceil(num_examples / shard_count) / batch_size)
 
 
-def load_example(split: Split, index: int, image_size: int) -> dict:
-  """Reads example `index` and turns it into model inputs (see the module docstring)."""
+def original_mask_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+  """(h, w) of a mask kept at its original size, its longer side capped at `max_side`
+  (the aspect ratio kept, each side at least 1)."""
+  scale = min(1.0, max_side / max(height, width))
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def load_example(split: Split, index: int, image_size: int, original_masks: int = 0) -> dict:
+  """Reads example `index` and turns it into model inputs (see the module docstring);
+  `original_masks` > 0 also keeps its mask at the original size, longer side capped there."""
   example = split[index]
-  return {
+  loaded = {
     "image": preprocess.preprocess_image(example["image"], image_size),
     "mask": resizing.resize_mask_pillow(example["mask"], image_size),
     "label": example["label"],
     "file_name": example["file_name"],
     "original_size": example["image"].shape[:2],
   }
+  if original_masks > 0:
+    size = original_mask_size(*example["mask"].shape[:2], original_masks)
+    loaded["mask_original"] = resizing.resize_mask_pillow(example["mask"], size)
+  return loaded
 
 
 def _empty_batch(batch_size: int, image_size: int) -> dict:
@@ -67,6 +79,7 @@ def _empty_batch(batch_size: int, image_size: int) -> dict:
     "index": np.full((batch_size,), -1, np.int32),
     "file_name": [""] * batch_size,
     "original_size": np.zeros((batch_size, 2), np.int32),
+    "mask_original": [None] * batch_size,
   }
 
 
@@ -89,6 +102,7 @@ def _assemble(split: Split, slots, futures, batch_size: int, image_size: int) ->
     batch["index"][row] = index
     batch["file_name"][row] = example["file_name"]
     batch["original_size"][row] = example["original_size"]
+    batch["mask_original"][row] = example.get("mask_original")
   return batch
 
 
@@ -102,6 +116,7 @@ def batches(
   num_workers: int = 4,
   prefetch: int = 2,
   indices: Sequence[int] | None = None,
+  original_masks: int = 0,
 ) -> Iterator[dict]:
   """Yields fixed-size batches of this process's shard of `split`.
 
@@ -115,6 +130,8 @@ def batches(
     prefetch: batches prepared ahead of the one being consumed.
     indices: read only these examples of the split (e.g. the few-shot images), in order;
       default all.
+    original_masks: > 0: also `mask_original`, each mask at its original size with its
+      longer side capped at this (a list, None for padding); 0: none.
 
   Yields:
     dicts with `image` float32 (B, S, S, 3) normalised, `mask` uint8 (B, S, S) in {0, 1},
@@ -140,7 +157,7 @@ def batches(
 
   def tasks(batch: int) -> list:
     return [
-      functools.partial(load_example, split, i, image_size) if i >= 0 else None
+      functools.partial(load_example, split, i, image_size, original_masks) if i >= 0 else None
       for i in chunk(batch)
     ]
 

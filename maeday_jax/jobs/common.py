@@ -66,6 +66,12 @@ def validate_scoring(config: ml_collections.ConfigDict) -> None:
     "eval_size",
     f"must be >= 0 (0 = the model's input size), got {config.eval_size}.",
   )
+  original = config.get("eval_original_max_side", 0)
+  require(
+    isinstance(original, int) and original >= 0,
+    "eval_original_max_side",
+    f"must be >= 0 (0 = off: pixel metrics at eval_size), got {original!r}.",
+  )
   validate_threshold(config.threshold, config.data)
   model_builder.validate_model_config(config.model)
   model_builder.validate_masking(config, config.model)

@@ -80,6 +80,7 @@ def scoring(detector, config: ml_collections.ConfigDict):
     detector,
     batch_size=config.batch_size,
     eval_size=config.get("eval_size") or None,
+    eval_original_max_side=int(config.get("eval_original_max_side") or 0),
     num_workers=config.data.num_workers,
     prefetch=config.data.prefetch,
   )

@@ -89,6 +89,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "eval.eval_size",
     f"must be >= 0 (0 = the model's input size), got {ev.eval_size}.",
   )
+  common.require(
+    ev.get("eval_original_max_side", 0) >= 0,
+    "eval.eval_original_max_side",
+    f"must be >= 0 (0 = off), got {ev.get('eval_original_max_side')}.",
+  )
   if ev.maeday:
     common.require(ev.num_masks >= 1, "eval.num_masks", f"must be >= 1, got {ev.num_masks}.")
   common.require(
@@ -126,7 +131,10 @@ def _evaluate(scoring: evaluation.Scoring, config, workdir: pathlib.Path):
 
 def _scoring(detector, config) -> evaluation.Scoring:
   return evaluation.Scoring.for_detector(
-    detector, batch_size=config.eval.batch_size, eval_size=config.eval.eval_size or None
+    detector,
+    batch_size=config.eval.batch_size,
+    eval_size=config.eval.eval_size or None,
+    eval_original_max_side=int(config.eval.get("eval_original_max_side") or 0),
   )
 
 
