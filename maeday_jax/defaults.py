@@ -219,6 +219,16 @@ def detector_sections(config: ml_collections.ConfigDict, runlocal: bool = False)
     config.musc.checkpoint = "random"
     config.musc.image_size = 56
     config.musc.layers = (0, 2)
+    config.clip.backbone = "clip_test"
+    config.clip.checkpoint = "random"
+    config.clip.image_size = 32
+    config.clip.layers = (0, 1, 2)
+    # The smoke test trains APRIL-GAN's adapters for 2 steps on the job's own test images
+    # and masks (aux_data.name '': no second dataset at hand), recorded as not zero-shot.
+    config.april_gan.aux_data.name = ""
+    config.april_gan.allow_same_dataset = True
+    config.april_gan.steps = 2
+    config.april_gan.batch_size = 4
     mala = mala_settings.stages_config(runlocal=True)
     for field in ("stage1", "stage2", "checkpoint_every", "log_every"):
       config.mala[field] = mala[field]

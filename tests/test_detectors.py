@@ -191,6 +191,8 @@ ROUND_TRIPS = {
   "ensemble": ("ensemble", {"members": "maeday_lora,patchcore"}),
   "mala": ("mala", {}),
   "anomalydino": ("anomalydino", {}),
+  # Adapters trained 2 steps on the same folder's masks (runlocal), banks from the shots.
+  "april_gan": ("april_gan", {"april_gan.few_shot": True}),
   # Members of different input sizes (32 and 56 px): resized on device.
   "ensemble_dino": ("ensemble", {"members": "maeday_lora,anomalydino"}),
   # Tiled (4 tiles of 32 px of 48 px images; PatchCore also the whole image): fitted on

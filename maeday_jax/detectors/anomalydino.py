@@ -202,26 +202,19 @@ class AnomalyDino(Detector):
     return score
 
   def saved_state(self) -> Any:
-    if self._weights is None:
-      return self.state
-    # The public DINOv2 is referenced by name and hash, not copied.
-    return {k: v for k, v in self.state.items() if k != "dinov2"}
+    return weights_ref.without_public(self.state, self._weights, "dinov2")
 
   def record(self) -> dict:
     from maeday_jax.models import dinov2
 
-    weights = self._weights.record() if self._weights is not None else None
-    return {"architecture": dinov2.architecture(self._net.model), "weights": weights}
+    return weights_ref.network_record(self._weights, dinov2.architecture(self._net.model))
 
   def restore(self, record: dict, state: Any) -> None:
     from maeday_jax.models import dinov2, features
 
-    model = dinov2.DinoV2(**record["architecture"])
-    if record.get("weights"):
-      self._weights = weights_ref.PublicWeights.from_record(record["weights"])
-      weights_ref.check(record["weights"])
-      loaded = features.load(self._section.backbone, self._weights.name)
-      state = {**state, "dinov2": loaded.params}
-      model = loaded.model
-    self._net = features.DinoV2Features(model, state["dinov2"])
-    self.state = state
+    def wrap(architecture, params):
+      return features.DinoV2Features(dinov2.DinoV2(**architecture), params)
+
+    self._weights, self._net, self.state = weights_ref.restore_network(
+      record, state, "dinov2", self._section.backbone, wrap
+    )

@@ -29,6 +29,8 @@ METHODS: dict[str, str] = {
   "mala": "maeday_jax.detectors.mala:Mala",
   "anomalydino": "maeday_jax.detectors.anomalydino:AnomalyDino",
   "musc": "maeday_jax.detectors.musc:Musc",
+  "clip_zero_shot": "maeday_jax.detectors.clip_zero_shot:ClipZeroShot",
+  "april_gan": "maeday_jax.detectors.april_gan:AprilGan",
 }
 
 _CLASSES: dict[str, type[Detector]] = {}

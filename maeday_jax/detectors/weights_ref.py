@@ -72,6 +72,36 @@ def check(reference: dict, cache_dir=None) -> None:
     )
 
 
+def without_public(state: dict, weights: PublicWeights | None, key: str) -> dict:
+  """The state an artifact stores: without `state[key]` (a network's parameters) when
+  those are public weights, which the record references by name and hash instead."""
+  return state if weights is None else {k: v for k, v in state.items() if k != key}
+
+
+def network_record(weights: PublicWeights | None, architecture: dict) -> dict:
+  """A feature-network detector's record: the network's architecture and its public
+  weights' reference (None: the parameters are in the state)."""
+  return {"architecture": architecture, "weights": None if weights is None else weights.record()}
+
+
+def restore_network(record: dict, state: dict, key: str, backbone: str, wrap):
+  """(weights, network, state) of a feature-network detector's `network_record`: the public
+  weights fetched by name and checked by hash (their parameters put back at `state[key]`),
+  or the stored ones wrapped by `wrap(architecture, params)`.
+
+  Raises:
+    ArtifactError: the referenced weights' SHA-256 differs from the recorded one.
+  """
+  from maeday_jax.models import features
+
+  if not record.get("weights"):
+    return None, wrap(record["architecture"], state[key]), state
+  weights = PublicWeights.from_record(record["weights"])
+  check(record["weights"])
+  loaded = features.load(backbone, weights.name)
+  return weights, loaded, {**state, key: loaded.params}
+
+
 def load_referenced_mae(reference: dict, dtype, attention: str, cache_dir=None):
   """(model, params) of a referenced public MAE, checked against its recorded SHA-256."""
   from maeday_jax import checkpoints

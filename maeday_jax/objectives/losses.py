@@ -1,4 +1,5 @@
-"""Training losses: MAE reconstruction errors, MALA's (L1, SSIM, segmentation focal and L1), BCE.
+"""Training losses: MAE reconstruction errors, MALA's (L1, SSIM, segmentation focal and L1), BCE,
+Dice (APRIL-GAN's adapters: focal + Dice).
 
 Stage 1 (the MAE) minimises `a1 * l1 + a2 * ssim_loss + a3 * CE`, CE being the pseudo-label
 predictor's verdict (`plpm.adversarial_loss`); stage 2 (the segmenter) minimises
@@ -143,3 +144,21 @@ def binary_cross_entropy_with_logits(logits: jax.Array, labels: jax.Array) -> ja
   labels = jnp.asarray(labels, logits.dtype)
   per_item = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
   return per_item.mean()
+
+
+def dice_loss(probabilities: jax.Array, target_mask: jax.Array, smooth: float = 1.0) -> jax.Array:
+  """Binary Dice loss, per image then averaged (APRIL-GAN's `BinaryDiceLoss`).
+
+  1 - mean_b (2 sum(p m) + smooth) / (sum p + sum m + smooth), sums over each image's
+  pixels; `smooth` keeps an image without defect pixels (and a near-zero prediction) from
+  dividing by zero, and gives it a loss near 0 rather than 1.
+
+  Args:
+    probabilities: (B, ...) predicted defect probabilities in [0, 1].
+    target_mask: (B, ...) in [0, 1], 1 = anomalous.
+  """
+  p = jnp.asarray(probabilities)
+  p = p.astype(jnp.promote_types(p.dtype, jnp.float32)).reshape(p.shape[0], -1)
+  m = jnp.asarray(target_mask, p.dtype).reshape(p.shape[0], -1)
+  dice = (2.0 * (p * m).sum(axis=1) + smooth) / (p.sum(axis=1) + m.sum(axis=1) + smooth)
+  return 1.0 - dice.mean()
