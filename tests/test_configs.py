@@ -15,7 +15,16 @@ from maeday_jax import defaults, few_shot
 
 from .conftest import REPO_ROOT
 
-CONFIGS = ("zero_shot", "few_shot", "pretrain", "pretrain_mt", "score", "mala", "mala_mt", "mt_recipe")
+CONFIGS = (
+  "zero_shot",
+  "few_shot",
+  "pretrain",
+  "pretrain_mt",
+  "score",
+  "mala",
+  "mala_mt",
+  "mt_recipe",
+)
 
 # Parses the command line the way `maeday_jax.main` does and prints the fields asked for.
 _PARSE = """
