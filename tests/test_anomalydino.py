@@ -108,16 +108,81 @@ def test_foreground_mask_equals_the_pca_reference(seed):
   assert ours[blob].mean() > 0.9
 
 
-def test_masking_leaves_background_out_of_the_bank_and_the_scores():
-  shots = _images(1, 4)
-  plain = detectors.create(_config(rotations=(0,)))
+# The tiny random DINOv2's tokens project to |pc| < 6, below the method's threshold of 10
+# (real DINOv2 tokens reach it); the masking tests lower it so that masks are not empty,
+# on 112 px images (8 x 8 patches: on 4 x 4 the dilation and closing cover everything).
+LOW_THRESHOLD = 3.0
+MASKED_SIZE = 112
+
+
+def _masked_images(count: int, seed: int) -> np.ndarray:
+  shape = (count, MASKED_SIZE, MASKED_SIZE, 3)
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+@pytest.fixture
+def low_threshold(monkeypatch):
+  import functools
+
+  masks = functools.partial(foreground.foreground_masks, threshold=LOW_THRESHOLD)
+  monkeypatch.setattr(foreground, "foreground_masks", masks)
+
+
+def test_masking_leaves_background_out_of_the_bank_and_the_scores(low_threshold):
+  """The masks come from the tokens on their own scale (through the final norm, before the
+  L2 normalisation the bank compares), as the method and anomalib compute them."""
+  shots = _masked_images(1, 2)
+  plain = detectors.create(_config(rotations=(0,), masking="false", image_size=MASKED_SIZE))
   plain.fit(detectors.NormalImages.from_arrays(shots), None)
-  masked = detectors.create(_config(rotations=(0,), masking=True))
+  masked = detectors.create(_config(rotations=(0,), masking="true", image_size=MASKED_SIZE))
   masked.fit(detectors.NormalImages.from_arrays(shots), None)
-  features = masked._features(masked.state["dinov2"], shots)
-  keep = np.asarray(foreground.foreground_masks(features)).reshape(-1)
-  assert masked.state["bank"].shape[0] == (keep.sum() or 16)
-  assert plain.state["bank"].shape[0] == 16
+  net = masked._net
+  tokens = np.asarray(net.patch_tokens(shots, layers=(-1,), norm=True)[2], np.float64)[0]
+  keep = _np_foreground(tokens, threshold=LOW_THRESHOLD).reshape(-1)
+  assert 0 < keep.sum() < 64  # Some patches are background: the test can tell.
+  np.testing.assert_allclose(
+    masked.state["bank"], _unit(tokens.reshape(64, -1)[keep]), rtol=1e-4, atol=1e-6
+  )
+  assert plain.state["bank"].shape[0] == 64
+
+
+@pytest.mark.parametrize(
+  "dataset, category, masked",
+  [
+    ("mvtec_ad", "capsule", True),  # The method's masking test: objects on plain ground.
+    ("mvtec_ad", "screw", True),
+    ("mvtec_ad", "carpet", False),  # Textures and the rest: no masking.
+    ("mvtec_ad", "transistor", False),
+    ("visa", "pcb1", True),  # Every VisA category.
+    ("folder", "line3", False),  # Other data: off unless asked.
+    (None, None, False),
+  ],
+)
+def test_auto_masking_follows_the_methods_choice_per_category(dataset, category, masked):
+  from maeday_jax.detectors import anomalydino
+
+  assert anomalydino.masking_for("auto", dataset, category) is masked
+  assert anomalydino.masking_for("True", dataset, category) is True
+  assert anomalydino.masking_for("false", dataset, category) is False
+
+
+def test_auto_masking_is_chosen_at_fit_and_kept_by_the_artifact(tmp_path, low_threshold):
+  shots = _masked_images(1, 2)
+  data = ml_collections.ConfigDict({"name": "mvtec_ad"})
+  # masking: auto, the default.
+  detector = detectors.create(_config(rotations=(0,), image_size=MASKED_SIZE))
+  normals = detectors.NormalImages.from_arrays(shots, data=data, category="hazelnut")
+  detector.fit(normals, None)
+  tokens = np.asarray(detector._net.patch_tokens(shots, layers=(-1,), norm=True)[2])[0]
+  keep = _np_foreground(tokens.astype(np.float64), threshold=LOW_THRESHOLD).reshape(-1)
+  assert 0 < keep.sum() < 64
+  assert detector.state["bank"].shape[0] == keep.sum()  # Masked: hazelnut is an object.
+  loaded = detectors.load(detectors.save(detector, tmp_path / "detector"))
+  assert loaded.record()["masking"] is True
+  images = _masked_images(2, 5)
+  np.testing.assert_array_equal(
+    scoring.score_images(loaded, images)[1], scoring.score_images(detector, images)[1]
+  )
 
 
 def test_bad_settings_are_refused():
@@ -127,3 +192,5 @@ def test_bad_settings_are_refused():
     detectors.create(_config(image_size=450))
   with pytest.raises(ConfigError, match="multiples of 90"):
     detectors.create(_config(rotations=(0, 45)))
+  with pytest.raises(ConfigError, match="anomalydino.masking"):
+    detectors.registry.get("anomalydino").validate(_config(masking="sometimes"))

@@ -39,7 +39,9 @@ def anomalydino_section() -> ml_collections.ConfigDict:
       folder, or 'random'.
     image_size: the square input (a multiple of 14; 448 in the paper, 672 the larger).
     layer: the block whose tokens are compared (-1: the last).
-    masking: zero-shot foreground masking (objects on plain backgrounds).
+    masking: zero-shot foreground masking (objects on plain backgrounds): 'auto' (the
+      method's choice per category: on for MVTec AD's capsule, hazelnut, pill, screw and
+      toothbrush and for every VisA category, off elsewhere), or true / false.
     rotations: the shots are added at these rotations (degrees, multiples of 90).
     chunk_size: bank rows per step of the nearest-neighbour search (memory bound:
       patches per batch x chunk_size floats).
@@ -50,11 +52,41 @@ def anomalydino_section() -> ml_collections.ConfigDict:
       "checkpoint": "",
       "image_size": 448,
       "layer": -1,
-      "masking": False,
+      "masking": "auto",
       "rotations": (0, 90, 180, 270),
       "chunk_size": 4096,
     }
   )
+
+
+# AnomalyDINO's masking per category (its "masking test"): where the first principal
+# component separates the object from a background that few shots cannot cover.
+MASKED_CATEGORIES = {
+  "mvtec_ad": {"capsule", "hazelnut", "pill", "screw", "toothbrush"},
+  "visa": "all",
+}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def masking_for(setting, dataset: str | None, category: str | None) -> bool:
+  """Whether to mask the background: `setting` true / false, or 'auto' (the method's
+  per-category choice, `MASKED_CATEGORIES`; off for other data and outside a job).
+
+  Raises:
+    ConfigError: another value.
+  """
+  value = str(setting).strip().lower()
+  if value in _TRUE or value in _FALSE:
+    return value in _TRUE
+  require(value == "auto", "anomalydino.masking", f"{setting!r}: use auto, true or false.")
+  masked = MASKED_CATEGORIES.get(dataset or "", ())
+  return masked == "all" or (category or "") in masked
+
+
+def _unit(x):
+  import jax.numpy as jnp
+
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def require_patch_multiple(size: int, field: str) -> None:
@@ -82,6 +114,8 @@ class AnomalyDino(Detector):
     super().__init__(settings)
     self._net = None
     self._weights: weights_ref.PublicWeights | None = None
+    # The masking `fit` chose (`masking_for`: 'auto' depends on the category), recorded.
+    self._masking = masking_for(self._section.get("masking", "auto"), None, None)
 
   @classmethod
   def validate(cls, config) -> None:
@@ -94,6 +128,7 @@ class AnomalyDino(Detector):
       f"{rotations}: give multiples of 90 degrees (0 keeps the shots as they are).",
     )
     require(section.chunk_size >= 1, "anomalydino.chunk_size", "must be >= 1.")
+    masking_for(section.get("masking", "auto"), None, None)  # A bad value fails here.
 
   @property
   def _section(self):
@@ -121,17 +156,18 @@ class AnomalyDino(Detector):
     self._weights = weights_ref.PublicWeights.of(checkpoint, "dinov2")
     self.state = {"dinov2": self._net.params}
 
-  def _features(self, params, images):
-    """L2-normalised patch tokens (B, h, w, C) of the chosen layer, through the final norm."""
+  def _tokens(self, params, images):
+    """Patch tokens (B, h, w, C) of the chosen layer through the final norm: what the
+    foreground masks are computed on (their threshold is on this scale)."""
     import dataclasses
-
-    import jax.numpy as jnp
 
     net = dataclasses.replace(self._net, params=params)
     layer = int(self.settings.anomalydino.layer)
-    tokens = net.patch_tokens(images, layers=(layer,), norm=True)
-    features = next(iter(tokens.values()))
-    return features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+    return next(iter(net.patch_tokens(images, layers=(layer,), norm=True).values()))
+
+  def _features(self, params, images):
+    """The tokens L2-normalised (B, h, w, C): what the memory bank compares."""
+    return _unit(self._tokens(params, images))
 
   def fit(self, normals, key) -> None:
     import jax
@@ -147,13 +183,15 @@ class AnomalyDino(Detector):
     if len(shots) == 0:
       raise ValueError("anomalydino needs at least one normal shot for its memory bank.")
     section = self.settings.anomalydino
+    dataset = normals.data.get("name") if normals.data is not None else None
+    self._masking = masking_for(section.get("masking", "auto"), dataset, normals.category)
     views = np.concatenate(
       [np.rot90(shots, int(r) // 90 % 4, axes=(1, 2)) for r in section.rotations]
     )
-    features = jax.jit(self._features)(self.state["dinov2"], jnp.asarray(views))
-    rows = np.asarray(features).reshape(-1, features.shape[-1])
-    if section.masking:
-      masks = np.asarray(jax.jit(foreground.foreground_masks)(features)).reshape(-1)
+    tokens = jax.jit(self._tokens)(self.state["dinov2"], jnp.asarray(views))
+    rows = np.asarray(_unit(tokens)).reshape(-1, tokens.shape[-1])
+    if self._masking:
+      masks = np.asarray(jax.jit(foreground.foreground_masks)(tokens)).reshape(-1)
       if masks.any():
         rows = rows[masks]
     self.state = {**self.state, "bank": jnp.asarray(rows)}
@@ -164,7 +202,7 @@ class AnomalyDino(Detector):
       "anomalydino",
       self._net.model,
       int(section.layer),
-      bool(section.masking),
+      self._masking,
       int(section.chunk_size),
     )
 
@@ -174,7 +212,7 @@ class AnomalyDino(Detector):
     from maeday_jax import foreground, memory_budget, nearest_neighbors, patchcore
 
     section = self.settings.anomalydino
-    masking, chunk = bool(section.masking), int(section.chunk_size)
+    masking, chunk = self._masking, int(section.chunk_size)
     patches = (self.input_size // self._net.model.patch_size) ** 2
     # The search holds (local patches x chunk) float32 distances at a time.
     memory_budget.require_fits(
@@ -186,13 +224,14 @@ class AnomalyDino(Detector):
 
     def score(state, images, ids, key):
       del ids, key  # Deterministic given the bank.
-      features = self._features(state["dinov2"], images)
+      tokens = self._tokens(state["dinov2"], images)
+      features = _unit(tokens)
       batch, rows, cols, dim = features.shape
       d2, _ = nearest_neighbors.k_nearest(features.reshape(-1, dim), state["bank"], 1, chunk)
       # |a - b|^2 = 2 - 2 cos for unit vectors: the cosine distance is half of it.
       distances = jnp.clip(d2[:, 0] / 2.0, 0.0, 2.0).reshape(batch, rows, cols)
       if masking:
-        distances = jnp.where(foreground.foreground_masks(features), distances, 0.0)
+        distances = jnp.where(foreground.foreground_masks(tokens), distances, 0.0)
       flat = distances.reshape(batch, -1)
       top = max(int(flat.shape[1] * TOP_FRACTION), 1)
       scores = jnp.mean(jnp.sort(flat, axis=1)[:, -top:], axis=1)
@@ -207,7 +246,8 @@ class AnomalyDino(Detector):
   def record(self) -> dict:
     from maeday_jax.models import dinov2
 
-    return weights_ref.network_record(self._weights, dinov2.architecture(self._net.model))
+    record = weights_ref.network_record(self._weights, dinov2.architecture(self._net.model))
+    return {**record, "masking": self._masking}
 
   def restore(self, record: dict, state: Any) -> None:
     from maeday_jax.models import dinov2, features
@@ -218,3 +258,4 @@ class AnomalyDino(Detector):
     self._weights, self._net, self.state = weights_ref.restore_network(
       record, state, "dinov2", self._section.backbone, wrap
     )
+    self._masking = bool(record.get("masking", self._masking))

@@ -51,12 +51,15 @@ class NormalImages:
       MAE pre-training, read their images from it); None outside a job.
     extra_data: further training sources (`config.extra_data`).
     workdir: a folder for resumable training state (None: train without checkpoints).
+    category: the category the images are of (methods with per-category defaults read
+      it with `data.name`); None outside a job.
   """
 
   read: Callable[[int], tuple[np.ndarray, np.ndarray]]
   data: ml_collections.ConfigDict | None = None
   extra_data: list = dataclasses.field(default_factory=list)
   workdir: Any = None
+  category: str | None = None
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def images(self, size: int) -> tuple[np.ndarray, np.ndarray]:

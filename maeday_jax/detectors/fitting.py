@@ -100,6 +100,7 @@ def normal_images(
     data=config.data,
     extra_data=list(config.get("extra_data", [])),
     workdir=workdir,
+    category=category,
   )
   record = {
     "category": category,
