@@ -185,11 +185,19 @@ def test_auto_masking_is_chosen_at_fit_and_kept_by_the_artifact(tmp_path, low_th
   )
 
 
+def test_a_size_that_is_not_a_multiple_of_14_is_rounded_and_said(caplog):
+  config = _config(image_size=450)
+  detectors.registry.get("anomalydino").validate(config)
+  assert "images are resized to 448 px instead" in caplog.text
+  assert detectors.create(config).input_size == 448
+  assert detectors.create(_config(image_size=460)).input_size == 462  # The nearest.
+
+
 def test_bad_settings_are_refused():
   from maeday_jax.config_errors import ConfigError
 
-  with pytest.raises(ConfigError, match="multiple of DINOv2's 14-px patches"):
-    detectors.create(_config(image_size=450))
+  with pytest.raises(ConfigError, match="smaller than one of DINOv2's 14-px patches"):
+    detectors.registry.get("anomalydino").validate(_config(image_size=10))
   with pytest.raises(ConfigError, match="multiples of 90"):
     detectors.create(_config(rotations=(0, 45)))
   with pytest.raises(ConfigError, match="anomalydino.masking"):

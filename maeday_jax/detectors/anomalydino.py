@@ -89,17 +89,31 @@ def _unit(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def patch_multiple(size: int) -> int:
+  """A DINOv2 input size: `size` rounded to the nearest multiple of its 14-px patches."""
+  return max(14, int(round(int(size) / 14)) * 14)
+
+
 def require_patch_multiple(size: int, field: str) -> None:
-  """Checks a DINOv2 input size: a positive multiple of its 14-px patches.
+  """Checks a DINOv2 input size: at least one 14-px patch; one that is not a multiple of
+  the patch is used as the nearest multiple, and a warning says so.
 
   Raises:
     ConfigError: naming `field`.
   """
   require(
-    size >= 14 and size % 14 == 0,
+    isinstance(size, int) and size >= 14,
     field,
-    f"{size} is not a multiple of DINOv2's 14-px patches (e.g. 448 or 672).",
+    f"{size!r} is smaller than one of DINOv2's 14-px patches (e.g. 448 or 672).",
   )
+  if patch_multiple(size) != size:
+    log.warning(
+      "--config.%s=%d is not a multiple of DINOv2's 14-px patches: images are resized to "
+      "%d px instead.",
+      field,
+      size,
+      patch_multiple(size),
+    )
 
 
 class AnomalyDino(Detector):
@@ -137,7 +151,7 @@ class AnomalyDino(Detector):
 
   @property
   def input_size(self) -> int:
-    return int(self._section.image_size)
+    return patch_multiple(self._section.image_size)  # `validate` warns when it rounds.
 
   def describe(self) -> str:
     return f"{self.method} ({self._section.backbone})"
