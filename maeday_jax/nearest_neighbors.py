@@ -20,6 +20,12 @@ BANK_CHUNK_SIZE = 2048
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 products (no TF32), as PyTorch by default
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """`x` L2-normalised along its last axis (a zero row stays zero): rows whose squared
+  distances are 2 - 2 cos, for the cosine kNN detectors."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def squared_distances(queries: jax.Array, rows: jax.Array) -> jax.Array:
   """|q|^2 - 2 q.r + |r|^2, clamped at 0 (anomalib's `euclidean_dist` before its sqrt)."""
   q_sq = jnp.sum(queries**2, axis=-1, keepdims=True)

@@ -83,12 +83,6 @@ def masking_for(setting, dataset: str | None, category: str | None) -> bool:
   return masked == "all" or (category or "") in masked
 
 
-def _unit(x):
-  import jax.numpy as jnp
-
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def patch_multiple(size: int) -> int:
   """A DINOv2 input size: `size` rounded to the nearest multiple of its 14-px patches."""
   return max(14, int(round(int(size) / 14)) * 14)
@@ -181,14 +175,16 @@ class AnomalyDino(Detector):
 
   def _features(self, params, images):
     """The tokens L2-normalised (B, h, w, C): what the memory bank compares."""
-    return _unit(self._tokens(params, images))
+    from maeday_jax import nearest_neighbors
+
+    return nearest_neighbors.l2_normalize(self._tokens(params, images))
 
   def fit(self, normals, key) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from maeday_jax import foreground
+    from maeday_jax import foreground, nearest_neighbors
 
     del key  # Deterministic.
     if self._net is None:
@@ -203,7 +199,7 @@ class AnomalyDino(Detector):
       [np.rot90(shots, int(r) // 90 % 4, axes=(1, 2)) for r in section.rotations]
     )
     tokens = jax.jit(self._tokens)(self.state["dinov2"], jnp.asarray(views))
-    rows = np.asarray(_unit(tokens)).reshape(-1, tokens.shape[-1])
+    rows = np.asarray(nearest_neighbors.l2_normalize(tokens)).reshape(-1, tokens.shape[-1])
     if self._masking:
       masks = np.asarray(jax.jit(foreground.foreground_masks)(tokens)).reshape(-1)
       if masks.any():
@@ -239,7 +235,7 @@ class AnomalyDino(Detector):
     def score(state, images, ids, key):
       del ids, key  # Deterministic given the bank.
       tokens = self._tokens(state["dinov2"], images)
-      features = _unit(tokens)
+      features = nearest_neighbors.l2_normalize(tokens)
       batch, rows, cols, dim = features.shape
       d2, _ = nearest_neighbors.k_nearest(features.reshape(-1, dim), state["bank"], 1, chunk)
       # |a - b|^2 = 2 - 2 cos for unit vectors: the cosine distance is half of it.

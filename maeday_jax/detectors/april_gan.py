@@ -288,8 +288,15 @@ class AprilGan(zs.ClipZeroShot):
     """(stages, K * h * w, width) L2-normalised raw patch tokens of the shots."""
     import jax.numpy as jnp
 
+    from maeday_jax import nearest_neighbors
+
     tokens = self._with(params).patch_tokens(zs.imagenet_to_clip(shots), layers=self.layers)
-    return jnp.stack([zs.unit(tokens[i]).reshape(-1, tokens[i].shape[-1]) for i in self.layers])
+    return jnp.stack(
+      [
+        nearest_neighbors.l2_normalize(tokens[i]).reshape(-1, tokens[i].shape[-1])
+        for i in self.layers
+      ]
+    )
 
   def step_signature(self):
     chunk = int(self.settings.april_gan.chunk_size)
@@ -322,7 +329,7 @@ class AprilGan(zs.ClipZeroShot):
       if "banks" in state:
         for s, layer in enumerate(layers):
           batch, rows, cols, width = tokens[layer].shape
-          queries = zs.unit(tokens[layer]).reshape(-1, width)
+          queries = nearest_neighbors.l2_normalize(tokens[layer]).reshape(-1, width)
           d2, _ = nearest_neighbors.k_nearest(queries, state["banks"][s], 1, chunk)
           # |a - b|^2 = 2 - 2 cos for unit vectors: the cosine distance is half of it.
           distance = jnp.clip(d2[:, 0] / 2.0, 0.0, 2.0).reshape(batch, rows, cols, 1)

@@ -61,13 +61,6 @@ def prompts(class_name: str) -> tuple[list[str], list[str]]:
   )
 
 
-def unit(x):
-  """`x` L2-normalised along its last axis (jnp)."""
-  import jax.numpy as jnp
-
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 @functools.cache
 def _text_encoder(model):
   """One compiled text pass per CLIP (eager Flax would run each op separately; a fit
@@ -82,12 +75,13 @@ def text_features(net, class_name: str):
   import jax.numpy as jnp
 
   from maeday_jax.models import clip
+  from maeday_jax.nearest_neighbors import l2_normalize
 
   normal, abnormal = prompts(class_name)
   ids = clip.check_ids(net.tokenizer(normal + abnormal), net.model.vocab_size)
-  embeddings = unit(_text_encoder(net.model)(net.params, ids))
+  embeddings = l2_normalize(_text_encoder(net.model)(net.params, ids))
   states = (embeddings[: len(normal)], embeddings[len(normal) :])
-  return jnp.stack([unit(jnp.mean(e, axis=0)) for e in states])
+  return jnp.stack([l2_normalize(jnp.mean(e, axis=0)) for e in states])
 
 
 def imagenet_to_clip(images):
@@ -124,9 +118,11 @@ def upsampled_logits(joint_tokens, text, scale, size: tuple[int, int]):
   import jax
   import jax.numpy as jnp
 
+  from maeday_jax.nearest_neighbors import l2_normalize
+
   text = jnp.broadcast_to(text, (joint_tokens.shape[0], *text.shape[-2:]))
   logits = scale * jnp.einsum(
-    "bhwc,bkc->bhwk", unit(joint_tokens), text, precision=jax.lax.Precision.HIGHEST
+    "bhwc,bkc->bhwk", l2_normalize(joint_tokens), text, precision=jax.lax.Precision.HIGHEST
   )
   return upsample_corners(logits, size)
 
@@ -142,7 +138,9 @@ def image_probability(net, images, text, scale):
   """(B,) softmax(scale * unit(f_img) . F_t^T)[abnormal] of CLIP-normalised images."""
   import jax
 
-  return jax.nn.softmax(scale * unit(net.encode_image(images)) @ text.T, axis=-1)[:, 1]
+  from maeday_jax.nearest_neighbors import l2_normalize
+
+  return jax.nn.softmax(scale * l2_normalize(net.encode_image(images)) @ text.T, axis=-1)[:, 1]
 
 
 def check_clip_section(section, field: str = "clip") -> None:

@@ -120,12 +120,14 @@ def rescore(scores, class_tokens, valid, ks: tuple[int, ...]):
   """The image scores averaged over their image-level neighbourhoods (RsCIN)."""
   import jax.numpy as jnp
 
+  from maeday_jax import nearest_neighbors
+
   if not ks:
     return scores
   low = jnp.min(jnp.where(valid, scores, jnp.inf))
   high = jnp.max(jnp.where(valid, scores, -jnp.inf))
   normalised = (scores - low) / jnp.maximum(high - low, 1e-12)
-  unit = class_tokens / jnp.maximum(jnp.linalg.norm(class_tokens, axis=-1, keepdims=True), 1e-12)
+  unit = nearest_neighbors.l2_normalize(class_tokens)
   similarity = jnp.where(valid[None, :], unit @ unit.T, -jnp.inf)
   ranks = jnp.argsort(jnp.argsort(-similarity, axis=1), axis=1)  # 0 = most similar
   results = []
