@@ -35,6 +35,12 @@ VISA_CATEGORIES = (
   "pipe_fryum",
 )
 
+# BTAD (Mishra et al. 2021): three products, named as their folders are.
+BTAD_CATEGORIES = ("01", "02", "03")
+# KolektorSDD2 (Bozic et al. 2021): one category, named after the dataset (like
+# magnetic_tile's pseudo-category).
+KOLEKTORSDD2_CATEGORIES = ("kolektorsdd2",)
+
 # Category groups per dataset, reported as means next to "all". VisA's are the three
 # groups of the VisA paper (Zou et al. 2022).
 CATEGORY_GROUPS = {
@@ -48,10 +54,18 @@ CATEGORY_GROUPS = {
     "single_instance": ("cashew", "chewinggum", "fryum", "pipe_fryum"),
   },
 }
-_DATASET_ALIASES = {"mvtec": "mvtec_ad", "mvtecad": "mvtec_ad", "mvtec_ad": "mvtec_ad"}
+_DATASET_ALIASES = {
+  "mvtec": "mvtec_ad",
+  "mvtecad": "mvtec_ad",
+  "mvtec_ad": "mvtec_ad",
+  "ksdd2": "kolektorsdd2",
+  "kolektor_sdd2": "kolektorsdd2",
+  "kolektorsdd2": "kolektorsdd2",
+}
 
 
 def canonical_dataset(name: str) -> str:
-  """'MVTec-AD', 'mvtec' ... -> 'mvtec_ad'; other names lower-cased with '_' for '-'."""
+  """'MVTec-AD', 'mvtec' ... -> 'mvtec_ad'; 'KSDD2', 'Kolektor-SDD2' -> 'kolektorsdd2';
+  other names lower-cased with '_' for '-'."""
   key = name.strip().lower().replace("-", "_").replace(" ", "_")
   return _DATASET_ALIASES.get(key, key)

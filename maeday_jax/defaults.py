@@ -20,6 +20,7 @@ from __future__ import annotations
 import ml_collections
 
 from maeday_jax.settings import mala as mala_settings
+from maeday_jax.settings import pmad as pmad_settings
 from maeday_jax.settings import pretrain as pretrain_settings
 from maeday_jax.settings.data import DEFAULT_DATA_DIR, data_config, training_source
 from maeday_jax.settings.few_shot import (
@@ -179,6 +180,44 @@ def mala_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
+def pmad_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The PMAD recipe (`configs/pmad.py`): fit PMAD under a protocol, then test it.
+
+  `arg='runlocal'`: the tiny models for a few steps (a smoke test).
+
+  Sections:
+    data, extra_data: the normal training images (`data.categories`: the seen classes).
+    pmad: the detector's settings (`settings.pmad.pmad_config`).
+    protocol: name 'single' (one detector per category of `data`), 'multi' (one detector
+      for every category of `data`, prototypes of all of them) or 'cross' (the
+      reconstructor trained once on `data`'s categories, then, for each category of
+      `unseen`, prototypes and flow from that category's normal training images only);
+      paper_split: the published cross-class row to show beside ours
+      (`pmad.published.CROSS_CLASS_MVTEC`).
+    eval: the test images (`eval.data`; its categories are the ones each protocol tests),
+      batch_size, eval_size, eval_original_max_side, threshold, outputs.
+  """
+  runlocal = _check_arg(arg)
+  config = ml_collections.ConfigDict()
+  config.job = "pmad"
+  config.seed = 0
+  config.data = training_source("train")
+  config.extra_data = []
+  config.pmad = pmad_settings.pmad_config()
+  if runlocal:
+    pmad_settings.use_smoke_test_sizes(config.pmad)
+  config.protocol = ml_collections.ConfigDict({"name": "single", "unseen": "", "paper_split": ""})
+  config.eval = ml_collections.ConfigDict()
+  config.eval.data = data_config()
+  config.eval.batch_size = 8
+  config.eval.eval_size = 224
+  config.eval.eval_original_max_side = 0
+  scoring = zero_shot_config(arg)
+  config.eval.threshold = scoring.threshold
+  config.eval.outputs = scoring.outputs
+  return config
+
+
 # ------------------------------------------------------------------ detector jobs
 
 
@@ -229,6 +268,7 @@ def detector_sections(config: ml_collections.ConfigDict, runlocal: bool = False)
     config.april_gan.allow_same_dataset = True
     config.april_gan.steps = 2
     config.april_gan.batch_size = 4
+    pmad_settings.use_smoke_test_sizes(config.pmad)
     mala = mala_settings.stages_config(runlocal=True)
     for field in ("stage1", "stage2", "checkpoint_every", "log_every"):
       config.mala[field] = mala[field]

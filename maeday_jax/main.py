@@ -36,7 +36,17 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 # `config.job` -> the module whose `run(config, workdir)` runs it.
-JOBS = ("fit", "evaluate", "score", "export", "zero_shot", "few_shot", "pretrain", "mala")
+JOBS = (
+  "fit",
+  "evaluate",
+  "score",
+  "export",
+  "zero_shot",
+  "few_shot",
+  "pretrain",
+  "mala",
+  "pmad",
+)
 
 
 def _job(name: str):

@@ -1,4 +1,5 @@
-"""Tiny synthetic datasets in the MVTec AD, VisA, magnetic tile and folder layouts.
+"""Tiny synthetic datasets in the MVTec AD, VisA, magnetic tile, BTAD, KolektorSDD2 and
+folder layouts.
 
 For the tests (the data builders' and the jobs' end-to-end tests; not part of the
 installed package): each writer creates a few small images, including the odd files real
@@ -261,6 +262,104 @@ def make_magnetic_tile(root: pathlib.Path, num_free: int = 8) -> FakeDataset:
   write_image(crack / "exp9_num_2.jpg", "gray_jpeg")
   write_mask(crack / "exp9_num_2.png", hw=(10, 10))  # Wrong size.
   fake.skip("", "test", crack / "exp9_num_2.jpg")
+  return fake
+
+
+def _to_bmp(path: pathlib.Path) -> pathlib.Path:
+  """Re-saves a (lossless PNG) image or mask as BMP beside it; returns the BMP's path."""
+  bmp = path.with_suffix(".bmp")
+  with Image.open(path) as image:
+    image.save(bmp, format="BMP")
+  path.unlink()
+  return bmp
+
+
+# BTAD's formats per product: (image suffix, mask suffix).
+BTAD_FORMATS = {"01": (".bmp", ".png"), "02": (".png", ".png"), "03": (".bmp", ".bmp")}
+
+
+def _btad_image(
+  folder: pathlib.Path, rel: str, suffix: str, kind: str = "rgb", hw=(_H, _W)
+) -> tuple[str, np.ndarray]:
+  """Writes `<folder>/<rel><suffix>`; returns its path inside `folder` and its pixels."""
+  written = write_image(folder / f"{rel}.png", kind, hw)
+  path = folder / f"{rel}.png" if suffix == ".png" else _to_bmp(folder / f"{rel}.png")
+  return path.relative_to(folder).as_posix(), written
+
+
+def _btad_mask(
+  folder: pathlib.Path, stem: str, suffix: str, kind: str = "binary", hw=(_H, _W)
+) -> np.ndarray:
+  """Writes `<folder>/ground_truth/ko/<stem><suffix>`; returns its {0, 1} pixels."""
+  path = folder / "ground_truth" / "ko" / f"{stem}.png"
+  written = write_mask(path, hw, kind)
+  if suffix == ".bmp":
+    _to_bmp(path)
+  return written
+
+
+def make_btad(root: pathlib.Path, products: tuple[str, ...] = ("01", "02", "03")) -> FakeDataset:
+  """Writes the BTAD layout for `products` (each in its real image / mask formats)."""
+  fake = FakeDataset(root)
+  for product in products:
+    image_suffix, mask_suffix = BTAD_FORMATS[product]
+    folder = root / product
+    for i, (kind, hw) in enumerate([("rgb", (_H, _W)), ("gray", (16, 16)), ("rgb", (_H, _W))]):
+      name, written = _btad_image(folder, f"train/ok/{i:04d}", image_suffix, kind, hw)
+      fake.add(product, "train", name, Expected(written, _zeros(hw), 0, "good"))
+    write_truncated(folder / "train" / "ok" / f"0009{image_suffix}")
+    fake.skip(product, "train", folder / "train" / "ok" / f"0009{image_suffix}")
+    write_not_image(folder / "train" / "ok" / "notes.txt")
+    fake.skip(product, "train", folder / "train" / "ok" / "notes.txt")
+    for i in range(2):
+      name, written = _btad_image(folder, f"test/ok/{i:04d}", image_suffix)
+      fake.add(product, "test", name, Expected(written, _zeros(), 0, "good"))
+    for i, kind in enumerate(["binary", "levels"]):
+      name, written = _btad_image(folder, f"test/ko/{i:04d}", image_suffix, "rgb" if i else "gray")
+      mask = _btad_mask(folder, f"{i:04d}", mask_suffix, kind)
+      fake.add(product, "test", name, Expected(written, mask, 1, "anomaly"))
+    # Bad files: a ko image without a mask, one whose mask has another size, an orphan mask.
+    name, _ = _btad_image(folder, "test/ko/0007", image_suffix)
+    fake.skip(product, "test", folder / name)
+    name, _ = _btad_image(folder, "test/ko/0008", image_suffix)
+    _btad_mask(folder, "0008", mask_suffix, hw=(_W, _H))
+    fake.skip(product, "test", folder / name)
+    _btad_mask(folder, "0099", mask_suffix)
+    fake.skip(product, "test", folder / "ground_truth" / "ko" / f"0099{mask_suffix}")
+  return fake
+
+
+def make_kolektorsdd2(root: pathlib.Path) -> FakeDataset:
+  """Writes the KolektorSDD2 layout: `<split>/<n>.png` beside `<split>/<n>_GT.png`.
+
+  A defective train image (`10003.png`) is left out of `train` (not skipped: it is in
+  neither the examples nor the skipped files).
+  """
+  fake = FakeDataset(root)
+  train, test = root / "train", root / "test"
+  for i, (kind, hw) in enumerate([("rgb", (_H, _W)), ("gray", (36, 12)), ("rgb", (_H, _W))]):
+    written = write_image(train / f"1000{i}.png", kind, hw)
+    write_mask(train / f"1000{i}_GT.png", hw, empty=True)
+    fake.add("", "train", f"train/1000{i}.png", Expected(written, _zeros(hw), 0, "good"))
+  write_image(train / "10003.png")
+  write_mask(train / "10003_GT.png")  # Defective: left out of train.
+  write_image(train / "10004.png")  # No ground truth.
+  fake.skip("", "train", train / "10004.png")
+  for i in range(2):
+    written = write_image(test / f"2000{i}.png", "rgb")
+    write_mask(test / f"2000{i}_GT.png", empty=True)
+    fake.add("", "test", f"test/2000{i}.png", Expected(written, _zeros(), 0, "good"))
+  for i, kind in [(2, "binary"), (3, "rgb")]:
+    written = write_image(test / f"2000{i}.png", "gray")
+    expected_mask = write_mask(test / f"2000{i}_GT.png", kind=kind)
+    fake.add("", "test", f"test/2000{i}.png", Expected(written, expected_mask, 1, "anomaly"))
+  write_image(test / "20007.png")  # No ground truth.
+  fake.skip("", "test", test / "20007.png")
+  write_image(test / "20008.png")
+  write_mask(test / "20008_GT.png", hw=(_H + 2, _W))  # Another size.
+  fake.skip("", "test", test / "20008.png")
+  write_mask(test / "20099_GT.png")  # No image.
+  fake.skip("", "test", test / "20099_GT.png")
   return fake
 
 

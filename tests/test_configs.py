@@ -22,6 +22,7 @@ CONFIGS = (
   "pretrain_mt",
   "score",
   "mala",
+  "pmad",
   "mala_mt",
   "mt_recipe",
 )
@@ -100,7 +101,8 @@ def test_the_training_step_sees_the_override(job_config):
 def test_every_config_builds_with_one_random_weights_spelling(name, job_config):
   for arg in (None, "runlocal"):
     config = job_config(name, arg)
-    assert config.model.checkpoint in (defaults.RANDOM_WEIGHTS, "mae_vit_large")
+    if "model" in config:  # PMAD's recipe has no MAE.
+      assert config.model.checkpoint in (defaults.RANDOM_WEIGHTS, "mae_vit_large")
   with pytest.raises(ValueError, match="runlocal"):
     job_config(name, "fast")
 
@@ -145,13 +147,15 @@ LIBRARY_PACKAGES = {
   "few_shot",
   "mala",
   "models",
+  "pmad",
   "objectives",
   "pretrain",
   "serve",
   "settings",
   "weight_files",
 }
-JOBS = {"zero_shot", "few_shot", "score", "mala", "pretrain"}  # The rest of jobs/: helpers.
+# The rest of jobs/: helpers.
+JOBS = {"zero_shot", "few_shot", "score", "mala", "pretrain", "pmad"}
 # The programs users start: `python -m maeday_jax.main` and `python -m maeday_jax.serve`.
 COMMAND_LINES = {
   REPO_ROOT / "maeday_jax" / "main.py",

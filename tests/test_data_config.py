@@ -13,7 +13,7 @@ def test_defaults(monkeypatch):
   assert config.data_dir == "~/.cache/maeday_jax/tfds"
   assert config.normal_path == "" and config.mask_path == ""
   assert config.num_workers > 0 and config.prefetch >= 0
-  assert data.DATASETS == ("mvtec_ad", "visa", "magnetic_tile", "folder")
+  assert data.DATASETS == ("mvtec_ad", "visa", "magnetic_tile", "folder", "btad", "kolektorsdd2")
 
 
 def test_data_dir_from_environment(monkeypatch, tmp_path):
@@ -40,7 +40,8 @@ def test_misspelled_category_names_it_and_lists_valid_ones(data_config):
 
 
 def test_unknown_dataset_lists_choices(data_config):
-  with pytest.raises(data.DataError, match="mvtec_ad, visa, magnetic_tile, folder"):
+  known = "mvtec_ad, visa, magnetic_tile, folder, btad, kolektorsdd2"
+  with pytest.raises(data.DataError, match=known):
     data.resolve_categories(data_config(name="mvtec"))
 
 

@@ -193,6 +193,8 @@ ROUND_TRIPS = {
   "anomalydino": ("anomalydino", {}),
   # Adapters trained 2 steps on the same folder's masks (runlocal), banks from the shots.
   "april_gan": ("april_gan", {"april_gan.few_shot": True}),
+  # Reconstructor trained 2 steps on the folder's normal images (codebook targets).
+  "pmad": ("pmad", {}),
   # Members of different input sizes (32 and 56 px): resized on device.
   "ensemble_dino": ("ensemble", {"members": "maeday_lora,anomalydino"}),
   # Tiled (4 tiles of 32 px of 48 px images; PatchCore also the whole image): fitted on
@@ -220,7 +222,7 @@ def test_fitted_artifact_scores_alike_in_evaluate_and_bulk(dataset, tmp_path, ca
   assert manifest["normalization"] == "imagenet"
   assert manifest["settings"]["tiling"]["mode"] == fields.get("tiling.mode", "none")
   assert manifest["versions"]["jax"] == jax.__version__
-  if method != "mala":  # MALA trains on every normal image, not on chosen shots.
+  if method not in ("mala", "pmad"):  # These train on every normal image, not on shots.
     assert len(manifest["fit"]["shots"]) == 2 and len(manifest["fit"]["heldout"]) == 4
     assert not set(manifest["fit"]["shots"]) & set(manifest["fit"]["heldout"])
 

@@ -28,7 +28,10 @@ def test_one_table_holds_every_kind():
   assert dinov2 == {f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")}
   clip = {n for n, kind in kinds.items() if kind == "clip"}
   assert clip == {"clip_vit_b16", "clip_vit_l14", "clip_vit_l14_336"}
+  dvae = {n for n, kind in kinds.items() if kind == "dvae"}
+  assert dvae == {"dalle_encoder"}
   known = set(checkpoints.KNOWN_CHECKPOINTS) | set(backbones.KNOWN_BACKBONES) | dinov2 | clip
+  known |= dvae
   assert set(kinds) == known
   for name in backbones.KNOWN_BACKBONES:  # torchvision's names carry the SHA-256 prefix.
     entry = weights.KNOWN[name]

@@ -33,11 +33,15 @@ import tensorflow_datasets as tfds
 
 from maeday_jax.data import images
 from maeday_jax.data.builders import (
+  Btad,
   Folder,
   ImageBuilder,
+  KolektorSdd2,
   MagneticTile,
   MvtecAd,
   Visa,
+  btad,
+  kolektorsdd2,
   magnetic_tile,
   mvtec_ad,
   visa,
@@ -71,6 +75,8 @@ _KINDS = {
   "visa": DatasetKind(Visa, visa.CATEGORIES),
   "magnetic_tile": DatasetKind(MagneticTile, None),
   "folder": DatasetKind(Folder, None),
+  "btad": DatasetKind(Btad, btad.CATEGORIES),
+  "kolektorsdd2": DatasetKind(KolektorSdd2, kolektorsdd2.CATEGORIES),
 }
 DATASETS = tuple(_KINDS)
 

@@ -31,6 +31,7 @@ METHODS: dict[str, str] = {
   "musc": "maeday_jax.detectors.musc:Musc",
   "clip_zero_shot": "maeday_jax.detectors.clip_zero_shot:ClipZeroShot",
   "april_gan": "maeday_jax.detectors.april_gan:AprilGan",
+  "pmad": "maeday_jax.detectors.pmad:Pmad",
 }
 
 _CLASSES: dict[str, type[Detector]] = {}

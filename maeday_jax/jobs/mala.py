@@ -20,20 +20,15 @@ Rerunning the same command resumes whichever stage was interrupted.
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import ml_collections
 
-from maeday_jax import data, defaults, detectors, evaluation, reports
+from maeday_jax import data, defaults, detectors
 from maeday_jax.detectors import mala as mala_detector
 from maeday_jax.detectors import registry
-from maeday_jax.jobs import common, run_report
+from maeday_jax.jobs import common, recipe_eval
 
-_SHOWN = ("image_auroc", "pixel_auroc", "aupro")
 ARTIFACT_DIR = "detector"
-# The `data` fields the test images share with the training source (`eval_data`).
-_SHARED_DATA_FIELDS = ("mask_path", "normal_path", "data_dir", "num_workers", "prefetch")
 
 
 def detector_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -49,21 +44,6 @@ def detector_settings(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return ml_collections.ConfigDict(settings.to_dict())
 
 
-def eval_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The test images (`eval.data`), completed from the training source when they are
-  the same source (name and path): the fields set on `data` (where the folder examples
-  set `mask_path` and `normal_path`) and left at their defaults on `eval.data` apply to
-  the evaluation too. Without this, `--config.data.mask_path` gave no pixel metrics."""
-  test = ml_collections.ConfigDict(config.eval.data.to_dict())
-  if (test.name, test.path) == (config.data.name, config.data.path):
-    default = defaults.data_config()
-    for field in _SHARED_DATA_FIELDS:
-      unset = test.get(field, default.get(field)) == default.get(field)
-      if unset and config.data.get(field, default.get(field)) != default.get(field):
-        test[field] = config.data[field]
-  return test
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every setting before any data is read or anything trains or compiles.
 
@@ -73,7 +53,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   settings = detector_settings(config)
   mala_detector.validate_sections(config.model, settings.mala, "")  # Stage 1's recipe too.
   common.validate_training_sources([config.data, *config.extra_data], "data")
-  test = eval_data(config)
+  test = recipe_eval.eval_data(config)
   common.require(
     not config.data.get("mask_path") or bool(test.get("mask_path")),
     "data.mask_path",
@@ -111,43 +91,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   """
   for source in (config.data, *config.extra_data):
     data.resolve_categories(source)
-  data.resolve_categories(eval_data(config))
-
-
-def _evaluate(scoring: evaluation.Scoring, config, workdir: pathlib.Path):
-  """Scores every test category with one detector into `workdir`; returns the summary."""
-  scoring_config = defaults.zero_shot_config()
-  scoring_config.data = eval_data(config)
-  scoring_config.mask_ratio = config.eval.mask_ratio
-  scoring_config.threshold = config.eval.threshold
-  scoring_config.outputs = config.eval.outputs
-  workdir.mkdir(parents=True, exist_ok=True)
-  categories = data.resolve_categories(scoring_config.data)
-  summary, _ = run_report.evaluate_categories(
-    scoring, scoring_config, workdir, categories, "zero_shot"
-  )
-  return summary
-
-
-def _scoring(detector, config) -> evaluation.Scoring:
-  return evaluation.Scoring.for_detector(
-    detector,
-    batch_size=config.eval.batch_size,
-    eval_size=config.eval.eval_size or None,
-    eval_original_max_side=int(config.eval.get("eval_original_max_side") or 0),
-  )
-
-
-def _comparison_table(summaries: dict[str, dict]) -> str:
-  lines = [
-    "| method | category | image AUROC | pixel AUROC | AUPRO |",
-    "| --- | --- | --- | --- | --- |",
-  ]
-  for method, summary in summaries.items():
-    for category, metrics in summary["per_category"].items():
-      cells = [reports.format_value(metrics.get(name)) for name in _SHOWN]
-      lines.append(f"| {method} | {category} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  data.resolve_categories(recipe_eval.eval_data(config))
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -166,7 +110,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   mala.fit(normals, jax.random.key(config.seed))
   detectors.save(mala, workdir / ARTIFACT_DIR)
   result = dict(mala.training)
-  summaries = {"MALA": _evaluate(_scoring(mala, config), config, workdir / "mala")}
+  summaries = {
+    "MALA": recipe_eval.evaluate(recipe_eval.scoring(mala, config), config, workdir / "mala")
+  }
   if config.eval.maeday:
     maeday_config = defaults.evaluate_config()
     maeday_config.seed = config.seed
@@ -177,9 +123,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     maeday = detectors.create(maeday_config, "maeday")
     maeday.build()
     name = f"MAEDAY (stage-1 MAE, {config.eval.num_masks} masks)"
-    summaries[name] = _evaluate(_scoring(maeday, config), config, workdir / "maeday")
+    summaries[name] = recipe_eval.evaluate(
+      recipe_eval.scoring(maeday, config), config, workdir / "maeday"
+    )
   if jax.process_index() == 0:
-    table = _comparison_table(summaries)
+    table = recipe_eval.comparison_table(summaries)
     (workdir / "comparison.md").write_text(table)
     print(table)
     print(f"Outputs in {workdir}")

@@ -297,3 +297,40 @@ def _check_architecture(
   if wrong:
     shown = ", ".join(f"{f} expected {e}, found {v}" for f, (e, v) in wrong.items())
     raise CheckpointError(f"{checkpoint}: not a {name} checkpoint ({shown}).")
+
+
+def _families() -> dict:
+  from maeday_jax.models import vit_mae
+
+  return {
+    "mae": (MaeFeatures, vit_mae.MaskedAutoencoder),
+    "dinov2": (DinoV2Features, dinov2.DinoV2),
+    "resnet": (ResNetFeatures, resnet.ResNet),
+    "clip": (ClipFeatures, clip.CLIP),
+  }
+
+
+_RUNTIME_FIELDS = ("parent", "name", "dtype", "attention")
+
+
+def describe(net) -> dict:
+  """A JSON-able description of a loaded network's architecture (`rebuild` reads it):
+  its family and its module's fields, whatever weights it was loaded from."""
+  for family, (wrapper, _) in _families().items():
+    if isinstance(net, wrapper):
+      fields = {
+        f.name: getattr(net.model, f.name)
+        for f in dataclasses.fields(net.model)
+        if f.name not in _RUNTIME_FIELDS
+      }
+      return {"family": family, "fields": fields}
+  raise ValueError(f"{type(net).__name__} is not a network of `models.load`.")
+
+
+def rebuild(description: dict, params, dtype: Any = jnp.float32, attention: str = "auto"):
+  """The network `describe` described, with `params` (e.g. from a detector artifact)."""
+  wrapper, module = _families()[description["family"]]
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in description["fields"].items()}
+  names = {f.name for f in dataclasses.fields(module)}
+  runtime = {"dtype": dtype, **({"attention": attention} if "attention" in names else {})}
+  return wrapper(module(**fields, **runtime), params)

@@ -7,8 +7,8 @@
 
 `KNOWN` maps every name to a `Weights` entry: the URL, the expected SHA-256 (or the
 SHA-256 prefix torchvision writes into its file names), the cached file's name and the
-kind of network ('mae', 'backbone', 'dinov2' or 'clip'). Names download once into the cache
-(`$MAEDAY_CACHE_DIR`, default `~/.cache/maeday_jax`; backbones in its `backbones/`
+kind of network ('mae', 'backbone', 'dinov2', 'clip' or 'dvae'). Names download once into
+the cache (`$MAEDAY_CACHE_DIR`, default `~/.cache/maeday_jax`; backbones in its `backbones/`
 folder) through `maeday_jax.download.fetch`: resumed, size- and hash-checked, never kept
 when corrupt. `known(kind, ...)` gives one kind's names as a live dict-like view
 (`checkpoints.KNOWN_CHECKPOINTS`, `backbones.KNOWN_BACKBONES`): writing to a view writes
@@ -69,6 +69,7 @@ KINDS: dict[str, Kind] = {
   "backbone": Kind("Backbone", "backbones", "load_backbone", None, False),
   "dinov2": Kind("DINOv2 checkpoint", "dinov2", "models.load", "--config.dinov2.checkpoint", True),
   "clip": Kind("CLIP checkpoint", "clip", "models.load", None, True),
+  "dvae": Kind("dVAE encoder", "dvae", "dvae_import.load", None, False),
 }
 
 
@@ -154,6 +155,11 @@ KNOWN: dict[str, Weights] = {
       ("clip_vit_l14_336", "openai/clip-vit-large-patch14-336"),
     )
   },
+  # OpenAI's DALL-E dVAE encoder (PMAD's visual tokenizer): `torch.save` of the whole
+  # `dall_e.Encoder` module, read by `dvae_import.load` without running its pickle. No
+  # digest is published and none could be computed where this table was written (no
+  # network): as for MAE and DINOv2, the download checks the size the server announces.
+  "dalle_encoder": Weights("https://cdn.openai.com/dall-e/encoder.pkl", "dvae"),
 }
 """Every known name -> its `Weights`; the views of `known` read and write this dict."""
 

@@ -20,6 +20,16 @@ together against `MAX_TOTAL_BYTES`. Only then are the storages read, in bounded 
 the tensors built with bounds-checked indexing, and the pickle read again to put them in
 place. Every refusal is a `CheckpointError` naming the file and the tensor (its key in the
 state dict, or its storage where no key is known) and what is wrong.
+
+Some published weights are `torch.save` of a whole module object rather than a state dict
+(OpenAI's DALL-E `encoder.pkl`): the pickle names the module classes (`torch.nn.*`,
+`dall_e.*`) and rebuilds each one from its attribute dict. `load` refuses such files.
+`load_module_state_dict` is the explicit opt-in for them: it turns those classes (and a few
+inert values: `torch.device`, dtypes, `set`) into stand-ins that record what the pickle
+passes them and nothing else, never importing or calling anything from the file, then walks
+the recorded `_modules` / `_parameters` / `_buffers` into the flat state dict
+`module.state_dict()` would give. Every other global is still refused, and every tensor
+goes through the same checks as above.
 """
 
 import collections
@@ -196,6 +206,62 @@ class _Rebuild(_Opaque):
     return self._unpickler.rebuild(self.name, args)
 
 
+class _ObjectStandIn(_Opaque):
+  """Base of the inert stand-ins for the classes of a whole-module pickle.
+
+  The unpickler makes one subclass per allowed global (`_stand_in_type`), named after it.
+  Creating one (the pickle's NEWOBJ or REDUCE) records the arguments; BUILD (what
+  `__setstate__` would receive) records the state. Nothing else happens: no code from
+  PyTorch, `dall_e` or the file is imported or run. Unhashable, like every stand-in.
+  """
+
+  __slots__ = ("args", "state")
+  global_name = "?"  # Set on each subclass: 'torch.nn.modules.container.Sequential'.
+
+  def __new__(cls, *args, **kwargs):
+    obj = super().__new__(cls)
+    obj.args, obj.state = args, None
+    return obj
+
+  def __init__(self, *args, **kwargs):
+    pass  # `__new__` recorded the arguments; nothing to initialise.
+
+  def __setstate__(self, state):
+    if self.state is not None:
+      raise _Refused(f"the pickle sets the state of {self!r} twice; the file is crafted.")
+    self.state = state
+
+  def __repr__(self):
+    return f"a {self.global_name} object"
+
+
+def _stand_in_type(module: str, name: str) -> type:
+  """A fresh `_ObjectStandIn` subclass standing for the global `module.name`."""
+  return type(
+    "StandIn",
+    (_ObjectStandIn,),
+    {"__slots__": (), "global_name": f"{module}.{name}", "__module__": __name__},
+  )
+
+
+def _make_set(items=()) -> frozenset:
+  """Stand-in for `builtins.set` (how protocol 2 pickles a module's
+  `_non_persistent_buffers_set`): only names, so nothing with a custom `__hash__` runs."""
+  if not (isinstance(items, list | tuple) and all(isinstance(i, str) for i in items)):
+    raise _Refused(f"the pickle builds a set of {_short(items)}; only sets of names are read.")
+  return frozenset(items)
+
+
+# Globals the opt-in module mode turns into stand-ins: module classes by package prefix,
+# plus the plain values a module's attributes hold. Anything else is refused as usual.
+_MODULE_PREFIXES = ("torch.nn.", "dall_e.")
+_MODULE_VALUES = {("torch", "device"), ("torch", "Size"), ("torch", "dtype")} | {
+  ("torch", dtype)
+  for dtype in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16")
+  + ("int8", "uint8", "bool")
+}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
   """An unpickler that knows only tensors, storages and ordered dicts.
 
@@ -204,10 +270,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
   is `arrays[n]` and a storage is `storages[key]` where it was read.
   """
 
-  def __init__(self, file, arrays: dict | None = None, storages: dict | None = None):
+  def __init__(
+    self,
+    file,
+    arrays: dict | None = None,
+    storages: dict | None = None,
+    *,
+    modules: bool = False,
+  ):
     super().__init__(file)
     self._arrays = arrays
     self._storage_arrays = storages or {}
+    self._modules = modules  # The opt-in whole-module mode: module classes become stand-ins.
+    self._stand_ins: dict[tuple[str, str], type] = {}
     self.storages: dict[str, _StorageRef] = {}
     self.invalid: list[str] = []
     self.tensor_count = 0
@@ -221,11 +296,36 @@ class _RestrictedUnpickler(pickle.Unpickler):
       if name not in _STORAGE_DTYPES:
         self.invalid.append(_unsupported(name))  # Refused even if no tensor uses it.
       return _StorageType(name, self.invalid)
+    is_module_class = module.startswith(_MODULE_PREFIXES) or module == "torch.nn"
+    if self._modules:
+      if is_module_class or (module, name) in _MODULE_VALUES:
+        key = (module, name)
+        if key not in self._stand_ins:
+          self._stand_ins[key] = _stand_in_type(module, name)
+        return self._stand_ins[key]
+      # Protocol 2 has no set opcode; the pickle spells `builtins.set` in Python 2 terms.
+      if module in ("builtins", "__builtin__") and name == "set":
+        return _make_set
+    if self._modules:
+      accepted = (
+        "Only tensors and PyTorch module classes (torch.nn.*, dall_e.*, read as inert "
+        "stand-ins) are accepted"
+      )
+    else:
+      accepted = "Only plain tensor state dicts are accepted"
+    if is_module_class:
+      hint = (
+        " This file holds a whole PyTorch module; `torch_zip.load_module_state_dict` reads "
+        "its weights without running code from it."
+      )
+    else:
+      hint = (
+        " If you trust the file, re-save just its weights with PyTorch: "
+        "torch.save({'model': state_dict}, 'weights.pth')."
+      )
     raise _Refused(
-      f"refusing to load the global '{module}.{name}' from the checkpoint's "
-      "pickle. Only plain tensor state dicts are accepted, because loading other objects "
-      "can run arbitrary code. If you trust the file, re-save just its weights with "
-      "PyTorch: torch.save({'model': state_dict}, 'weights.pth')."
+      f"refusing to load the global '{module}.{name}' from the checkpoint's pickle. "
+      f"{accepted}, because loading other objects can run arbitrary code.{hint}"
     )
 
   def rebuild(self, name: str, args: tuple) -> Any:
@@ -304,6 +404,73 @@ def _label(path: tuple) -> str:
   if len(path) > 1 and isinstance(path[0], str) and path[0] in ("model", "state_dict"):
     path = path[1:]
   return "tensor '" + ".".join(k if isinstance(k, str) else _short(k) for k in path) + "'"
+
+
+_MAX_MODULE_DEPTH = 256  # Nesting a module tree may have; real ones have a dozen levels.
+# Modules one walk may visit. A submodule shared by two parents is visited under both
+# names (as `state_dict()` does), so a crafted pickle could make a small tree of shared
+# modules exponentially large; real networks have a few thousand modules at most.
+_MAX_MODULE_VISITS = 1 << 17
+
+
+def _module_state(module: _ObjectStandIn, where: str) -> dict:
+  """The attribute dict a module's BUILD recorded ((dict, slots) tuples allowed)."""
+  state = module.state
+  if isinstance(state, tuple) and len(state) == 2:
+    state = state[0]
+  if not isinstance(state, dict):
+    raise _Refused(f"{where} ({module!r}) has no attribute dict; it is not a PyTorch module.")
+  return state
+
+
+def _module_state_dict(root: Any) -> Any:
+  """The flat state dict of a whole-module pickle's root, as `state_dict()` orders it.
+
+  Keys join the `_modules` names with dots ('blocks.group_1.block_1.res_path.conv_1.w');
+  a module's parameters come first, then its persistent buffers, then its children. A
+  root that is not a module (a file holding a state dict) is returned unchanged, to be
+  checked like any state dict. Tensors stay whatever the unpickler made of them
+  (placeholders in the first pass, arrays in the second).
+  """
+  if not isinstance(root, _ObjectStandIn):
+    return root
+  result: dict[str, Any] = {}
+  stack = [("", root, ())]  # (key prefix, module, ids of its ancestors)
+  visits = 0
+  while stack:
+    prefix, module, ancestors = stack.pop()
+    visits += 1
+    if visits > _MAX_MODULE_VISITS:
+      raise _Refused(
+        f"the module tree has more than {_MAX_MODULE_VISITS} modules (counting shared ones "
+        "once per name); the file is crafted."
+      )
+    where = f"module '{prefix[:-1]}'" if prefix else "the saved module"
+    if not isinstance(module, _ObjectStandIn):
+      raise _Refused(f"{where} is {_short(module)}, not a PyTorch module.")
+    if id(module) in ancestors or len(ancestors) >= _MAX_MODULE_DEPTH:
+      raise _Refused(f"{where} contains itself or nests too deep; the file is crafted.")
+    state = _module_state(module, where)
+    skipped = state.get("_non_persistent_buffers_set", frozenset())
+    if not isinstance(skipped, frozenset | set):
+      raise _Refused(f"{where}: _non_persistent_buffers_set is {_short(skipped)}, not a set.")
+    for attribute in ("_parameters", "_buffers", "_modules"):
+      if not isinstance(state.get(attribute), dict):
+        raise _Refused(f"{where} ({module!r}) has no {attribute} dict; it is not a PyTorch module.")
+      for name in state[attribute]:
+        if not isinstance(name, str):
+          raise _Refused(f"{where}: {attribute} has the key {_short(name)}, not a name.")
+    for attribute in ("_parameters", "_buffers"):
+      for name, value in state[attribute].items():
+        if value is None or (attribute == "_buffers" and name in skipped):
+          continue  # state_dict() leaves out missing parameters and non-persistent buffers.
+        if not isinstance(value, _TensorRef | _Invalid | np.ndarray):
+          raise _Refused(f"{where}: {attribute[1:-1]} '{name}' is {_short(value)}, not a tensor.")
+        result[prefix + name] = value
+    children = [(n, m) for n, m in state["_modules"].items() if m is not None]
+    for name, child in reversed(children):
+      stack.append((f"{prefix}{name}.", child, ancestors + (id(module),)))
+  return result
 
 
 class _Plan:
@@ -421,7 +588,9 @@ def _build(plan: _Plan, storage: np.ndarray) -> np.ndarray:
   return out.reshape(plan.size)
 
 
-def _load_archive(archive: zipfile.ZipFile, max_elements: int, max_bytes: int) -> Any:
+def _load_archive(
+  archive: zipfile.ZipFile, max_elements: int, max_bytes: int, modules: bool = False
+) -> Any:
   names = archive.namelist()
   pickles = [n for n in names if n.endswith("data.pkl")]
   if not pickles:
@@ -442,8 +611,10 @@ def _load_archive(archive: zipfile.ZipFile, max_elements: int, max_bytes: int) -
 
   # First pass: placeholders only; check everything before reading any tensor data.
   with archive.open(pickle_info) as f:
-    first = _RestrictedUnpickler(f)
+    first = _RestrictedUnpickler(f, modules=modules)
     root = first.load()
+  if modules:
+    root = _module_state_dict(root)
   plans: dict[int, _Plan] = {}
   used: dict[str, tuple[_StorageRef, str]] = {}  # Storage key -> (storage, first user).
   for obj, path in _find_placeholders(root):
@@ -499,8 +670,12 @@ def _load_archive(archive: zipfile.ZipFile, max_elements: int, max_bytes: int) -
   }
   arrays = {index: _build(plan, storages[plan.storage.key]) for index, plan in plans.items()}
   with archive.open(pickle_info) as f:
-    second = _RestrictedUnpickler(f, arrays=arrays, storages=storages)
+    second = _RestrictedUnpickler(f, arrays=arrays, storages=storages, modules=modules)
     result = second.load()
+  if modules:
+    result = _module_state_dict(result)
+    if isinstance(root, dict) and list(result) != list(root):
+      raise _Refused("the pickle changed while it was read.")
   if second.tensor_count != first.tensor_count:
     raise _Refused("the pickle changed while it was read.")
   return result
@@ -512,6 +687,49 @@ def is_torch_zip(path: str | os.PathLike) -> bool:
     return False
   with zipfile.ZipFile(path) as archive:
     return any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
+
+
+# `torch.save` before PyTorch 1.6 (or with `_use_new_zipfile_serialization=False`) writes
+# a run of pickles instead of a zip, starting with this magic number pickled (protocol 2).
+_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]  # Without STOP.
+
+
+def _is_legacy(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
+
+
+def _not_a_zip(path: str) -> CheckpointError:
+  if os.path.isfile(path) and _is_legacy(path):
+    return CheckpointError(
+      f"{path}: PyTorch's legacy (pre-1.6, non-zip) torch.save format, which is not read "
+      "here. Where you trust the file, re-save it with a current PyTorch as a state dict: "
+      "obj = torch.load(path, weights_only=False); torch.save(obj.state_dict() if "
+      "isinstance(obj, torch.nn.Module) else obj, 'weights.pth')."
+    )
+  return CheckpointError(
+    f"{path}: not a PyTorch zip archive (files saved by torch >= 1.6 are zip archives; "
+    "re-save older ones with a current PyTorch)."
+  )
+
+
+def _load(path, max_tensor_elements, max_total_bytes, modules: bool) -> Any:
+  path = os.fspath(path)
+  if max_tensor_elements is None:
+    max_tensor_elements = MAX_TENSOR_ELEMENTS
+  if max_total_bytes is None:
+    max_total_bytes = MAX_TOTAL_BYTES
+  if not zipfile.is_zipfile(path):
+    raise _not_a_zip(path)
+  try:
+    with zipfile.ZipFile(path) as archive:
+      return _load_archive(archive, max_tensor_elements, max_total_bytes, modules)
+  except CheckpointError:
+    raise
+  except _Refused as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  except Exception as e:  # A malformed pickle or zip can raise nearly anything.
+    raise CheckpointError(f"{path}: corrupt PyTorch archive ({type(e).__name__}: {e}).") from e
 
 
 def load(
@@ -532,22 +750,35 @@ def load(
       references anything other than tensors and plain containers, or a tensor does not
       fit its storage or the limits. Nothing large is allocated before these checks.
   """
-  path = os.fspath(path)
-  if max_tensor_elements is None:
-    max_tensor_elements = MAX_TENSOR_ELEMENTS
-  if max_total_bytes is None:
-    max_total_bytes = MAX_TOTAL_BYTES
-  if not zipfile.is_zipfile(path):
-    raise CheckpointError(
-      f"{path}: not a PyTorch zip archive (files saved by torch >= 1.6 are zip archives; "
-      "re-save older ones with a current PyTorch)."
-    )
-  try:
-    with zipfile.ZipFile(path) as archive:
-      return _load_archive(archive, max_tensor_elements, max_total_bytes)
-  except CheckpointError:
-    raise
-  except _Refused as e:
-    raise CheckpointError(f"{path}: {e}") from None
-  except Exception as e:  # A malformed pickle or zip can raise nearly anything.
-    raise CheckpointError(f"{path}: corrupt PyTorch archive ({type(e).__name__}: {e}).") from e
+  return _load(path, max_tensor_elements, max_total_bytes, modules=False)
+
+
+def load_module_state_dict(
+  path: str | os.PathLike,
+  *,
+  max_tensor_elements: int | None = None,
+  max_total_bytes: int | None = None,
+) -> Any:
+  """The state dict of a `torch.save(module)` file, read without PyTorch or running code.
+
+  The opt-in reader for files that hold a whole module object (OpenAI's DALL-E
+  `encoder.pkl`). Globals of `torch.nn.*` and `dall_e.*` classes, `torch.device`, torch
+  dtypes and `set` become inert stand-ins that only record what the pickle passes them;
+  no class is imported and nothing from the file runs. Every other global is refused
+  before anything is called, as by `load`. The module tree is then walked through its
+  `_modules`, `_parameters` and `_buffers`, and every tensor is checked as by `load`.
+
+  Args:
+    path: the file written by `torch.save(module)` (a zip archive). A file holding a
+      state dict (or `{'model': state_dict}`) is returned as `load` would return it.
+    max_tensor_elements, max_total_bytes: as for `load`.
+
+  Returns:
+    {key: np.ndarray} with the keys `module.state_dict()` has ('blocks.input.w'), in its
+    order; non-persistent buffers and `None` parameters are left out, like there.
+
+  Raises:
+    CheckpointError: as for `load`; also when the file is in PyTorch's legacy (non-zip)
+      format, or the saved object is not a module tree (naming what it found instead).
+  """
+  return _load(path, max_tensor_elements, max_total_bytes, modules=True)

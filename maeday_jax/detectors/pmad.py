@@ -1,0 +1,429 @@
+"""PMAD (AAAI 2023): proposal-masked reconstruction, one model for many product lines.
+
+Fit (on data sources, like MALA):
+  1. the reconstructor (`models.pmad_vit`: ViT encoder + decoder of the same shape, [M]
+     tokens) is trained on the normal images of `data` and `extra_data`
+     (`maeday_jax.pmad.training`), or taken from an earlier fit
+     (`pmad.reconstructor=<folder>`: the cross-class protocol, nothing retrained);
+  2. the prototypes: a greedy coreset (`coreset_ratio`) of the frozen feature network's
+     patch features of `data`'s normal images (every category of `data`: one bank);
+  3. the flow (`pmad.flow`): affine couplings fitted on residuals (patch feature minus its
+     nearest prototype) of half of those images against prototypes of the other half,
+     so that the residuals it learns look like a new normal image's (residuals of the
+     images the bank was built from would be exactly 0 for the prototypes themselves).
+     `flow.projection_dim` > 0 first projects residuals on that many fixed random
+     orthogonal directions.
+Score (per image, deterministic):
+  residuals -> flow log-likelihoods ll -> abnormality a_i = 1 - exp(ll_i - max_j ll_j)
+  (`pmad.proposal.abnormality`: the paper's max_j exp(ll_j) - exp(ll_i) without the
+  per-image factor exp(max ll), which float32 cannot hold for hundreds of dimensions);
+  the round(mask_ratio * N) most abnormal patches are masked and reconstructed; a masked
+  patch's term is the entropy of its predicted code distribution (token targets) or its
+  squared error (feature / pixel targets), times a_i; unmasked patches score 0. Map: the
+  patch terms upsampled (nearest) and Gaussian-smoothed (sigma 4, as PatchCore); image
+  score: the map's maximum.
+
+The artifact stores the reconstructor, prototypes, projection and flow, and the feature
+network's weights unless they are a public checkpoint (then referenced by name + SHA-256).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+from maeday_jax.config_errors import require
+from maeday_jax.detectors import weights_ref
+from maeday_jax.detectors.base import Detector
+from maeday_jax.settings import pmad as pmad_settings
+
+log = logging.getLogger("maeday_jax")
+
+
+def _fraction(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0
+
+
+def validate_section(section, num_devices_field: str = "pmad.train.batch_size") -> None:
+  """Checks PMAD's settings before any data or network is loaded.
+
+  Raises:
+    ConfigError: naming the field and what to do.
+  """
+  from maeday_jax.models import pmad_vit
+  from maeday_jax.parallel import require_divides_devices
+  from maeday_jax.pmad import training
+
+  require(
+    section.target in pmad_settings.TARGETS,
+    "pmad.target",
+    f"{section.target!r}: use one of {', '.join(pmad_settings.TARGETS)}.",
+  )
+  require(
+    section.variant in pmad_vit.VARIANTS,
+    "pmad.variant",
+    f"{section.variant!r}: use one of {', '.join(pmad_vit.VARIANTS)}.",
+  )
+  patch = pmad_vit.VARIANTS[section.variant]["patch_size"]
+  size = section.image_size
+  require(
+    isinstance(size, int) and size >= 2 * patch and size % patch == 0,
+    "pmad.image_size",
+    f"{size!r} is not a multiple of the {section.variant} model's {patch}-px patches (and "
+    "at least two of them); e.g. 224.",
+  )
+  require(
+    _fraction(section.mask_ratio),
+    "pmad.mask_ratio",
+    f"{section.mask_ratio!r} must be in (0, 1): the fraction of patches masked.",
+  )
+  try:
+    ratios = pmad_settings.parse_ratios(section.mask_ratios)
+  except ValueError as e:
+    require(False, "pmad.mask_ratios", f"{e}; e.g. 'bottle=0.3,cable=0.2'.")
+  for name, ratio in ratios.items():
+    require(_fraction(ratio), "pmad.mask_ratios", f"{name}={ratio}: a ratio must be in (0, 1).")
+  require(
+    _fraction(section.train.mask_ratio),
+    "pmad.train.mask_ratio",
+    f"{section.train.mask_ratio!r} must be in (0, 1).",
+  )
+  training.parse_strategies(section.train.strategies)
+  require(
+    isinstance(section.coreset_ratio, (int, float)) and 0.0 < section.coreset_ratio <= 1.0,
+    "pmad.coreset_ratio",
+    f"{section.coreset_ratio!r} must be in (0, 1].",
+  )
+  require(section.codebook_size >= 2, "pmad.codebook_size", "must be >= 2.")
+  flow = section.flow
+  for field in ("couplings", "hidden", "steps", "batch_size"):
+    require(flow[field] >= 1, f"pmad.flow.{field}", f"must be >= 1, got {flow[field]}.")
+  require(flow.projection_dim >= 0, "pmad.flow.projection_dim", "must be >= 0 (0 = none).")
+  require(math.isfinite(flow.lr) and flow.lr > 0, "pmad.flow.lr", f"must be > 0, got {flow.lr}.")
+  require(section.train.batch_size >= 1, num_devices_field, "must be >= 1.")
+  require_divides_devices(section.train.batch_size, num_devices_field)
+  if section.reconstructor:
+    require(
+      os.path.isdir(os.path.expanduser(section.reconstructor)),
+      "pmad.reconstructor",
+      f"{section.reconstructor}: no such folder; give the reconstructor/ folder of an earlier "
+      "PMAD fit, or '' to train one.",
+    )
+  else:
+    steps = section.train.get("steps") or 0
+    require(
+      steps > 0 or section.train.epochs > 0,
+      "pmad.train.epochs",
+      "and pmad.train.steps are both 0: set either (or give pmad.reconstructor).",
+    )
+
+
+class Pmad(Detector):
+  """Proposal-masked reconstruction: entropy (or error) x abnormality of masked patches."""
+
+  method = "pmad"
+  summary = "PMAD: proposal-masked reconstruction, cross-class (normal images only)"
+  trains_on_sources = True
+  SECTIONS = {"pmad": pmad_settings.pmad_config, "extra_data": lambda: []}
+
+  def __init__(self, settings):
+    super().__init__(settings)
+    self._net = None  # The feature network (`models.load`).
+    self._weights: weights_ref.PublicWeights | None = None
+    self._model = None  # The reconstructor.
+    self._target = str(settings.pmad.target)
+    self._mask_ratio = float(settings.pmad.mask_ratio)
+    self._flow_dim = 0
+    self.training: dict = {}
+
+  @classmethod
+  def validate(cls, config) -> None:
+    validate_section(config.pmad)
+
+  @property
+  def input_size(self) -> int:
+    return int(self.settings.pmad.image_size)
+
+  def describe(self) -> str:
+    section = self.settings.pmad
+    return f"pmad ({section.variant}, {self._target} targets, {section.features.backbone})"
+
+  # ------------------------------------------------------------------------ fitting
+
+  def _load_features(self) -> None:
+    import jax
+
+    from maeday_jax import models
+    from maeday_jax.models import weights
+
+    features = self.settings.pmad.features
+    checkpoint = features.checkpoint or features.backbone
+    if checkpoint == "random":
+      log.warning("pmad with a RANDOM %s: its figures are meaningless.", features.backbone)
+    self._net = models.load(features.backbone, checkpoint, key=jax.random.key(self.settings.seed))
+    known = weights.KNOWN.get(str(checkpoint))
+    self._weights = None if known is None else weights_ref.PublicWeights(checkpoint, known.kind)
+
+  def _feature_size(self) -> int:
+    return int(self.settings.pmad.features.image_size or 0)
+
+  def _grid(self) -> int:
+    return self._model.grid_size
+
+  def fit(self, normals, key) -> None:
+    import jax
+    import numpy as np
+
+    from maeday_jax.pmad import training
+    from maeday_jax.pretrain import inputs
+
+    if normals.data is None:
+      raise ValueError("the pmad detector trains on data sources: fit it through a job config.")
+    section = self.settings.pmad
+    self._load_features()
+    extra = list(self.settings.get("extra_data", [])) or normals.extra_data
+    with tempfile.TemporaryDirectory() as scratch:
+      workdir = pathlib.Path(normals.workdir or scratch)
+      path = section.reconstructor
+      if not path:
+        summary = training.train(
+          section,
+          int(self.settings.seed),
+          [normals.data, *extra],
+          workdir / "pmad_training",
+          self._frozen_parts,
+        )
+        self.training = summary
+        path = summary["reconstructor_dir"]
+      self._model, params, record = training.load_reconstructor(path)
+    self._check_reconstructor(record, path)
+    self._target = record["target"]
+    ratios = pmad_settings.parse_ratios(section.mask_ratios)
+    self._mask_ratio = float(ratios.get(normals.category or "", section.mask_ratio))
+    size = self.input_size
+    images, _ = inputs.load_images(inputs.training_sources([normals.data]), size, True)
+    features = training.features_of(
+      self._net, images, section.features.layers, self._grid(), self._feature_size()
+    )
+    k_proto, k_half, k_proj, k_flow = jax.random.split(key, 4)
+    prototypes = self._prototypes(features, k_proto)
+    projection = self._projection(features.shape[-1], k_proj)
+    residuals = self._flow_residuals(features, k_half)
+    flow_params = self._fit_flow(residuals @ projection, k_flow)
+    self.state = {
+      "reconstructor": params,
+      "features": self._net.params,
+      "prototypes": jax.numpy.asarray(prototypes),
+      "projection": jax.numpy.asarray(projection),
+      "flow": flow_params,
+    }
+    self.fit_record = {"prototype_images": int(len(images)), **self.fit_record}
+    del np
+
+  def _frozen_parts(self, images_u8, grid: int):
+    """The frozen target networks of the training (`training.Frozen`) and the output width."""
+    import numpy as np
+
+    from maeday_jax.pmad import targets, training
+
+    section, kind = self.settings.pmad, self._target
+    layers, size = section.features.layers, self._feature_size()
+    if kind == "dvae":
+      from maeday_jax.models import dvae_import
+
+      tokenizer = dvae_import.load(section.tokenizer)
+      return training.Frozen(kind, tokenizer=tokenizer), int(tokenizer[0].vocab_size)
+    if kind == "pixels":
+      patch = self.settings.pmad.image_size // grid
+      return training.Frozen(kind), patch * patch * 3
+    if kind == "features":
+      width = training.features_of(self._net, images_u8[:1], layers, grid, size).shape[-1]
+      return training.Frozen(kind, self._net, layers, size), int(width)
+    rows = training.features_of(self._net, images_u8, layers, grid, size)
+    codebook = targets.fit_codebook(
+      rows.reshape(-1, rows.shape[-1]), section.codebook_size, int(self.settings.seed)
+    )
+    log.info("PMAD codebook: %d codes of %d-d patch features", len(codebook), rows.shape[-1])
+    frozen = training.Frozen(kind, self._net, layers, size, codebook=np.asarray(codebook))
+    return frozen, int(len(codebook))
+
+  def _check_reconstructor(self, record: dict, path) -> None:
+    """A reused reconstructor must predict what these settings' networks give."""
+    from maeday_jax.config_errors import ConfigError
+
+    features = self.settings.pmad.features.to_dict()
+    trained = record.get("features", {})
+    if record["target"] == "features" and any(
+      _plain(trained.get(k)) != _plain(v) for k, v in features.items()
+    ):
+      raise ConfigError(
+        f"--config.pmad.reconstructor: {path} was trained on the features of "
+        f"{trained.get('backbone')} layers {trained.get('layers')}; set pmad.features to the "
+        "same network, or train a reconstructor here."
+      )
+    if record["architecture"]["img_size"] != self.input_size:
+      raise ConfigError(
+        f"--config.pmad.image_size: {path} takes {record['architecture']['img_size']} px "
+        f"images, not {self.input_size}; set pmad.image_size to match."
+      )
+
+  def _prototypes(self, features, key):
+    import numpy as np
+
+    from maeday_jax import coreset
+
+    rows = features.reshape(-1, features.shape[-1])
+    ratio = float(self.settings.pmad.coreset_ratio)
+    index = np.asarray(coreset.coreset_indices(rows, key, ratio)) if ratio < 1 else None
+    return rows if index is None else rows[index]
+
+  def _projection(self, width: int, key):
+    """(C, d): fixed random orthonormal directions, or the identity when off."""
+    import jax
+    import numpy as np
+
+    dim = int(self.settings.pmad.flow.projection_dim)
+    if not dim or dim >= width:
+      return np.eye(width, dtype=np.float32)
+    gaussian = np.asarray(jax.random.normal(key, (width, dim)), np.float64)
+    q, _ = np.linalg.qr(gaussian)
+    return q.astype(np.float32)
+
+  def _flow_residuals(self, features, key):
+    """(M * N, C) residuals of one half of the images to prototypes of the other half."""
+    import jax
+    import numpy as np
+
+    from maeday_jax.pmad import proposal
+
+    count = len(features)
+    if count < 2:
+      log.warning("pmad: one normal image; its flow learns residuals to its own prototypes.")
+      bank_rows, fit_rows = features, features
+    else:
+      order = np.asarray(jax.random.permutation(key, count))
+      bank_rows, fit_rows = features[order[: count // 2]], features[order[count // 2 :]]
+    bank = self._prototypes(bank_rows, jax.random.fold_in(key, 1))
+    out = proposal.residuals(jax.numpy.asarray(fit_rows), jax.numpy.asarray(bank))
+    return np.asarray(out).reshape(-1, features.shape[-1])
+
+  def _fit_flow(self, samples, key):
+    from maeday_jax.pmad import flow
+
+    settings = self.settings.pmad.flow
+    self._flow_dim = int(samples.shape[-1])
+    params, losses = flow.fit_flow(
+      key,
+      samples,
+      steps=int(settings.steps),
+      batch_size=int(settings.batch_size),
+      learning_rate=float(settings.lr),
+      num_couplings=int(settings.couplings),
+      hidden=int(settings.hidden),
+    )
+    self.training = {**self.training, "flow_final_nll": float(losses[-1])}
+    return params
+
+  # ------------------------------------------------------------------------ scoring
+
+  def _flow_module(self):
+    from maeday_jax.pmad import flow
+
+    settings = self.settings.pmad.flow
+    return flow.CouplingFlow(
+      self._flow_dim, num_couplings=int(settings.couplings), hidden=int(settings.hidden)
+    )
+
+  def step_signature(self):
+    features = self.settings.pmad.features
+    return (
+      "pmad",
+      self._model,
+      self._target,
+      self._mask_ratio,
+      self._flow_dim,
+      tuple(features.layers),
+      self._feature_size(),
+      str(self._net.model),
+    )
+
+  def score_function(self, mesh, local_batch: int):
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from maeday_jax import patchcore
+    from maeday_jax.pmad import features as pmad_features
+    from maeday_jax.pmad import flow, proposal, targets
+
+    del mesh, local_batch  # Per image; the prototypes are small.
+    model, kind, ratio = self._model, self._target, self._mask_ratio
+    layers, size = tuple(self.settings.pmad.features.layers), self._feature_size()
+    grid = self._grid()
+    net, flow_module = self._net, self._flow_module()
+
+    def score(state, images, ids, key):
+      del ids, key  # Deterministic.
+      batch = images.shape[0]
+      feats = pmad_features.grid_features(
+        dataclasses.replace(net, params=state["features"]), images, layers, grid, size
+      )
+      residuals = proposal.residuals(feats, state["prototypes"]) @ state["projection"]
+      ll = flow.log_likelihood(
+        state["flow"], flow_module, residuals.reshape(-1, residuals.shape[-1])
+      ).reshape(batch, -1)
+      abnormality = proposal.abnormality(ll)
+      masked = proposal.proposal_mask(ll, ratio)
+      outputs = model.apply({"params": state["reconstructor"]}, images, masked)
+      if targets.is_categorical(kind):
+        term = targets.entropy(outputs)
+      else:
+        wanted = targets.regression_values(kind, images, feats, model.patch_size)
+        term = targets.patch_losses(kind, outputs, wanted)
+      patch_scores = jnp.where(masked, term * abnormality, 0.0).reshape(batch, grid, grid)
+      maps = patchcore.anomaly_map(patch_scores, tuple(images.shape[1:3]))
+      return maps, maps.reshape(batch, -1).max(axis=1)
+
+    del jax
+    return score
+
+  # ------------------------------------------------------------------------ artifact
+
+  def saved_state(self) -> Any:
+    return weights_ref.without_public(self.state, self._weights, "features")
+
+  def record(self) -> dict:
+    from maeday_jax.models import features, pmad_vit
+
+    return {
+      "reconstructor": pmad_vit.architecture(self._model),
+      "target": self._target,
+      "mask_ratio": self._mask_ratio,
+      "flow_dim": self._flow_dim,
+      "features": weights_ref.network_record(self._weights, features.describe(self._net)),
+      "training": self.training,
+    }
+
+  def restore(self, record: dict, state: Any) -> None:
+    from maeday_jax.models import features, pmad_vit
+
+    self._model = pmad_vit.ProposalReconstructor(**record["reconstructor"])
+    self._target, self._mask_ratio = record["target"], float(record["mask_ratio"])
+    self._flow_dim = int(record["flow_dim"])
+    self._weights, self._net, self.state = weights_ref.restore_network(
+      record["features"],
+      state,
+      "features",
+      self.settings.pmad.features.backbone,
+      features.rebuild,
+    )
+    self.training = record.get("training", {})
+
+
+def _plain(value):
+  return list(value) if isinstance(value, (list, tuple)) else value
