@@ -184,6 +184,9 @@ class Pmad(Detector):
     if normals.data is None:
       raise ValueError("the pmad detector trains on data sources: fit it through a job config.")
     section = self.settings.pmad
+    # The prototypes' images first: a category without normal images is refused (by
+    # name) before anything trains.
+    images, _ = inputs.load_images(inputs.training_sources([normals.data]), self.input_size, True)
     self._load_features()
     extra = list(self.settings.get("extra_data", [])) or normals.extra_data
     with tempfile.TemporaryDirectory() as scratch:
@@ -204,8 +207,6 @@ class Pmad(Detector):
     self._target = record["target"]
     ratios = pmad_settings.parse_ratios(section.mask_ratios)
     self._mask_ratio = float(ratios.get(normals.category or "", section.mask_ratio))
-    size = self.input_size
-    images, _ = inputs.load_images(inputs.training_sources([normals.data]), size, True)
     features = training.features_of(
       self._net, images, section.features.layers, self._grid(), self._feature_size()
     )
@@ -235,7 +236,8 @@ class Pmad(Detector):
     if kind == "dvae":
       from maeday_jax.models import dvae_import
 
-      tokenizer = dvae_import.load(section.tokenizer)
+      expected = {"vocab_size": int(section.tokenizer_vocab)}
+      tokenizer = dvae_import.load(section.tokenizer, expected=expected)
       return training.Frozen(kind, tokenizer=tokenizer), int(tokenizer[0].vocab_size)
     if kind == "pixels":
       patch = self.settings.pmad.image_size // grid

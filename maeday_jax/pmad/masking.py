@@ -269,7 +269,7 @@ def foreground_from_images(images: jax.Array, patch_size: int, threshold: float 
   distance, divided by `threshold` times the image's pixel standard deviation (so the
   estimate does not depend on the value range), clipped to [0, 1], is the foreground.
   A patch whose colour is at least one image standard deviation from the border's reads
-  1; a flat image, or noise without structure, reads (about) 0.
+  1; a flat image reads 0, white noise about sqrt(C) / patch_size.
   """
   if not threshold > 0:
     raise ValueError(f"threshold={threshold} must be positive.")

@@ -76,7 +76,8 @@ def pmad_config() -> ml_collections.ConfigDict:
       as the paper), 'codebook' (the code of the patch's feature in a k-means codebook of
       the normal images' features, `codebook_size` codes: a tokenizer learned here),
       'features' (the feature network's patch features, normalised) or 'pixels'.
-    tokenizer: the dVAE's weights for 'dvae' (a known name or a file).
+    tokenizer: the dVAE's weights for 'dvae' (a known name or a file);
+      `tokenizer_vocab` its expected vocabulary (another is refused, naming both).
     features: the feature network (`features_config`).
     coreset_ratio: the prototypes kept of the normal patches (greedy coreset).
     flow: `flow_config`.
@@ -93,6 +94,7 @@ def pmad_config() -> ml_collections.ConfigDict:
       "image_size": 224,
       "target": "dvae",
       "tokenizer": "dalle_encoder",
+      "tokenizer_vocab": 8192,
       "codebook_size": 512,
       "features": features_config(),
       "coreset_ratio": 0.1,
