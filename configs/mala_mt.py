@@ -29,14 +29,7 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 def get_config(arg: str | None = None):
   config = defaults.mala_config(arg)
   runlocal = arg == "runlocal"
-  config.data = defaults.training_source(
-    "train,test", name="magnetic_tile", path=str(SHARED_DATA / "mt_normal_train")
-  )
-  config.extra_data = [
-    defaults.training_source("train", name="magnetic_tile", path=str(SHARED_DATA / "mt_sample"))
-  ]
-  config.eval.data.name = "magnetic_tile"
-  config.eval.data.path = str(SHARED_DATA / "mt_sample")
+  defaults.use_normal_tiles(config, SHARED_DATA)
 
   stage1 = config.stage1
   if not runlocal:

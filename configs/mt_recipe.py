@@ -29,12 +29,7 @@ def get_config(arg: str | None = None):
   config = defaults.fit_config(arg)
   runlocal = arg == "runlocal"
   config.detector = "mala"
-  config.data.name = "magnetic_tile"
-  config.data.path = str(SHARED_DATA / "mt_normal_train")
-  config.data.splits = "train,test"  # Both hold normal tiles only.
-  config.extra_data = [
-    defaults.training_source("train", name="magnetic_tile", path=str(SHARED_DATA / "mt_sample"))
-  ]
+  defaults.use_normal_tiles(config, SHARED_DATA)
   stages = config.mala
   stage1 = stages.stage1
   tile = 32 if runlocal else 112

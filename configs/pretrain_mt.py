@@ -31,12 +31,7 @@ def get_config(arg: str | None = None):
   config = defaults.pretrain_config(arg)
   runlocal = arg == "runlocal"
 
-  config.data = defaults.training_source(
-    "train,test", name="magnetic_tile", path=str(SHARED_DATA / "mt_normal_train")
-  )
-  config.extra_data = [
-    defaults.training_source("train", name="magnetic_tile", path=str(SHARED_DATA / "mt_sample"))
-  ]
+  defaults.use_normal_tiles(config, SHARED_DATA)
 
   if not runlocal:
     config.model.variant = "small"
@@ -62,7 +57,5 @@ def get_config(arg: str | None = None):
   config.train.augment.vflip = True
 
   config.eval.enabled = True
-  config.eval.data.name = "magnetic_tile"
-  config.eval.data.path = str(SHARED_DATA / "mt_sample")
   config.eval.split = "test"
   return config

@@ -22,6 +22,7 @@ import ml_collections
 from maeday_jax.settings import mala as mala_settings
 from maeday_jax.settings import pmad as pmad_settings
 from maeday_jax.settings import pretrain as pretrain_settings
+from maeday_jax.settings import tiling as tiling_settings
 from maeday_jax.settings.data import DEFAULT_DATA_DIR, data_config, training_source
 from maeday_jax.settings.few_shot import (
   CROP_SCALE,
@@ -180,6 +181,26 @@ def mala_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
+def use_normal_tiles(config: ml_collections.ConfigDict, shared_data) -> None:
+  """The magnetic-tile recipes' images (`configs/*_mt.py`, `configs/mt_recipe.py`): train
+  on the 684 normal tiles of `<shared_data>/mt_normal_train` (both of its splits hold
+  normal tiles only) plus the 16 normal `train` images of `<shared_data>/mt_sample`; test
+  (`eval.data`, where the config has one) on the `mt_sample` test split, never trained on.
+  """
+  import pathlib
+
+  shared = pathlib.Path(shared_data)
+  config.data = training_source(
+    "train,test", name="magnetic_tile", path=str(shared / "mt_normal_train")
+  )
+  config.extra_data = [
+    training_source("train", name="magnetic_tile", path=str(shared / "mt_sample"))
+  ]
+  if "eval" in config and "data" in config.eval:
+    config.eval.data.name = "magnetic_tile"
+    config.eval.data.path = str(shared / "mt_sample")
+
+
 def pmad_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The PMAD recipe (`configs/pmad.py`): fit PMAD under a protocol, then test it.
 
@@ -187,7 +208,8 @@ def pmad_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   Sections:
     data, extra_data: the normal training images (`data.categories`: the seen classes).
-    pmad: the detector's settings (`settings.pmad.pmad_config`).
+    pmad: the detector's settings (`settings.pmad.pmad_config`); tiling: as every
+      detector's (`--config.tiling.mode=tiles`: trained and scored on tiles).
     protocol: name 'single' (one detector per category of `data`), 'multi' (one detector
       for every category of `data`, prototypes of all of them) or 'cross' (the
       reconstructor trained once on `data`'s categories, then, for each category of
@@ -206,6 +228,7 @@ def pmad_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pmad = pmad_settings.pmad_config()
   if runlocal:
     pmad_settings.use_smoke_test_sizes(config.pmad)
+  config.tiling = tiling_settings.tiling_config()
   config.protocol = ml_collections.ConfigDict({"name": "single", "unseen": "", "paper_split": ""})
   config.eval = ml_collections.ConfigDict()
   config.eval.data = data_config()

@@ -11,7 +11,7 @@ from flax import traverse_util
 from maeday_jax import checkpoints, data, models, parallel
 from maeday_jax.mala import segmenter as seg
 from maeday_jax.mala import stage2
-from maeday_jax.pretrain import optim
+from maeday_jax.pretrain import augmentation, optim
 from maeday_jax.pretrain import step as step_lib
 
 from .conftest import kill_at_step
@@ -189,7 +189,8 @@ def test_stage2_resume_equals_uninterrupted(fake_tiles, tmp_path, monkeypatch, t
 
 def test_random_tiles_are_whole_pixel_windows_of_each_image():
   images = np.random.default_rng(0).integers(0, 256, size=(5, 20, 24, 3), dtype=np.uint8)
-  tiles = np.asarray(jax.jit(lambda k, x: stage2.random_tiles(k, x, 8))(jax.random.key(1), images))
+  draw = jax.jit(lambda k, x: augmentation.random_tiles(k, x, 8))
+  tiles = np.asarray(draw(jax.random.key(1), images))
   assert tiles.shape == (5, 8, 8, 3) and tiles.dtype == np.uint8
   corners = set()
   for image, tile in zip(images, tiles, strict=True):

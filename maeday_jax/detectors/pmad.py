@@ -185,8 +185,14 @@ class Pmad(Detector):
       raise ValueError("the pmad detector trains on data sources: fit it through a job config.")
     section = self.settings.pmad
     # The prototypes' images first: a category without normal images is refused (by
-    # name) before anything trains.
-    images, _ = inputs.load_images(inputs.training_sources([normals.data]), self.input_size, True)
+    # name) before anything trains. Tiled, the prototypes are those of the tiles.
+    tiling = self.tiling
+    size = self.input_size if tiling is None else tiling.image_size
+    images, _ = inputs.load_images(inputs.training_sources([normals.data]), size, True)
+    if tiling is not None:
+      from maeday_jax import tiling as tiles
+
+      images = tiles.cut_arrays(images, tiling)
     self._load_features()
     extra = list(self.settings.get("extra_data", [])) or normals.extra_data
     with tempfile.TemporaryDirectory() as scratch:

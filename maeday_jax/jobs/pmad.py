@@ -71,6 +71,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"{protocol.paper_split!r}: use one of {', '.join(published.CROSS_CLASS_MVTEC)} or ''.",
     )
   pmad_detector.validate_section(config.pmad)
+  registry.validate_tiling(pmad_detector.Pmad, config)
   common.validate_training_sources([config.data, *config.extra_data], "data")
   ev = config.eval
   common.require(ev.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {ev.batch_size}.")

@@ -37,7 +37,7 @@ from maeday_jax.mala import synthetic
 from maeday_jax.mala.segmenter_io import load_segmenter, save_segmenter
 from maeday_jax.models.segmenter import Segmenter, merge, segmenter_params, split_frozen
 from maeday_jax.objectives import losses
-from maeday_jax.pretrain import inputs, loop, optim
+from maeday_jax.pretrain import augmentation, inputs, loop, optim
 
 __all__ = [
   "SEGMENTER_DIR",
@@ -105,19 +105,6 @@ class Stage2Spec:
 
 # Folded into the run's key for the tiles' positions: a stream apart from the defects'.
 _TILE_STREAM = 0x7119
-
-
-def random_tiles(key: jax.Array, images: jax.Array, size: int) -> jax.Array:
-  """One random `size` x `size` window (whole pixels, no resampling) of each image of
-  (B, H, W, C), row b's position drawn from `fold_in(key, b)`."""
-  from maeday_jax.pretrain import augmentation
-
-  def one(row, image):
-    box = augmentation.sample_tile(jax.random.fold_in(key, row), image.shape[:2], size)
-    start = (box.top.astype(jnp.int32), box.left.astype(jnp.int32), jnp.int32(0))
-    return jax.lax.dynamic_slice(image, start, (size, size, image.shape[-1]))
-
-  return jax.vmap(one)(jnp.arange(images.shape[0]), images)
 
 
 def _flip(key: jax.Array, images: jax.Array, axis: int) -> jax.Array:
@@ -228,7 +215,7 @@ def make_step(spec: Stage2Spec, mesh):
   def draw(key, step, images_u8, bank):
     if spec.tile_size:
       tiles_key = jax.random.fold_in(jax.random.fold_in(key, _TILE_STREAM), step)
-      images_u8 = random_tiles(tiles_key, images_u8, spec.tile_size)
+      images_u8 = augmentation.random_tiles(tiles_key, images_u8, spec.tile_size)
     return per_device(jax.random.fold_in(key, step), images_u8, bank)
 
   def update(state, frozen, images, masks):

@@ -97,7 +97,7 @@ def features_of(net, images_u8: np.ndarray, layers, grid: int, size: int, batch:
 
 def _augment(key, images_u8, tile: int, hflip: bool, vflip: bool):
   """Random tiles (when the images are larger than the model's input) and flips."""
-  from maeday_jax.mala.stage2 import random_tiles
+  from maeday_jax.pretrain.augmentation import random_tiles
 
   k_tile, k_h, k_v = jax.random.split(key, 3)
   if tile:

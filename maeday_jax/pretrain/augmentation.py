@@ -62,6 +62,18 @@ def sample_tile(key: jax.Array, image_hw: tuple[int, int], size: int) -> CropBox
   return CropBox(top, left, side, side)
 
 
+def random_tiles(key: jax.Array, images: jax.Array, size: int) -> jax.Array:
+  """One random `size` x `size` window (whole pixels, no resampling) of each image of
+  (B, H, W, C), row b's position drawn from `fold_in(key, b)`."""
+
+  def one(row, image):
+    box = sample_tile(jax.random.fold_in(key, row), image.shape[:2], size)
+    start = (box.top.astype(jnp.int32), box.left.astype(jnp.int32), jnp.int32(0))
+    return jax.lax.dynamic_slice(image, start, (size, size, image.shape[-1]))
+
+  return jax.vmap(one)(jnp.arange(images.shape[0]), images)
+
+
 def crop_and_resize(image: jax.Array, box: CropBox, size: int) -> jax.Array:
   """Resamples the crop `box` of `image` (H, W, C) to (size, size, C), bilinear.
 
