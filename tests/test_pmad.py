@@ -330,3 +330,14 @@ def test_ratio_overrides_parse():
   assert pmad_settings.parse_ratios("bottle=0.3, cable = 0.2,") == {"bottle": 0.3, "cable": 0.2}
   with pytest.raises(ValueError, match="not name=number"):
     pmad_settings.parse_ratios("bottle:0.3")
+
+
+def test_a_resumed_training_keeps_the_codebook_it_started_with(tmp_path):
+  first = training.Frozen("codebook", codebook=np.arange(6, dtype=np.float32).reshape(3, 2))
+  training._keep_codebook(first, tmp_path)
+  again = training.Frozen("codebook", codebook=np.zeros((3, 2), np.float32))
+  training._keep_codebook(again, tmp_path)
+  np.testing.assert_array_equal(np.asarray(again.arrays["codebook"]), np.arange(6).reshape(3, 2))
+  other = training.Frozen("codebook", codebook=np.zeros((4, 2), np.float32))
+  with pytest.raises(ConfigError, match="new workdir"):
+    training._keep_codebook(other, tmp_path)

@@ -29,6 +29,8 @@ both sides):
   the DINOv2 detectors' scoring speed and peak memory; MuSc against its group size.
 - `--task serve` (`benchmark_serve.py`, JAX only, its own options): the scoring service
   (`maeday_jax.serve`) on loopback: requests/s and p50/p99 latency under concurrent load.
+- `--task pmad` (`benchmark_pmad.py`, JAX only, its own options): PMAD's reconstructor
+  training step and the detector's scoring: compile time, s/step, images/s, peak memory.
 
 The task modules (`benchmark_*.py`) live in `tools/benchmarks/`, the independent PyTorch
 models the PyTorch sides run in `tools/references/`.
@@ -104,11 +106,11 @@ from benchmark_common import (  # noqa: E402
   BackgroundLoad,
   TorchProcess,
   emit,
+  finish,
   log,
   machine_info,
   modules_importable,
   torch_importable,
-  write_json,
 )
 
 # Per task: the module with describe_work/compare/report_lines and WORKER_ARGS, and the
@@ -387,6 +389,7 @@ OWN_TOOLS = {
   "anomalydino": "benchmark_dino",
   "musc": "benchmark_dino",
   "serve": "benchmark_serve",
+  "pmad": "benchmark_pmad",
 }
 # Tools that serve several tasks are told which.
 _TOOL_TASK_ARG = {"benchmark_dino"}
@@ -439,11 +442,7 @@ def main(argv=None) -> int:
     result["cpu_time_ratio_torch_over_jax"] = pt["step_cpu_median_s"] / jx["step_cpu_median_s"]
     result.update(task.compare(jx, pt))
 
-  if hasattr(os, "getloadavg"):
-    result["load_average_end_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
-  print(report(result), flush=True)
-  write_json(result, args.json)
-  return 0
+  return finish(result, report, args.json)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ def validate_section(section, num_devices_field: str = "pmad.train.batch_size") 
     f"{section.coreset_ratio!r} must be in (0, 1].",
   )
   require(section.codebook_size >= 2, "pmad.codebook_size", "must be >= 2.")
+  require(
+    section.get("coreset_max_rows", 0) >= 0, "pmad.coreset_max_rows", "must be >= 0 (0 = all)."
+  )
   flow = section.flow
   for field in ("couplings", "hidden", "steps", "batch_size"):
     require(flow[field] >= 1, f"pmad.flow.{field}", f"must be >= 1, got {flow[field]}.")
@@ -232,32 +235,11 @@ class Pmad(Detector):
     del np
 
   def _frozen_parts(self, images_u8, grid: int):
-    """The frozen target networks of the training (`training.Frozen`) and the output width."""
-    import numpy as np
+    """The frozen target networks of the training and the output width."""
+    from maeday_jax.pmad import training
 
-    from maeday_jax.pmad import targets, training
-
-    section, kind = self.settings.pmad, self._target
-    layers, size = section.features.layers, self._feature_size()
-    if kind == "dvae":
-      from maeday_jax.models import dvae_import
-
-      expected = {"vocab_size": int(section.tokenizer_vocab)}
-      tokenizer = dvae_import.load(section.tokenizer, expected=expected)
-      return training.Frozen(kind, tokenizer=tokenizer), int(tokenizer[0].vocab_size)
-    if kind == "pixels":
-      patch = self.settings.pmad.image_size // grid
-      return training.Frozen(kind), patch * patch * 3
-    if kind == "features":
-      width = training.features_of(self._net, images_u8[:1], layers, grid, size).shape[-1]
-      return training.Frozen(kind, self._net, layers, size), int(width)
-    rows = training.features_of(self._net, images_u8, layers, grid, size)
-    codebook = targets.fit_codebook(
-      rows.reshape(-1, rows.shape[-1]), section.codebook_size, int(self.settings.seed)
-    )
-    log.info("PMAD codebook: %d codes of %d-d patch features", len(codebook), rows.shape[-1])
-    frozen = training.Frozen(kind, self._net, layers, size, codebook=np.asarray(codebook))
-    return frozen, int(len(codebook))
+    section = self.settings.pmad
+    return training.frozen_networks(section, self._net, images_u8, grid, int(self.settings.seed))
 
   def _check_reconstructor(self, record: dict, path) -> None:
     """A reused reconstructor must predict what these settings' networks give."""
@@ -280,13 +262,22 @@ class Pmad(Detector):
       )
 
   def _prototypes(self, features, key):
+    import jax
     import numpy as np
 
     from maeday_jax import coreset
 
     rows = features.reshape(-1, features.shape[-1])
-    ratio = float(self.settings.pmad.coreset_ratio)
-    index = np.asarray(coreset.coreset_indices(rows, key, ratio)) if ratio < 1 else None
+    section = self.settings.pmad
+    sample_key, coreset_key = jax.random.split(key)
+    limit = int(section.get("coreset_max_rows", 0) or 0)
+    if limit and len(rows) > limit:
+      # The greedy coreset reads every row once per prototype it picks: a uniform sample
+      # first bounds that work (and its memory) on large training sets.
+      keep = np.sort(np.asarray(jax.random.choice(sample_key, len(rows), (limit,), False)))
+      rows = rows[keep]
+    ratio = float(section.coreset_ratio)
+    index = np.asarray(coreset.coreset_indices(rows, coreset_key, ratio)) if ratio < 1 else None
     return rows if index is None else rows[index]
 
   def _projection(self, width: int, key):

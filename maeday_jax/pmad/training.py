@@ -147,6 +147,41 @@ class Frozen:
     return targets.regression_values(kind, images, None, patch_size)
 
 
+def frozen_networks(section, net, images_u8, grid: int, seed: int) -> tuple[Frozen, int]:
+  """(`Frozen`, output width) of `section.target` (a `settings.pmad.pmad_config`): the
+  tokenizer (dvae), nothing (pixels), or the feature network `net` with, for `codebook`,
+  a k-means codebook of its patch features on the training images `images_u8`."""
+  kind, layers = section.target, tuple(section.features.layers)
+  size = int(section.features.image_size or 0)
+  if kind == "dvae":
+    from maeday_jax.models import dvae_import
+
+    expected = {"vocab_size": int(section.tokenizer_vocab)}
+    tokenizer = dvae_import.load(section.tokenizer, expected=expected)
+    return Frozen(kind, tokenizer=tokenizer), int(tokenizer[0].vocab_size)
+  if kind == "pixels":
+    patch = int(section.image_size) // grid
+    return Frozen(kind), patch * patch * 3
+  if kind == "features":
+    width = features_of(net, images_u8[:1], layers, grid, size).shape[-1]
+    return Frozen(kind, net, layers, size), int(width)
+  rows = features_of(net, images_u8, layers, grid, size)
+  codebook = targets.fit_codebook(rows.reshape(-1, rows.shape[-1]), section.codebook_size, seed)
+  logger.info("PMAD codebook: %d codes of %d-d patch features", len(codebook), rows.shape[-1])
+  return Frozen(kind, net, layers, size, codebook=np.asarray(codebook)), int(len(codebook))
+
+
+def optimizer_for(train_section, total_steps: int, warmup_steps: int):
+  """(AdamW with warm-up, cosine decay and optional clipping, its schedule) of a
+  `settings.pmad.train_config`."""
+  opt = optim.OptimizerConfig.from_train(train_section, train_section.lr, total_steps, warmup_steps)
+  schedule = opt.schedule()
+  optimizer = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+  if opt.grad_clip:
+    optimizer = optax.chain(optax.clip_by_global_norm(opt.grad_clip), optimizer)
+  return optimizer, schedule
+
+
 def make_step(model, frozen: Frozen, optimizer, schedule, train, mesh, tile: int):
   """`step(state, arrays, images_u8, key) -> (state, metrics)`, jitted over `mesh` (the
   batch split over devices, the rest replicated; the state donated)."""
@@ -227,6 +262,7 @@ def train(
   grid = size // patch
   resized = images if load_size == size else _resize_u8(images, size)
   frozen, out_dim = frozen_parts(resized, grid)
+  _keep_codebook(frozen, workdir)
   model = pmad_vit.create(section.variant, size, out_dim)
   config = ml_collections.ConfigDict(
     {
@@ -237,13 +273,7 @@ def train(
     }
   )
   per_epoch, total, warmup = loop.schedule_lengths(config, len(images))
-  opt = optim.OptimizerConfig.from_train(train_section, train_section.lr, total, warmup)
-  optimizer, schedule = (
-    optax.adamw(opt.schedule(), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
-    opt.schedule(),
-  )
-  if opt.grad_clip:
-    optimizer = optax.chain(optax.clip_by_global_norm(opt.grad_clip), optimizer)
+  optimizer, schedule = optimizer_for(train_section, total, warmup)
   params = pmad_vit.init_params(model, init_key)
   fresh = training.init_state(params, optimizer)
   fresh["error_ema"] = jnp.ones((model.num_patches,), jnp.float32)
@@ -293,6 +323,24 @@ def train(
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
+
+
+def _keep_codebook(frozen: Frozen, workdir: pathlib.Path) -> None:
+  """A resumed run trains towards the codebook it started with (k-means is not bitwise
+  reproducible across thread counts): the first run's is kept in `codebook.npy`."""
+  if "codebook" not in frozen.arrays:
+    return
+  path = workdir / "codebook.npy"
+  if path.is_file():
+    saved = np.load(path)
+    if saved.shape != frozen.arrays["codebook"].shape:
+      raise ConfigError(
+        f"{path} holds a codebook of shape {saved.shape}, this run's is "
+        f"{tuple(frozen.arrays['codebook'].shape)}: the settings changed; use a new workdir."
+      )
+    frozen.arrays["codebook"] = jnp.asarray(saved)
+  elif jax.process_index() == 0:
+    np.save(path, np.asarray(frozen.arrays["codebook"]))
 
 
 def _resize_u8(images: np.ndarray, size: int) -> np.ndarray:

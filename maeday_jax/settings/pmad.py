@@ -79,7 +79,9 @@ def pmad_config() -> ml_collections.ConfigDict:
     tokenizer: the dVAE's weights for 'dvae' (a known name or a file);
       `tokenizer_vocab` its expected vocabulary (another is refused, naming both).
     features: the feature network (`features_config`).
-    coreset_ratio: the prototypes kept of the normal patches (greedy coreset).
+    coreset_ratio: the prototypes kept of the normal patches (greedy coreset), from at
+      most `coreset_max_rows` patches drawn uniformly (0: all; the greedy selection reads
+      every row once per prototype, so this bounds its time and memory).
     flow: `flow_config`.
     mask_ratio: the fraction of patches masked at inference (the most abnormal ones);
       `mask_ratios`: per-category overrides 'category=ratio,...'.
@@ -98,6 +100,7 @@ def pmad_config() -> ml_collections.ConfigDict:
       "codebook_size": 512,
       "features": features_config(),
       "coreset_ratio": 0.1,
+      "coreset_max_rows": 50_000,
       "flow": flow_config(),
       "mask_ratio": 0.25,
       "mask_ratios": "",

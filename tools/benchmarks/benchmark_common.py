@@ -304,6 +304,29 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+def peak_memory() -> dict:
+  """This process's peak resident memory, and the first device's peak where JAX reports
+  one (imports JAX: for the JAX-side tasks only)."""
+  import resource
+
+  import jax
+
+  peak = {"host_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    peak["device_peak_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+  return peak
+
+
+def finish(result: dict, report, path: str | None) -> int:
+  """Adds the load average at the end, prints `report(result)`, writes the JSON; 0."""
+  if hasattr(os, "getloadavg"):
+    result["load_average_end_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+  print(report(result), flush=True)
+  write_json(result, path)
+  return 0
+
+
 def write_json(result: dict, path: str | None) -> None:
   """Writes a benchmark's figures to `path` (its folder made), when one is given."""
   if not path:

@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import time
 
 import numpy as np
-from benchmark_common import use_checkout
+from benchmark_common import peak_memory, use_checkout
 
 use_checkout()
 
@@ -38,14 +37,6 @@ import jax  # noqa: E402
 
 from maeday_jax import defaults, detectors, parallel  # noqa: E402
 from maeday_jax.detectors import scoring  # noqa: E402
-
-
-def _peak_memory() -> dict:
-  peak = {"host_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    peak["device_peak_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
-  return peak
 
 
 def _detector(method: str, args) -> detectors.Detector:
@@ -98,7 +89,7 @@ def run_anomalydino(args) -> list[dict]:
       "compile_seconds": round(compile_s, 3),
       "step_seconds": round(median, 4),
       "images_per_second": round(args.batch / median, 3),
-      **_peak_memory(),
+      **peak_memory(),
     }
   ]
 
@@ -126,7 +117,7 @@ def run_musc(args) -> list[dict]:
         "step_seconds": round(median, 4),
         "seconds_per_image": round(median / group, 4),
         "images_per_second": round(group / median, 3),
-        **_peak_memory(),
+        **peak_memory(),
       }
     )
   return rows
