@@ -21,7 +21,8 @@
 #      parity tests on the device (tests/test_checkpoint_parity.py, tests/test_attention.py;
 #      full float32 matmuls); the zero-shot benchmark, JAX only (32 masks, ViT-B and
 #      ViT-L, float32 and bfloat16, batch 8 and 32; --quick: ViT-L/bfloat16/32 and
-#      ViT-B/float32/8 only); the LoRA fine-tune benchmark (ViT-L, bfloat16).
+#      ViT-B/float32/8 only); the LoRA fine-tune benchmark (ViT-L, bfloat16); the DINOv2
+#      detectors' and PMAD's benchmarks at their real shapes (random weights).
 #   3. Merge: OUT/device_check.json holds every step's status, duration, command and log
 #      path, each benchmark's own JSON, the parity counts, and the machine (hostname,
 #      GPUs, jax/jaxlib versions, devices); a table of the key figures is printed.
@@ -626,6 +627,12 @@ if [[ -n ${MAEDAY_MVTEC:-} ]]; then
     "$VPY" tools/studies/musc_group_size.py --data-path "$MAEDAY_MVTEC" \
     --categories bottle,screw --groups 8,32,all --repeats 2 --json "$OUT/musc_groups.json"
 fi
+# PMAD at the paper's shape (ViT-B encoder + decoder, 224 px, WideResNet-50-2 features;
+# random weights: the cost of a training step and of scoring).
+run_step pmad 120 "$OUT/pmad.json" -- env JAX_PLATFORMS="$PLATFORM" \
+  "$VPY" tools/benchmark.py --task pmad --variant base --image-size 224 \
+  --features-backbone wide_resnet50_2 --target codebook --batch 32 --steps 3 --warmup 1 \
+  --json "$OUT/pmad.json"
 
 # --- 3. Merge ---------------------------------------------------------------------------------
 

@@ -83,30 +83,36 @@ def masking_for(setting, dataset: str | None, category: str | None) -> bool:
   return masked == "all" or (category or "") in masked
 
 
-def patch_multiple(size: int) -> int:
-  """A DINOv2 input size: `size` rounded to the nearest multiple of its 14-px patches."""
-  return max(14, int(round(int(size) / 14)) * 14)
+def patch_multiple(size: int, patch: int = 14) -> int:
+  """An input size: `size` rounded to the nearest multiple of the backbone's `patch`-px
+  patches (DINOv2's 14 by default)."""
+  return max(patch, int(round(int(size) / patch)) * patch)
 
 
-def require_patch_multiple(size: int, field: str) -> None:
-  """Checks a DINOv2 input size: at least one 14-px patch; one that is not a multiple of
-  the patch is used as the nearest multiple, and a warning says so.
+def require_patch_multiple(
+  size: int, field: str, patch: int = 14, network: str = "DINOv2", example: str = "448 or 672"
+) -> None:
+  """Checks an input size for a ViT of `patch`-px patches (DINOv2's by default): at least
+  one patch; one that is not a multiple of the patch is used as the nearest multiple, and
+  a warning says so.
 
   Raises:
     ConfigError: naming `field`.
   """
   require(
-    isinstance(size, int) and size >= 14,
+    isinstance(size, int) and size >= patch,
     field,
-    f"{size!r} is smaller than one of DINOv2's 14-px patches (e.g. 448 or 672).",
+    f"{size!r} is smaller than one of {network}'s {patch}-px patches (e.g. {example}).",
   )
-  if patch_multiple(size) != size:
+  if patch_multiple(size, patch) != size:
     log.warning(
-      "--config.%s=%d is not a multiple of DINOv2's 14-px patches: images are resized to "
+      "--config.%s=%d is not a multiple of %s's %d-px patches: images are resized to "
       "%d px instead.",
       field,
       size,
-      patch_multiple(size),
+      network,
+      patch,
+      patch_multiple(size, patch),
     )
 
 
