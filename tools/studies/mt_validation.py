@@ -1,0 +1,131 @@
+"""Choosing the magnetic-tile recipe on a validation split, never on the test split.
+
+    python tools/studies/mt_validation.py --out runs/mt_validation            # all steps
+    python tools/studies/mt_validation.py --out runs/mt_validation --recipes mala_tiled
+
+1. The split (`maeday_jax.recipe_validation`): the recipes' 700 normal training images
+   (`defaults.use_normal_tiles`) at 224 px; 10 % held out by a hash of the file name, half
+   of those given a synthetic hole, crack or scratch (defects unlike MALA's training
+   ones), with masks. `<out>/split/train/` keeps the other 90 %.
+2. Each recipe (`--recipes`), trained on `<out>/split/train/` only, into `<out>/<recipe>/`:
+   `mala_tiled` (`configs/mt_recipe.py`) and `pmad_tiled` (`configs/pmad_mt.py`, on the
+   feature MAE of this split's `mala_tiled` stage 1, so nothing it uses saw a held-out
+   image). Reruns resume.
+3. Each fitted detector scores `<out>/split/validation/` (the evaluate job, pixel metrics
+   at 224 px); `<out>/validation.json` and the printed table hold image AUROC, pixel
+   AUROC and AUPRO per recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+
+from study_common import REPO_ROOT
+
+RECIPES = ("mala_tiled", "pmad_tiled")
+CONFIG_FILES = {"mala_tiled": "mt_recipe.py", "pmad_tiled": "pmad_mt.py"}
+
+
+def _config(recipe: str, smoke: bool = False):
+  path = REPO_ROOT / "configs" / CONFIG_FILES[recipe]
+  spec = importlib.util.spec_from_file_location(recipe, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("runlocal" if smoke else None)
+
+
+def write_split(out: pathlib.Path) -> dict:
+  """The validation split of the recipes' training images (written once)."""
+  from maeday_jax import defaults, recipe_validation
+  from maeday_jax.pretrain import inputs
+
+  summary_path = out / "split.json"
+  if summary_path.is_file():
+    return json.loads(summary_path.read_text())
+  config = _config("mala_tiled")
+  defaults.use_normal_tiles(config, REPO_ROOT.parent / "shared" / "data")
+  sources = inputs.training_sources([config.data, *config.extra_data])
+  images, names = inputs.load_images(sources, 224, True)
+  summary = recipe_validation.write_split(images, names, out / "split")
+  summary_path.write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def _train_on(config, split: dict) -> None:
+  """Points a recipe config's training images at the split's training folder."""
+  from maeday_jax import defaults
+
+  config.data = defaults.training_source(
+    "train", name="folder", path=split["train"], normal_path=split["train"]
+  )
+  config.extra_data = []
+
+
+def fit(recipe: str, out: pathlib.Path, split: dict, smoke: bool = False) -> pathlib.Path:
+  """Trains `recipe` on the split's training images (the fit job; a rerun resumes);
+  returns its detector folder."""
+  from maeday_jax import defaults
+  from maeday_jax.jobs import fit as fit_job
+
+  config = _config(recipe, smoke)
+  if recipe == "pmad_tiled":  # The PMAD recipe's detector settings, through the fit job.
+    recipe_config = config
+    config = defaults.fit_config("runlocal" if smoke else None)
+    config.detector, config.seed = "pmad", recipe_config.seed
+    config.pmad, config.tiling = recipe_config.pmad, recipe_config.tiling
+    if not smoke:
+      stage1 = out / "mala_tiled" / "training" / "stage1" / "model"
+      config.pmad.features.checkpoint = str(stage1)
+  _train_on(config, split)
+  workdir = out / recipe
+  if not (workdir / "detector" / "manifest.json").is_file():
+    fit_job.run(config, workdir)
+  return workdir / "detector"
+
+
+def evaluate(detector: pathlib.Path, split: dict, workdir: pathlib.Path) -> dict:
+  """Image AUROC, pixel AUROC and AUPRO of a fitted detector on the validation images."""
+  from maeday_jax import defaults
+  from maeday_jax.jobs import evaluate as evaluate_job
+
+  config = defaults.evaluate_config()
+  config.detector = str(detector)
+  config.data.update(name="folder", path=split["images"], mask_path=split["masks"])
+  config.eval_size = 224
+  config.outputs.overlays = False
+  config.outputs.panels = 0
+  config.outputs.reconstructions = 0
+  evaluate_job.run(config, workdir)
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  mean = metrics["groups"]["all"]["mean"]
+  return {k: mean.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default="runs/mt_validation")
+  parser.add_argument("--recipes", default=",".join(RECIPES))
+  parser.add_argument("--smoke", action="store_true", help="the recipes' tiny runlocal models")
+  args = parser.parse_args(argv)
+  out = pathlib.Path(args.out).absolute()
+  out.mkdir(parents=True, exist_ok=True)
+  split = write_split(out)
+  print(json.dumps(split, indent=2))
+  results = {}
+  for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+    detector = fit(recipe, out, split, args.smoke)
+    results[recipe] = evaluate(detector, split, out / f"{recipe}_validation")
+  (out / "validation.json").write_text(json.dumps({"split": split, "results": results}, indent=2))
+  print("| recipe | image AUROC | pixel AUROC | AUPRO |\n| --- | --- | --- | --- |")
+  for recipe, metrics in results.items():
+    cells = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in metrics.values())
+    print(f"| {recipe} | {cells} |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
