@@ -22,9 +22,10 @@ from maeday_jax.report_tables import (
   paper_cells,
   shown_metrics,
 )
-from maeday_jax.summaries import METRIC_NAMES
+from maeday_jax.summaries import SUMMARY_METRICS
 
 PAPER_URL = "https://arxiv.org/abs/2211.14307"
+MAEDAY_SOURCE = paper_numbers.PaperRow.source  # The dataclass default: the MAEDAY paper.
 _PAPER_METRICS = {"image_auroc": 0, "pixel_auroc": 1}  # Their index in `paper_cells`.
 
 
@@ -48,7 +49,10 @@ class Footnotes:
 def _paper_row(method: str | None, dataset: str, setting: str):
   if canonical_dataset(dataset) != "mvtec_ad":
     return None
-  key = METHOD_PAPER_ROWS.get(method) if method else paper_numbers.DEFAULT_ROW_FOR_SETTING[setting]
+  if method in paper_numbers.METHOD_ROWS or not method:
+    key = paper_numbers.row_key(setting, method)
+  else:
+    key = METHOD_PAPER_ROWS.get(method)
   return paper_numbers.SUMMARY_ROWS.get(key or "")
 
 
@@ -72,7 +76,7 @@ def metrics_table(summaries: Mapping, dataset: str, setting: str, footnotes: Foo
   """
   methods = list(summaries)
   shown = {n for s in summaries.values() for n in shown_metrics(s)}
-  names = [n for n in METRIC_NAMES if n in shown]
+  names = [n for n in SUMMARY_METRICS if n in shown]
   papers = {m: _paper_row(m, dataset, setting) for m in methods}
   with_paper = any(papers.values())
   several = len(methods) > 1 or methods[0] is not None
@@ -113,7 +117,7 @@ def metrics_table(summaries: Mapping, dataset: str, setting: str, footnotes: Foo
   if seeds := first_summary.get("num_seeds"):
     intro.append(f"Mean ± std over {seeds} seeds (shot selections).")
   # Columns undefined for every category are left out (as in metrics.md): say why.
-  dropped = [n for n in METRIC_NAMES if n not in shown]
+  dropped = [n for n in SUMMARY_METRICS if n not in shown]
   reasons = {
     v.get("notes", {}).get(n)
     for s in summaries.values()
@@ -125,10 +129,14 @@ def metrics_table(summaries: Mapping, dataset: str, setting: str, footnotes: Foo
       f"Not shown, undefined for every category: {', '.join(METRIC_TITLES[n] for n in dropped)}"
       + (f" ({escape('; '.join(sorted(reasons)))})." if reasons else ".")
     )
-  labels = sorted({p.label for p in papers.values() if p})
+  labels = sorted({p.label for p in papers.values() if p and p.source == MAEDAY_SOURCE})
   if labels:
     intro.append(
       f"Paper: {escape('; '.join(labels))} (Schwartz et al. 2022, "
       f'<a href="{PAPER_URL}">arXiv:2211.14307</a>); "—" = not reported.'
     )
+  others = sorted({(p.label, p.source) for p in papers.values() if p and p.source != MAEDAY_SOURCE})
+  if others:
+    published = "; ".join(f"{label} ({source})" for label, source in others)
+    intro.append(f'Published: {escape(published)}; "—" = not reported.')
   return f"<p>Values in %. {' '.join(intro)}</p><table>{''.join(rows)}</table>"

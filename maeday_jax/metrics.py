@@ -74,6 +74,7 @@ __all__ = [
   "region_weights",
   "roc_curve",
   "roc_points",
+  "vand_score",
 ]
 
 METRIC_NAMES = (
@@ -136,3 +137,13 @@ def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   require_both_classes(counts, "roc_curve", "image")
   fpr, tpr = roc_points(counts)
   return fpr, tpr, np.concatenate([[np.inf], counts.thresholds])
+
+
+def vand_score(image_f1_max: float | None, pixel_f1_max: float | None) -> float | None:
+  """The VAND 2023 challenge's score of one category: the harmonic mean of the image-level
+  F1-max (classification) and the pixel-level F1-max (segmentation), 2ab / (a + b); 0 when
+  both are 0, None when either is undefined. The challenge averages it over categories."""
+  if image_f1_max is None or pixel_f1_max is None:
+    return None
+  a, b = float(image_f1_max), float(pixel_f1_max)
+  return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)

@@ -2,6 +2,9 @@
 
 All values are ROC-AUC in percent on MVTec AD (spec section 2). Only the zero-shot setting
 has per-category numbers; the other settings have summary rows.
+
+Other methods' published MVTec AD figures, shown when their detector is reported
+(`METHOD_ROWS`): APRIL-GAN (Chen et al. 2023, VAND 2023 challenge winner).
 """
 
 from __future__ import annotations
@@ -39,14 +42,18 @@ class PaperRow:
     image_auroc_textures: mean over the 5 texture categories.
     pixel_auroc: mean pixel AUROC over all categories.
     per_category_image_auroc: per-category image AUROC, when the paper lists it.
+    aupro: mean AUPRO (PRO up to a false-positive rate of 0.3), when the paper gives it.
+    source: who published the row.
   """
 
   label: str
   image_auroc: float
   image_auroc_objects: float | None
   image_auroc_textures: float | None
-  pixel_auroc: float
+  pixel_auroc: float | None
   per_category_image_auroc: dict[str, float] | None = None
+  aupro: float | None = None
+  source: str = "Schwartz et al. 2022"
 
   def image_auroc_for(self, group: str) -> float | None:
     """The image AUROC mean of group 'all', 'objects' or 'textures'."""
@@ -57,6 +64,8 @@ class PaperRow:
     }.get(group)
 
 
+APRIL_GAN_SOURCE = "Chen et al. 2023, arXiv:2305.17382"
+
 SUMMARY_ROWS = {
   "maeday_zero_shot": PaperRow("MAEDAY 0-shot", 74.5, 67.3, 88.9, 69.4, ZERO_SHOT_IMAGE_AUROC),
   "maeday_one_shot_lora": PaperRow("MAEDAY 1-shot (LoRA)", 76.0, 69.3, 89.3, 71.6),
@@ -66,10 +75,28 @@ SUMMARY_ROWS = {
   "maeday_one_shot_full_finetune": PaperRow(
     "MAEDAY 1-shot, full fine-tune (Table 4)", 75.4, None, None, 70.9
   ),
+  # APRIL-GAN (Chen et al. 2023, arXiv:2305.17382), MVTec AD: zero-shot (adapters trained
+  # on VisA) and 1-shot. Only the figures a detector's report compares with.
+  "april_gan_zero_shot": PaperRow(
+    "APRIL-GAN 0-shot", 86.1, None, None, 87.6, aupro=44.0, source=APRIL_GAN_SOURCE
+  ),
+  "april_gan_one_shot": PaperRow(
+    "APRIL-GAN 1-shot", 92.0, None, None, None, source=APRIL_GAN_SOURCE
+  ),
 }
+
+# The published rows of a detector other than MAEDAY, per setting: its reports compare
+# with them instead of MAEDAY's.
+METHOD_ROWS = {"april_gan": {"zero_shot": "april_gan_zero_shot", "few_shot": "april_gan_one_shot"}}
 
 # Which paper row a report compares against by default, per setting.
 DEFAULT_ROW_FOR_SETTING = {"zero_shot": "maeday_zero_shot", "few_shot": "maeday_one_shot_lora"}
+
+
+def row_key(setting: str, method: str | None = None) -> str:
+  """The `SUMMARY_ROWS` key a report of `method` (None: MAEDAY) in `setting` compares with."""
+  return METHOD_ROWS.get(method or "", {}).get(setting) or DEFAULT_ROW_FOR_SETTING[setting]
+
 
 # Zero-shot foreign-object detection (the paper's own dataset), image AUROC %.
 FOREIGN_OBJECT_ZERO_SHOT_AUROC = {"indoor": 95.6, "outdoor": 85.6}

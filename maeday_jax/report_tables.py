@@ -2,9 +2,11 @@
 
 `format_summary_table` prints a `summaries.summarize` / `summarize_seeds` summary for the
 terminal; `markdown_table` lays it out like the paper's Tables 1-2, with the paper's
-numbers beside ours for MVTec AD; `methods_markdown_table` puts several few-shot methods
-side by side. `reports.write_markdown_table` writes the Markdown to a file. Every name
-here is also importable from `maeday_jax.reports`.
+numbers beside ours for MVTec AD (another method's published figures when the report is
+of its detector: `paper_numbers.METHOD_ROWS`) and the VAND summary (`vand_summary`);
+`methods_markdown_table` puts several few-shot methods side by side.
+`reports.write_markdown_table` writes the Markdown to a file. Every name here is also
+importable from `maeday_jax.reports`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Mapping
 
 from maeday_jax import paper_numbers
 from maeday_jax.categories import canonical_dataset
-from maeday_jax.summaries import METRIC_NAMES
+from maeday_jax.summaries import SUMMARY_METRICS, VAND_DEFINITION
 
 METRIC_TITLES = {
   "image_auroc": "Image AUROC",
@@ -23,6 +25,7 @@ METRIC_TITLES = {
   "pixel_ap": "Pixel AP",
   "pixel_f1_max": "Pixel F1-max",
   "aupro": "AUPRO@0.3",
+  "vand_score": "VAND score",
 }
 
 
@@ -39,7 +42,7 @@ def format_value(value, percent: bool = True) -> str:
 def shown_metrics(summary: Mapping) -> list[str]:
   # Columns undefined everywhere (e.g. pixel metrics without masks) are dropped.
   rows = list(summary["per_category"].values())
-  return [n for n in METRIC_NAMES if any(r.get(n) is not None for r in rows)] or ["image_auroc"]
+  return [n for n in SUMMARY_METRICS if any(r.get(n) is not None for r in rows)] or ["image_auroc"]
 
 
 def group_label(group: str, info: Mapping | None = None) -> str:
@@ -100,20 +103,52 @@ def paper_cells(row: paper_numbers.PaperRow | None, category=None, group=None):
   return ("—" if image is None else f"{image:.1f}"), ("—" if pixel is None else f"{pixel:.1f}")
 
 
+def _published(row: paper_numbers.PaperRow, name: str) -> str:
+  value = {"image_auroc": row.image_auroc, "pixel_auroc": row.pixel_auroc, "aupro": row.aupro}
+  return "—" if value.get(name) is None else f"{value[name]:.1f}"
+
+
+def vand_summary(summary: Mapping, row: paper_numbers.PaperRow | None = None) -> str:
+  """The VAND summary of metrics.md: the VAND score (mean over the categories) and, with
+  a published `row`, every mean metric of this run beside that row's figures."""
+  info = summary["groups"].get("all")
+  if info is None:
+    return ""
+  score = info["mean"].get("vand_score")
+  text = f"VAND score: {format_value(score)} ({VAND_DEFINITION}"
+  if score is None:
+    text += "; undefined here: it needs both image labels and pixel masks"
+  text += f"; {group_label('all', info)})."
+  if row is None:
+    return text + "\n"
+  names = list(SUMMARY_METRICS)
+  lines = [
+    "| | " + " | ".join(METRIC_TITLES[n] for n in names) + " |",
+    "|" + "|".join(["---"] * (len(names) + 1)) + "|",
+    f"| this run, {group_label('all', info)} | "
+    + " | ".join(format_value(info["mean"].get(n)) for n in names)
+    + " |",
+    f"| {row.label} ({row.source}) | " + " | ".join(_published(row, n) for n in names) + " |",
+  ]
+  return text + "\n\n" + "\n".join(lines) + "\n"
+
+
 def markdown_table(
   summary: Mapping,
   dataset: str,
   setting: str = "zero_shot",
   paper_row: str | None = None,
   shots: int | None = None,
+  method: str | None = None,
 ) -> str:
-  """The Markdown text of `write_markdown_table`."""
+  """The Markdown text of `write_markdown_table`; `method` (the detector's) picks its own
+  published figures where it has some (`paper_numbers.METHOD_ROWS`: april_gan)."""
   if setting not in paper_numbers.DEFAULT_ROW_FOR_SETTING:
     raise ValueError(f"setting must be 'zero_shot' or 'few_shot', got {setting!r}.")
   dataset = canonical_dataset(dataset)
   row = None
   if dataset == "mvtec_ad":
-    key = paper_row or paper_numbers.DEFAULT_ROW_FOR_SETTING[setting]
+    key = paper_row or paper_numbers.row_key(setting, method)
     if key not in paper_numbers.SUMMARY_ROWS:
       raise ValueError(
         f"paper_row must be one of {sorted(paper_numbers.SUMMARY_ROWS)}, got {key!r}."
@@ -152,11 +187,13 @@ def markdown_table(
   if seeds:
     intro.append(f"Mean ± std over {seeds} seeds (shot selections).")
   if row:
-    intro.append(f"Paper: {row.label} (Schwartz et al. 2022); '—' = not reported.")
+    intro.append(f"Paper: {row.label} ({row.source}); '—' = not reported.")
     if setting == "few_shot" and shots not in (None, 1) and paper_row is None:
       intro.append(f"Note: the paper's few-shot numbers are 1-shot; this run used {shots} shots.")
   notes = _collapsed_notes(summary)
   text = "\n".join(intro) + "\n\n" + "\n".join(lines) + "\n"
+  if vand := vand_summary(summary, row):
+    text += "\n" + vand
   return text + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else "")
 
 

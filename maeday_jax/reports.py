@@ -35,9 +35,11 @@ from maeday_jax.report_tables import (
   format_value,
   markdown_table,
   methods_markdown_table,
+  vand_summary,
 )
 from maeday_jax.summaries import (
   METRIC_NAMES,
+  SUMMARY_METRICS,
   CategoryResult,
   category_groups,
   category_metrics,
@@ -54,6 +56,7 @@ __all__ = [
   "METHOD_TITLES",
   "METRIC_NAMES",
   "METRIC_TITLES",
+  "SUMMARY_METRICS",
   "CategoryResult",
   "category_groups",
   "category_metrics",
@@ -65,6 +68,7 @@ __all__ = [
   "spreadsheet_safe",
   "summarize",
   "summarize_seeds",
+  "vand_summary",
   "write_markdown_table",
   "write_metrics_json",
   "write_scores_csv",
@@ -101,14 +105,18 @@ def write_markdown_table(
   setting: str = "zero_shot",
   paper_row: str | None = None,
   shots: int | None = None,
+  method: str | None = None,
 ) -> pathlib.Path:
   """Writes a table shaped like the paper's Tables 1-2, with the paper's numbers for MVTec AD.
 
   `paper_row` picks another row of `paper_numbers.SUMMARY_ROWS` to compare with (e.g.
   "maeday_patchcore_ensemble"); by default zero-shot compares with MAEDAY 0-shot and
-  few-shot with MAEDAY 1-shot (LoRA).
+  few-shot with MAEDAY 1-shot (LoRA); `method` (the detector's) compares with its own
+  published figures where `paper_numbers.METHOD_ROWS` has them (april_gan). The VAND
+  summary follows the table (`report_tables.vand_summary`).
   """
-  return atomic_files.write_text(path, markdown_table(summary, dataset, setting, paper_row, shots))
+  text = markdown_table(summary, dataset, setting, paper_row, shots, method)
+  return atomic_files.write_text(path, text)
 
 
 def _threshold_for(threshold, category: str) -> float | None:

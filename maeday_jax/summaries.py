@@ -21,6 +21,14 @@ from maeday_jax import metrics
 from maeday_jax.categories import CATEGORY_GROUPS, canonical_dataset
 
 METRIC_NAMES = metrics.METRIC_NAMES
+# The VAND 2023 challenge's score (`metrics.vand_score`): derived per category from the two
+# F1-max, averaged over categories like the others.
+VAND_SCORE = "vand_score"
+SUMMARY_METRICS = (*METRIC_NAMES, VAND_SCORE)
+VAND_DEFINITION = (
+  "VAND 2023 challenge score: per category the harmonic mean of image F1-max "
+  "(classification) and pixel F1-max (segmentation), averaged over categories"
+)
 
 
 @dataclasses.dataclass
@@ -68,8 +76,9 @@ def category_metrics(
 ) -> dict:
   """Every metric of one category: {metric: float or None, counts..., "notes": {...}}.
 
-  Keys: the seven `METRIC_NAMES`, `num_images`, `num_normal`, `num_anomalous`, `num_unknown`,
-  and `notes` mapping a metric (or "pixel_metrics") to why it is undefined or approximate.
+  Keys: the seven `METRIC_NAMES`, `vand_score` (`metrics.vand_score`), `num_images`,
+  `num_normal`, `num_anomalous`, `num_unknown`, and `notes` mapping a metric (or
+  "pixel_metrics") to why it is undefined or approximate.
   """
   notes: dict[str, str] = {}
   scores, labels = result.scores, result.labels
@@ -94,6 +103,9 @@ def category_metrics(
         f"computed on binned scores (relative bin width {accumulator.relative_resolution:.1e}); "
         f"pixel AUROC is within {accumulator.auroc_error_bound():.1e} of the exact value"
       )
+  out[VAND_SCORE] = metrics.vand_score(out["image_f1_max"], out["pixel_f1_max"])
+  if out[VAND_SCORE] is None:
+    notes[VAND_SCORE] = "needs both the image and the pixel F1-max"
   out.update(
     num_images=len(labels),
     num_normal=int(np.sum(labels == 0)),
@@ -134,11 +146,23 @@ def _group_mean(
   return float(np.mean(defined)) if defined else None
 
 
+def with_vand_score(row: Mapping) -> dict:
+  """A category's metrics with `vand_score`, computed from its two F1-max when missing
+  (rows not made by `category_metrics`, e.g. a failed method's)."""
+  row = dict(row)
+  if VAND_SCORE not in row:
+    row[VAND_SCORE] = metrics.vand_score(row.get("image_f1_max"), row.get("pixel_f1_max"))
+  return row
+
+
 def summarize(per_category: Mapping[str, Mapping], dataset: str, seed: int | None = None) -> dict:
   """Per-category metrics plus group means: {"dataset", "per_category", "groups", ...}.
 
-  `groups[g]` is {"categories": [...], "mean": {metric: float or None}, "notes": {...}}.
+  `groups[g]` is {"categories": [...], "mean": {metric: float or None}, "notes": {...}};
+  the metrics are `SUMMARY_METRICS` (with the VAND score). `vand_score` at the top is
+  the VAND challenge's summary: the mean over all categories of their `vand_score`.
   """
+  per_category = {c: with_vand_score(row) for c, row in per_category.items()}
   known = CATEGORY_GROUPS.get(canonical_dataset(dataset), {})
   expected = {g: len(members) for g, members in known.items()}
   if known:
@@ -146,7 +170,7 @@ def summarize(per_category: Mapping[str, Mapping], dataset: str, seed: int | Non
   groups = {}
   for group, members in category_groups(dataset, list(per_category)).items():
     notes: dict[str, str] = {}
-    mean = {name: _group_mean(per_category, members, name, notes) for name in METRIC_NAMES}
+    mean = {name: _group_mean(per_category, members, name, notes) for name in SUMMARY_METRICS}
     # How many categories the dataset defines for the group: a partial run's mean is not the
     # paper's mean, and the tables say so.
     groups[group] = {
@@ -159,9 +183,11 @@ def summarize(per_category: Mapping[str, Mapping], dataset: str, seed: int | Non
   return {
     "dataset": canonical_dataset(dataset),
     "seed": seed,
-    "metric_names": list(METRIC_NAMES),
+    "metric_names": list(SUMMARY_METRICS),
     "per_category": {c: dict(per_category[c]) for c in order},
     "groups": groups,
+    VAND_SCORE: groups["all"]["mean"][VAND_SCORE],
+    "vand_definition": VAND_DEFINITION,
   }
 
 
@@ -192,7 +218,8 @@ def summarize_seeds(per_seed: Sequence[Mapping]) -> dict:
   per_category = {}
   for category in categories:
     rows = [s["per_category"].get(category, {}) for s in per_seed]
-    per_category[category] = {n: _mean_std([r.get(n) for r in rows]) for n in METRIC_NAMES}
+    rows = [with_vand_score(r) for r in rows]
+    per_category[category] = {n: _mean_std([r.get(n) for r in rows]) for n in SUMMARY_METRICS}
     notes = {}
     for seed_index, row in enumerate(rows):
       for key, note in row.get("notes", {}).items():
@@ -207,7 +234,7 @@ def summarize_seeds(per_seed: Sequence[Mapping]) -> dict:
     groups[group] = {
       "categories": info["categories"],
       "num_expected": info.get("num_expected", len(info["categories"])),
-      "mean": {n: _mean_std([m.get(n) for m in means]) for n in METRIC_NAMES},
+      "mean": {n: _mean_std([m.get(n) for m in means]) for n in SUMMARY_METRICS},
       "notes": notes,
     }
   return {
@@ -215,8 +242,10 @@ def summarize_seeds(per_seed: Sequence[Mapping]) -> dict:
     "seeds": [s.get("seed") for s in per_seed],
     "num_seeds": len(per_seed),
     "std_ddof": 0,
-    "metric_names": list(METRIC_NAMES),
+    "metric_names": list(SUMMARY_METRICS),
     "per_category": per_category,
     "groups": groups,
+    VAND_SCORE: groups.get("all", {}).get("mean", {}).get(VAND_SCORE),
+    "vand_definition": VAND_DEFINITION,
     "runs": list(per_seed),
   }

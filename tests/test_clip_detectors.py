@@ -190,7 +190,10 @@ def test_adapter_training_decreases_the_loss(few_shot, aux_folder):
   section = section.copy_and_resolve_references()
   section.batch_size, section.steps = 8, 10  # Full batches: every step sees the same data.
   key = jax.random.key(3)
-  trained, history = april_gan.train_adapters(net, layers, images, masks, text, scale, section, key)
+  trained, history, start = april_gan.train_adapters(
+    net, layers, images, masks, text, scale, section, key
+  )
+  assert start == 0
   start = april_gan.init_adapters(key, 3, 32, 24)
   before = april_gan.adapter_loss(start, net, layers, images, masks, text, scale)
   after = april_gan.adapter_loss(trained, net, layers, images, masks, text, scale)

@@ -328,3 +328,73 @@ def test_paper_numbers_are_consistent():
   assert np.mean([per[c] for c in categories.MVTEC_OBJECTS]) == pytest.approx(67.3, abs=0.05)
   assert np.mean([per[c] for c in categories.MVTEC_TEXTURES]) == pytest.approx(88.9, abs=0.05)
   assert np.mean(list(per.values())) == pytest.approx(row.image_auroc, abs=0.05)
+
+
+# ------------------------------------------------------------------------ VAND summary
+
+
+def _f1_max_by_sklearn(labels, scores) -> float:
+  """Best F1 over the precision-recall curve, written here independently of `metrics`."""
+  from sklearn.metrics import precision_recall_curve
+
+  precision, recall, _ = precision_recall_curve(np.ravel(labels), np.ravel(scores))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+  return float(f1.max())
+
+
+def test_vand_score_is_the_harmonic_mean_of_image_and_pixel_f1_max():
+  rng = np.random.default_rng(12)
+  rows = {}
+  for category in ("bottle", "grid"):
+    result, maps, masks = _result_maps_masks(category, rng, n=6, size=12)
+    image = _f1_max_by_sklearn(result.labels, result.scores)
+    pixel = _f1_max_by_sklearn(masks, maps)
+    rows[category] = reports.category_metrics(result)
+    assert rows[category]["vand_score"] == pytest.approx(2 * image * pixel / (image + pixel))
+  summary = reports.summarize(rows, "mvtec_ad")
+  expected = np.mean([rows[c]["vand_score"] for c in rows])
+  assert summary["groups"]["all"]["mean"]["vand_score"] == pytest.approx(expected)
+  assert summary["vand_score"] == pytest.approx(expected)
+  assert "vand_score" in summary["metric_names"]
+  assert metrics.vand_score(0.5, 1.0) == pytest.approx(2 / 3)
+  assert metrics.vand_score(0.0, 0.0) == 0.0 and metrics.vand_score(0.9, None) is None
+  # A row made elsewhere (a failed method's, or an older run's) gets it from its F1-max.
+  bare = {"image_f1_max": 0.8, "pixel_f1_max": 0.4, "notes": {}}
+  assert reports.summarize({"bottle": bare}, "mvtec_ad")["vand_score"] == pytest.approx(0.64 / 1.2)
+  # Without masks: undefined, with the reason.
+  result = _result("bottle", rng)
+  result.pixels = None
+  out = reports.category_metrics(result)
+  assert out["vand_score"] is None and "pixel F1-max" in out["notes"]["vand_score"]
+  seeds = reports.summarize_seeds([summary, summary])
+  assert seeds["vand_score"]["mean"] == pytest.approx(expected)
+  assert seeds["per_category"]["grid"]["vand_score"]["mean"] == rows["grid"]["vand_score"]
+
+
+def test_metrics_md_has_the_vand_summary_and_april_gans_published_figures(tmp_path):
+  summary = reports.summarize(_mvtec_per_category(np.random.default_rng(13)), "mvtec_ad")
+  vand = f"VAND score: {100 * summary['vand_score']:.1f} ("
+  text = reports.write_markdown_table(tmp_path / "m.md", summary, "mvtec_ad").read_text()
+  assert vand in text and text.splitlines()[3].endswith("| VAND score |")  # Column and line.
+  assert "MAEDAY 0-shot" in text and "APRIL-GAN" not in text
+  april = reports.write_markdown_table(
+    tmp_path / "a.md", summary, "mvtec_ad", method="april_gan"
+  ).read_text()
+  assert vand in april and "MAEDAY" not in april and "Chen et al. 2023" in april
+  published = next(line for line in april.splitlines() if line.startswith("| APRIL-GAN 0-shot"))
+  cells = [c.strip() for c in published.strip("|").split("|")]
+  lines = april.splitlines()
+  titles = [c.strip() for c in lines[lines.index(published) - 3].split("|")]
+  by_title = dict(zip(titles[2:], cells[1:], strict=False))
+  assert by_title["Image AUROC"] == "86.1" and by_title["Pixel AUROC"] == "87.6"
+  assert by_title["AUPRO@0.3"] == "44.0" and by_title["Image AP"] == "—"
+  this_run = april.splitlines()[april.splitlines().index(published) - 1]
+  assert this_run.startswith("| this run, mean (all)") and vand[12:16] in this_run
+  all_row = next(line for line in april.splitlines() if line.startswith("| **mean (all)"))
+  assert "86.1" in all_row and "87.6" in all_row  # The paper columns of the main table.
+  few = reports.markdown_table(summary, "mvtec_ad", "few_shot", shots=1, method="april_gan")
+  assert "APRIL-GAN 1-shot" in few and "92.0" in few
+  # Other datasets: the VAND line, no published figures.
+  visa = reports.markdown_table(summary, "visa", method="april_gan")
+  assert vand in visa and "APRIL-GAN" not in visa

@@ -13,6 +13,19 @@ code), each aux image prompted with its own category's name. It is refused when 
 source has no masks, and when it is the dataset being evaluated unless
 `april_gan.allow_same_dataset` (then the record says `"zero_shot": false`).
 
+Mosaic (`april_gan.mosaic_prob`, `mosaic_probability`): with that probability a training
+sample is replaced, on the host, by four images of its category (drawn with replacement)
+and their masks tiled 2 x 2 and shrunk back to the input size (2 x 2 box means; a mask
+pixel is a defect where more than half of its 4 source pixels are), as the released code
+does on MVTec AD (probability 0.2). Which samples and images: a pure function of the seed
+and the step, like the batch order (`inputs.batch_indices`).
+
+Resumable (`april_gan.checkpoint_every`): with a work directory (the fit job's
+`<workdir>/training`), the adapters' training state is saved with Orbax under
+`april_gan/checkpoints` every that many steps and at the end; a rerun of the same fit
+resumes from the newest checkpoint (refused when its seed differs) and, the batches being
+a function of (seed, step), ends with the adapters an uninterrupted run gets.
+
 Few-shot (`april_gan.few_shot`, the fit job's `--config.shots=k`): per layer, a memory
 bank of the shots' raw patch tokens; the map adds, per layer, every patch's cosine
 distance to its nearest bank token (upsampled the same way), the image score adds the
@@ -168,14 +181,76 @@ def adapter_loss(adapters, net, layers, images, masks, text, scale):
   return total
 
 
-def train_adapters(net, layers, images, masks, texts, scale, section, key):
+MOSAIC_PROB_MVTEC = 0.2  # The released code's `aug_rate` when it trains on MVTec AD.
+CHECKPOINT_DIR = "april_gan/checkpoints"  # Under the fit's work directory.
+_MOSAIC_STREAM = 0x6D6F73  # Keeps the mosaic draws apart from the batch order's.
+
+
+def mosaic_probability(section) -> float:
+  """`april_gan.mosaic_prob`, its default (-1) resolved: 0.2 when the aux data is MVTec AD
+  (the method's recipe), else 0 (the released code mosaics VisA never)."""
+  prob = float(section.get("mosaic_prob", -1.0))
+  if prob < 0:
+    return MOSAIC_PROB_MVTEC if section.aux_data.name == "mvtec_ad" else 0.0
+  return prob
+
+
+def mosaic(images, masks):
+  """One 2 x 2 mosaic of four uint8 images (4, S, S, 3) and {0, 1} masks (4, S, S): image 0
+  top left, 1 top right, 2 bottom left, 3 bottom right, shrunk to (S, S) by 2 x 2 box
+  means (even S); a mask pixel is 1 where more than half of its 4 pixels are."""
+  import numpy as np
+
+  size = images.shape[1]
+  if size % 2:
+    raise ValueError(f"a mosaic needs an even input size, got {size}.")
+
+  def shrink(tiles):  # (4, S, S, ...) -> (S, S, ...): 2 x 2 tiles, box-averaged.
+    top, bottom = (np.concatenate([tiles[i], tiles[i + 1]], axis=1) for i in (0, 2))
+    whole = np.concatenate([top, bottom], axis=0).astype(np.float64)
+    half = whole.reshape(size, 2, size, 2, *whole.shape[2:])
+    return half.mean(axis=(1, 3))
+
+  image = np.clip(np.rint(shrink(images)), 0, 255).astype(np.uint8)
+  return image, (shrink(masks) > 0.5).astype(masks.dtype)
+
+
+def mosaic_batch(images, masks, groups, rows, prob: float, seed: int, step: int):
+  """The batch `images[rows]`, `masks[rows]`, each sample replaced with probability
+  `prob` by a `mosaic` of 4 images of its group (`groups`: the category index per
+  image), drawn with replacement. A pure function of (seed, step); `prob` 0: the
+  batch as it is, no random draw."""
+  import numpy as np
+
+  batch_images, batch_masks = images[rows], masks[rows]
+  if prob <= 0:
+    return batch_images, batch_masks
+  batch_images, batch_masks = batch_images.copy(), batch_masks.copy()
+  rng = np.random.default_rng([int(seed), int(step), _MOSAIC_STREAM])
+  chosen = rng.random(len(rows)) < prob
+  for i in np.flatnonzero(chosen):
+    members = np.flatnonzero(groups == groups[rows[i]])
+    picks = rng.choice(members, 4, replace=True)
+    batch_images[i], batch_masks[i] = mosaic(images[picks], masks[picks])
+  return batch_images, batch_masks
+
+
+def train_adapters(
+  net, layers, images, masks, texts, scale, section, key, groups=None, workdir=None
+):
   """Adapters trained on (images, masks), each image prompted with `texts[i]` (N, 2, C);
-  returns (adapters, losses per step).
+  returns (adapters, losses of this run's steps, the step it resumed from).
+
+  `groups`: each image's category index (mosaics tile one category's images; None: one
+  category). `workdir`: where the resumable checkpoints go (`CHECKPOINT_DIR`; None: no
+  checkpoints, `april_gan.checkpoint_every` 0 neither).
 
   Raises:
     FloatingPointError: the loss diverged.
+    ValueError: the checkpoints there are another run's (seed or shapes).
   """
   import dataclasses
+  import pathlib
 
   import jax
   import numpy as np
@@ -189,6 +264,21 @@ def train_adapters(net, layers, images, masks, texts, scale, section, key):
   width, dim = net.model.vision_width, net.model.embed_dim
   optimizer = optax.adam(float(section.lr), b1=float(section.betas[0]), b2=float(section.betas[1]))
   state = training.init_state(init_adapters(key, len(layers), width, dim), optimizer)
+  groups = np.zeros(len(images), np.int32) if groups is None else np.asarray(groups)
+  prob = mosaic_probability(section)
+  every = int(section.get("checkpoint_every", 0))
+  manager, start, key_data = None, 0, np.asarray(jax.random.key_data(key))
+  if workdir is not None and every > 0:
+    manager = training.checkpoint_manager(pathlib.Path(workdir) / CHECKPOINT_DIR, max_to_keep=2)
+    start = int(manager.latest_step() or 0)
+    if start > steps:
+      raise ValueError(
+        f"{manager.directory}: a checkpoint at step {start}, beyond this fit's {steps} "
+        "steps: it is another run's; use a new workdir."
+      )
+    if start:
+      state = training.restore(manager, start, state, key_data)
+      log.info("april_gan: resumed the adapters' training at step %d/%d", start, steps)
 
   @jax.jit
   def step(state, params, images, masks, text):
@@ -201,15 +291,20 @@ def train_adapters(net, layers, images, masks, texts, scale, section, key):
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
 
   history, seed = [], int(jax.random.randint(key, (), 0, 2**31 - 1))
-  for t in range(steps):
+  for t in range(start, steps):
     rows = inputs.batch_indices(len(images), batch, t, seed)
-    state, loss = step(state, net.params, images[rows], masks[rows], texts[rows])
+    batch_images, batch_masks = mosaic_batch(images, masks, groups, rows, prob, seed, t)
+    state, loss = step(state, net.params, batch_images, batch_masks, texts[rows])
     history.append(float(loss))
     if not np.isfinite(history[-1]):
       raise FloatingPointError(f"april_gan adapter training diverged at step {t} (loss {loss}).")
     if t % int(section.log_every) == 0 or t == steps - 1:
       log.info("april_gan step %d/%d: loss %.4f", t + 1, steps, history[-1])
-  return state["params"], history
+    if manager is not None and ((t + 1) % every == 0 or t == steps - 1):
+      training.save(manager, t + 1, state, key_data)
+  if manager is not None:
+    manager.close()
+  return state["params"], history, start
 
 
 class AprilGan(zs.ClipZeroShot):
@@ -243,6 +338,14 @@ class AprilGan(zs.ClipZeroShot):
     require(section.steps > 0 or section.epochs > 0, "april_gan.epochs", "and steps are both 0.")
     require(section.chunk_size >= 1, "april_gan.chunk_size", "must be >= 1.")
     require(section.log_every >= 1, "april_gan.log_every", "must be >= 1.")
+    prob = float(section.get("mosaic_prob", -1.0))
+    require(
+      prob == -1.0 or 0.0 <= prob <= 1.0,
+      "april_gan.mosaic_prob",
+      f"{prob}: give a probability in [0, 1], or -1 for the recipe's (0.2 on MVTec AD, else 0).",
+    )
+    every = int(section.get("checkpoint_every", 0))
+    require(every >= 0, "april_gan.checkpoint_every", "must be >= 0 (0: no checkpoints).")
 
   def requires_shots(self) -> bool:
     return bool(self.settings.april_gan.few_shot)
@@ -272,11 +375,24 @@ class AprilGan(zs.ClipZeroShot):
     default = str(self.settings.clip.class_name).strip()
     names = [n.replace("_", " ") if aux.name in _PUBLIC else default for n in names]
     texts = np.stack([np.asarray(zs.text_features(self._net, n)) for n in names])[index]
-    adapters, history = train_adapters(
-      self._net, self.layers, images, masks, texts, self.state["scale"], section, key
+    adapters, history, start = train_adapters(
+      self._net,
+      self.layers,
+      images,
+      masks,
+      texts,
+      self.state["scale"],
+      section,
+      key,
+      groups=index,
+      workdir=normals.workdir,
     )
-    self.training = {"steps": len(history), "images": len(images)}
-    self.training.update(first_loss=history[0], last_loss=history[-1])
+    self.training = {"steps": start + len(history), "images": len(images)}
+    self.training["mosaic_prob"] = mosaic_probability(section)
+    if start:
+      self.training["resumed_from_step"] = start
+    if history:
+      self.training.update(first_loss=history[0], last_loss=history[-1])
     self.state = {**self.state, "adapters": adapters}
     if section.few_shot:
       shots, _ = normals.images(self.input_size)

@@ -36,7 +36,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   scoring = detector_choice.scoring(detector, config)
   # The paper's table to compare with: few-shot when the detector learned from shots.
   setting = "few_shot" if detector.fit_record.get("shots") else "zero_shot"
-  summary, outcomes = run_report.evaluate_categories(scoring, config, workdir, categories, setting)
+  summary, outcomes = run_report.evaluate_categories(
+    scoring, config, workdir, categories, setting, method=detector.method
+  )
   summary["detector"] = {
     "spec": spec,
     "method": detector.method,

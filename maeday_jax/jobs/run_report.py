@@ -106,11 +106,14 @@ def write_page(workdir, setting: str, dataset: str, summaries: dict, runs: list)
   html_report.write_page(workdir / "report.html", title, dataset, setting, summaries, runs)
 
 
-def evaluate_categories(scoring, config, workdir, categories, kind: str, seed=None) -> tuple:
+def evaluate_categories(
+  scoring, config, workdir, categories, kind: str, seed=None, method: str | None = None
+) -> tuple:
   """Scores every category's test split with `scoring` into `workdir` (scores.csv,
   maps, pictures, metrics.json / metrics.md / report.html rewritten after each category,
   so a later error or a kill loses none); returns (summary, outcomes). `kind`: the
-  paper's setting the tables compare with ('zero_shot' or 'few_shot')."""
+  paper's setting the tables compare with ('zero_shot' or 'few_shot'); `method`: the
+  detector's, for its own published figures where the tables have them (april_gan)."""
   import jax
 
   outcomes = {}
@@ -122,7 +125,9 @@ def evaluate_categories(scoring, config, workdir, categories, kind: str, seed=No
     if jax.process_index() == 0:
       write_scores(workdir, outcomes)
       reports.write_metrics_json(workdir / "metrics.json", summary)
-      reports.write_markdown_table(workdir / "metrics.md", summary, config.data.name, kind)
+      reports.write_markdown_table(
+        workdir / "metrics.md", summary, config.data.name, kind, method=method
+      )
       page_runs.append(page_run(outcomes[category], workdir))
       write_page(workdir, kind, config.data.name, {None: summary}, page_runs)
   return summary, outcomes

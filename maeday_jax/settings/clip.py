@@ -49,6 +49,12 @@ def april_gan_section() -> ml_collections.ConfigDict:
     few_shot: also build memory banks from the fit's shots (`--config.shots=k`).
     chunk_size: bank rows per step of the nearest-neighbour search.
     log_every: training steps between loss lines.
+    mosaic_prob: probability that a training sample becomes a 2 x 2 mosaic of four images
+      of its category (and their masks) shrunk to the input size; -1 (default) = the
+      method's rule: 0.2 when aux_data is mvtec_ad, else 0 (never on VisA).
+    checkpoint_every: training steps between resumable Orbax checkpoints of the adapters
+      in the fit's work directory (`<workdir>/training/april_gan/checkpoints`; a rerun
+      resumes); 0 = none.
   """
   return ml_collections.ConfigDict(
     {
@@ -62,5 +68,7 @@ def april_gan_section() -> ml_collections.ConfigDict:
       "few_shot": False,
       "chunk_size": 4096,
       "log_every": 50,
+      "mosaic_prob": -1.0,
+      "checkpoint_every": 100,
     }
   )
