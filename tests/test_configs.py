@@ -25,6 +25,8 @@ CONFIGS = (
   "pmad",
   "mala_mt",
   "mt_recipe",
+  "pmad_mt",
+  "april_gan",
 )
 
 # Parses the command line the way `maeday_jax.main` does and prints the fields asked for.
@@ -218,3 +220,10 @@ def test_the_library_never_imports_a_job_and_jobs_never_import_each_other():
       if path.parent != package:
         checked.add(path.relative_to(package).parts[0])
   assert checked == LIBRARY_PACKAGES
+
+
+def test_the_april_gan_recipe_trains_on_the_other_dataset(job_config):
+  for arg, target, aux, epochs in ((None, "mvtec_ad", "visa", 15), ("visa", "visa", "mvtec_ad", 3)):
+    config = job_config("april_gan", arg)
+    assert (config.detector, config.data.name) == ("april_gan", target)
+    assert (config.april_gan.aux_data.name, config.april_gan.epochs) == (aux, epochs)

@@ -627,6 +627,18 @@ if [[ -n ${MAEDAY_MVTEC:-} ]]; then
     "$VPY" tools/studies/musc_group_size.py --data-path "$MAEDAY_MVTEC" \
     --categories bottle,screw --groups 8,32,all --repeats 2 --json "$OUT/musc_groups.json"
 fi
+# APRIL-GAN's released recipe where VisA, MVTec AD and the CLIP weights are (adapters on
+# VisA, then MVTec AD zero-shot; configs/april_gan.py), with its published figures beside.
+if [[ -n ${MAEDAY_MVTEC:-} && -n ${MAEDAY_VISA:-} ]]; then
+  run_step april_gan_fit 600 "" -- env JAX_PLATFORMS="$PLATFORM" "$VPY" -m maeday_jax.main \
+    --config configs/april_gan.py --workdir "$OUT/april_gan_visa" \
+    --config.april_gan.aux_data.path="$MAEDAY_VISA" --config.data.path="$MAEDAY_MVTEC" \
+    --config.data.categories=bottle
+  run_step april_gan_mvtec 600 "" -- env JAX_PLATFORMS="$PLATFORM" "$VPY" -m maeday_jax.main \
+    --config configs/evaluate.py --workdir "$OUT/april_gan_mvtec" \
+    --config.detector="$OUT/april_gan_visa/detector" --config.data.name=mvtec_ad \
+    --config.data.path="$MAEDAY_MVTEC"
+fi
 # PMAD at the paper's shape (ViT-B encoder + decoder, 224 px, WideResNet-50-2 features;
 # random weights: the cost of a training step and of scoring).
 run_step pmad 120 "$OUT/pmad.json" -- env JAX_PLATFORMS="$PLATFORM" \
