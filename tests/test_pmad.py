@@ -6,6 +6,7 @@ own tests in test_pmad_parts.py; the fit/save/load/bulk round trip is in
 test_detectors.py.
 """
 
+import importlib.util
 import json
 import pathlib
 
@@ -256,6 +257,22 @@ def test_cross_class_reuses_the_seen_reconstructor_for_an_unseen_category(mvtec,
   assert (run / "pmad_table.md").read_text().startswith("PMAD, cross protocol")
   metrics = json.loads((run / "metrics.json").read_text())
   assert metrics["protocol"] == "cross" and metrics["published"] is None
+  # The unseen line's detector exports (StableHLO and ONNX) and scores as the library.
+  from maeday_jax import detectors, exported, exporting
+  from maeday_jax.detectors import scoring
+
+  detector = detectors.load(run / "carpet" / "detector")
+  images = np.random.default_rng(5).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  want_maps, want_scores = scoring.score_images(detector, images)
+  folders = [exporting.export_stablehlo(detector, tmp_path / "shlo")]
+  if importlib.util.find_spec("jax2onnx") and importlib.util.find_spec("onnxruntime"):
+    from maeday_jax import exporting_onnx
+
+    folders.append(exporting_onnx.export_onnx(detector, tmp_path / "onnx"))
+  for folder in folders:
+    maps, scores = exported.load(folder).score(images)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(maps, want_maps, rtol=1e-4, atol=1e-5)
 
 
 def test_multi_class_fits_one_detector_for_every_category(mvtec, tmp_path):
