@@ -358,3 +358,12 @@ def test_a_resumed_training_keeps_the_codebook_it_started_with(tmp_path):
   other = training.Frozen("codebook", codebook=np.zeros((4, 2), np.float32))
   with pytest.raises(ConfigError, match="new workdir"):
     training._keep_codebook(other, tmp_path)
+
+
+def test_the_mask_ratio_can_be_changed_for_scoring_but_only_within_0_and_1():
+  detector = pmad_detector.Pmad(_settings())
+  detector.set_mask_ratio(0.5)
+  assert detector.mask_ratio == 0.5
+  for bad in (0.0, 1.0, -0.1, float("nan")):
+    with pytest.raises(ValueError, match="must be in"):
+      detector.set_mask_ratio(bad)

@@ -329,6 +329,22 @@ class Pmad(Detector):
 
   # ------------------------------------------------------------------------ scoring
 
+  @property
+  def mask_ratio(self) -> float:
+    """The fraction of patches masked at scoring (the most abnormal ones)."""
+    return self._mask_ratio
+
+  def set_mask_ratio(self, ratio: float) -> None:
+    """Masks another fraction of patches from now on (e.g. to choose it on a validation
+    split without refitting); a score function made before keeps its own.
+
+    Raises:
+      ValueError: a ratio outside (0, 1).
+    """
+    if not _fraction(ratio):
+      raise ValueError(f"mask ratio {ratio!r} must be in (0, 1).")
+    self._mask_ratio = float(ratio)
+
   def _flow_module(self):
     from maeday_jax.pmad import flow
 

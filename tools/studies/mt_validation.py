@@ -11,9 +11,10 @@
    `mala_tiled` (`configs/mt_recipe.py`) and `pmad_tiled` (`configs/pmad_mt.py`, on the
    feature MAE of this split's `mala_tiled` stage 1, so nothing it uses saw a held-out
    image). Reruns resume.
-3. Each fitted detector scores `<out>/split/validation/` (the evaluate job, pixel metrics
-   at 224 px); `<out>/validation.json` and the printed table hold image AUROC, pixel
-   AUROC and AUPRO per recipe.
+3. Each fitted detector scores `<out>/split/validation/` (as the evaluate job, pixel
+   metrics at 224 px), PMAD also at each of `--pmad-mask-ratios` (a scoring-time choice);
+   `<out>/validation.json` and the printed table hold image AUROC, pixel AUROC and AUPRO
+   per recipe.
 """
 
 from __future__ import annotations
@@ -87,19 +88,24 @@ def fit(recipe: str, out: pathlib.Path, split: dict, smoke: bool = False) -> pat
   return workdir / "detector"
 
 
-def evaluate(detector: pathlib.Path, split: dict, workdir: pathlib.Path) -> dict:
-  """Image AUROC, pixel AUROC and AUPRO of a fitted detector on the validation images."""
-  from maeday_jax import defaults
-  from maeday_jax.jobs import evaluate as evaluate_job
+def evaluate(detector, split: dict, workdir: pathlib.Path) -> dict:
+  """Image AUROC, pixel AUROC and AUPRO of a fitted detector (or its folder) on the
+  validation images, scored as the evaluate job scores (pixel metrics at 224 px)."""
+  from maeday_jax import data, defaults, detectors
+  from maeday_jax.jobs import detector_choice, run_report
 
   config = defaults.evaluate_config()
-  config.detector = str(detector)
   config.data.update(name="folder", path=split["images"], mask_path=split["masks"])
   config.eval_size = 224
   config.outputs.overlays = False
   config.outputs.panels = 0
   config.outputs.reconstructions = 0
-  evaluate_job.run(config, workdir)
+  if isinstance(detector, (str, pathlib.Path)):
+    detector = detectors.load(detector)
+  workdir.mkdir(parents=True, exist_ok=True)
+  scoring = detector_choice.scoring(detector, config)
+  categories = data.resolve_categories(config.data)
+  run_report.evaluate_categories(scoring, config, workdir, categories, "zero_shot")
   metrics = json.loads((workdir / "metrics.json").read_text())
   mean = metrics["groups"]["all"]["mean"]
   return {k: mean.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
@@ -109,6 +115,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="runs/mt_validation")
   parser.add_argument("--recipes", default=",".join(RECIPES))
+  parser.add_argument(
+    "--pmad-mask-ratios",
+    default="0.1,0.25,0.5",
+    help="PMAD's fraction of masked patches at scoring, each tried on the fitted detector",
+  )
   parser.add_argument("--smoke", action="store_true", help="the recipes' tiny runlocal models")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out).absolute()
@@ -117,8 +128,16 @@ def main(argv=None) -> int:
   print(json.dumps(split, indent=2))
   results = {}
   for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-    detector = fit(recipe, out, split, args.smoke)
-    results[recipe] = evaluate(detector, split, out / f"{recipe}_validation")
+    folder = fit(recipe, out, split, args.smoke)
+    results[recipe] = evaluate(folder, split, out / f"{recipe}_validation")
+    if recipe == "pmad_tiled":  # Scoring-time choice: no refit needed.
+      from maeday_jax import detectors
+
+      for ratio in [float(r) for r in args.pmad_mask_ratios.split(",") if r.strip()]:
+        detector = detectors.load(folder)
+        detector.set_mask_ratio(ratio)
+        name = f"pmad_tiled, mask ratio {ratio}"
+        results[name] = evaluate(detector, split, out / f"pmad_tiled_m{ratio}_validation")
   (out / "validation.json").write_text(json.dumps({"split": split, "results": results}, indent=2))
   print("| recipe | image AUROC | pixel AUROC | AUPRO |\n| --- | --- | --- | --- |")
   for recipe, metrics in results.items():
