@@ -46,7 +46,7 @@ def _settings(**fields) -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------- the score, by hand
 
 
-def _numpy_score(detector, state, images):
+def _numpy_score(detector, state, images, how="entropy"):
   """The method's score recomputed in NumPy from the detector's networks' outputs:
   nearest prototypes by brute force, the abnormality and the proposal masks by hand, the
   entropy, nearest upsampling and SciPy's Gaussian (sigma 4, 33 taps, mirrored)."""
@@ -86,15 +86,24 @@ def _numpy_score(detector, state, images):
   )
   logp = logits - logits.max(-1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-  entropy = -(np.exp(logp) * logp).sum(-1)
-  patch = np.where(masked, entropy * abnormality, 0.0).reshape(len(images), grid, grid)
+  if how == "surprise":  # -log p of each patch's own code (its nearest codebook row).
+    book = np.asarray(state["codebook"], np.float64)
+    codes = ((feats[:, :, None, :] - book[None, None]) ** 2).sum(-1).argmin(-1)
+    term = -np.take_along_axis(logp, codes[..., None], axis=-1)[..., 0]
+  else:
+    term = -(np.exp(logp) * logp).sum(-1)
+  patch = np.where(masked, term * abnormality, 0.0)
+  if how == "flow":
+    patch = -ll
+  patch = patch.reshape(len(images), grid, grid)
   size = images.shape[1]
   up = np.repeat(np.repeat(patch, size // grid, axis=1), size // grid, axis=2)
   maps = np.stack([scipy.ndimage.gaussian_filter(m, 4.0, mode="mirror", truncate=4.0) for m in up])
   return maps, maps.reshape(len(images), -1).max(axis=1), masked
 
 
-def test_score_is_entropy_times_abnormality_on_the_proposal_masks():
+@pytest.mark.parametrize("how", ["entropy", "surprise", "flow"])
+def test_score_is_entropy_times_abnormality_on_the_proposal_masks(how):
   detector = pmad_detector.Pmad(_settings())
   detector._load_features()
   detector._model = pmad_vit.create("test", 32, 16)
@@ -122,10 +131,13 @@ def test_score_is_entropy_times_abnormality_on_the_proposal_masks():
     "prototypes": jnp.asarray(prototypes),
     "projection": jnp.asarray(projection),
     "flow": flow_params,
+    "codebook": jnp.asarray(feats.reshape(-1, feats.shape[-1])[1::5][:16]),
   }
+  detector.state = state
+  detector.set_scoring(how)
   score = jax.jit(detector.score_function(None, 3))
   maps, scores = score(state, jnp.asarray(images), None, None)
-  want_maps, want_scores, masked = _numpy_score(detector, state, images)
+  want_maps, want_scores, masked = _numpy_score(detector, state, images, how)
   assert masked.sum(axis=1).tolist() == [4, 4, 4]  # 25 % of 16 patches.
   assert np.ptp(want_scores) > 0
   np.testing.assert_allclose(np.asarray(maps), want_maps, rtol=2e-4, atol=1e-6)
@@ -302,6 +314,7 @@ def test_multi_class_fits_one_detector_for_every_category(mvtec, tmp_path):
     ("pmad.image_size", 36, "pmad.image_size"),
     ("pmad.reconstructor", "/no/such/folder", "pmad.reconstructor"),
     ("pmad.flow.projection_dim", -1, "projection_dim"),
+    ("pmad.scoring", "loudness", "pmad.scoring"),
   ],
 )
 def test_bad_settings_are_refused_before_anything_runs(field, value, message):
@@ -367,3 +380,13 @@ def test_the_mask_ratio_can_be_changed_for_scoring_but_only_within_0_and_1():
   for bad in (0.0, 1.0, -0.1, float("nan")):
     with pytest.raises(ValueError, match="must be in"):
       detector.set_mask_ratio(bad)
+
+
+def test_surprise_scoring_needs_the_patches_own_codes():
+  config = defaults.fit_config("runlocal")
+  config.pmad.update(target="dvae", scoring="surprise")
+  with pytest.raises(ConfigError, match="tokenizer at scoring"):
+    pmad_detector.Pmad.validate(config)
+  detector = pmad_detector.Pmad(_settings())  # A codebook target, but no codebook held.
+  with pytest.raises(ConfigError, match="codebook"):
+    detector.set_scoring("surprise")

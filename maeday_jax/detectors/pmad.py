@@ -93,6 +93,7 @@ def validate_section(section, num_devices_field: str = "pmad.train.batch_size") 
     f"{section.train.mask_ratio!r} must be in (0, 1).",
   )
   training.parse_strategies(section.train.strategies)
+  check_scoring(section.get("scoring", "entropy"), section.target, True)
   require(
     isinstance(section.coreset_ratio, (int, float)) and 0.0 < section.coreset_ratio <= 1.0,
     "pmad.coreset_ratio",
@@ -125,6 +126,31 @@ def validate_section(section, num_devices_field: str = "pmad.train.batch_size") 
     )
 
 
+def check_scoring(how: str, target: str, has_codebook: bool) -> None:
+  """Checks a way of scoring patches against the target.
+
+  Raises:
+    ConfigError: naming `pmad.scoring`.
+  """
+  require(
+    how in pmad_settings.SCORINGS,
+    "pmad.scoring",
+    f"{how!r}: use one of {', '.join(pmad_settings.SCORINGS)}.",
+  )
+  require(
+    how != "surprise" or target == "codebook" or target in ("features", "pixels"),
+    "pmad.scoring",
+    "'surprise' needs the patches' own codes at scoring: use it with target=codebook "
+    "(dvae would need the tokenizer at scoring), or 'entropy'.",
+  )
+  require(
+    how != "surprise" or target != "codebook" or has_codebook,
+    "pmad.scoring",
+    "'surprise' needs the codebook, which this reconstructor folder does not hold (it was "
+    "trained by an earlier version); retrain it, or use 'entropy'.",
+  )
+
+
 class Pmad(Detector):
   """Proposal-masked reconstruction: entropy (or error) x abnormality of masked patches."""
 
@@ -140,6 +166,7 @@ class Pmad(Detector):
     self._model = None  # The reconstructor.
     self._target = str(settings.pmad.target)
     self._mask_ratio = float(settings.pmad.mask_ratio)
+    self._scoring = str(settings.pmad.get("scoring", "entropy"))
     self._flow_dim = 0
     self.training: dict = {}
 
@@ -231,6 +258,8 @@ class Pmad(Detector):
       "projection": jax.numpy.asarray(projection),
       "flow": flow_params,
     }
+    if record.get("codebook") is not None:  # The patches' own codes: `surprise` scoring.
+      self.state["codebook"] = jax.numpy.asarray(record["codebook"])
     self.fit_record = {"prototype_images": int(len(images)), **self.fit_record}
     del np
 
@@ -334,6 +363,21 @@ class Pmad(Detector):
     """The fraction of patches masked at scoring (the most abnormal ones)."""
     return self._mask_ratio
 
+  @property
+  def scoring(self) -> str:
+    """How a patch is scored (`settings.pmad.SCORINGS`)."""
+    return self._scoring
+
+  def set_scoring(self, how: str) -> None:
+    """Scores patches another way from now on (`settings.pmad.SCORINGS`), e.g. to choose
+    it on a validation split without refitting.
+
+    Raises:
+      ConfigError: an unknown way, or `surprise` without a codebook.
+    """
+    check_scoring(how, self._target, "codebook" in self.state)
+    self._scoring = how
+
   def set_mask_ratio(self, ratio: float) -> None:
     """Masks another fraction of patches from now on (e.g. to choose it on a validation
     split without refitting); a score function made before keeps its own.
@@ -360,6 +404,7 @@ class Pmad(Detector):
       self._model,
       self._target,
       self._mask_ratio,
+      self._scoring,
       self._flow_dim,
       tuple(features.layers),
       self._feature_size(),
@@ -377,7 +422,8 @@ class Pmad(Detector):
     from maeday_jax.pmad import flow, proposal, targets
 
     del mesh, local_batch  # Per image; the prototypes are small.
-    model, kind, ratio = self._model, self._target, self._mask_ratio
+    model, kind, ratio, how = self._model, self._target, self._mask_ratio, self._scoring
+    check_scoring(how, kind, "codebook" in self.state)
     layers, size = tuple(self.settings.pmad.features.layers), self._feature_size()
     grid = self._grid()
     net, flow_module = self._net, self._flow_module()
@@ -392,15 +438,21 @@ class Pmad(Detector):
       ll = flow.log_likelihood(
         state["flow"], flow_module, residuals.reshape(-1, residuals.shape[-1])
       ).reshape(batch, -1)
-      abnormality = proposal.abnormality(ll)
-      masked = proposal.proposal_mask(ll, ratio)
-      outputs = model.apply({"params": state["reconstructor"]}, images, masked)
-      if targets.is_categorical(kind):
-        term = targets.entropy(outputs)
+      if how == "flow":  # The prototypes' residual density alone, every patch.
+        patch_scores = (-ll).reshape(batch, grid, grid)
       else:
-        wanted = targets.regression_values(kind, images, feats, model.patch_size)
-        term = targets.patch_losses(kind, outputs, wanted)
-      patch_scores = jnp.where(masked, term * abnormality, 0.0).reshape(batch, grid, grid)
+        abnormality = proposal.abnormality(ll)
+        masked = proposal.proposal_mask(ll, ratio)
+        outputs = model.apply({"params": state["reconstructor"]}, images, masked)
+        if not targets.is_categorical(kind):
+          wanted = targets.regression_values(kind, images, feats, model.patch_size)
+          term = targets.patch_losses(kind, outputs, wanted)
+        elif how == "surprise":
+          codes = targets.nearest_codes(feats, state["codebook"])
+          term = targets.patch_losses(kind, outputs, codes)
+        else:
+          term = targets.entropy(outputs)
+        patch_scores = jnp.where(masked, term * abnormality, 0.0).reshape(batch, grid, grid)
       maps = patchcore.anomaly_map(patch_scores, tuple(images.shape[1:3]))
       return maps, maps.reshape(batch, -1).max(axis=1)
 
@@ -419,6 +471,7 @@ class Pmad(Detector):
       "reconstructor": pmad_vit.architecture(self._model),
       "target": self._target,
       "mask_ratio": self._mask_ratio,
+      "scoring": self._scoring,
       "flow_dim": self._flow_dim,
       "features": weights_ref.network_record(self._weights, features.describe(self._net)),
       "training": self.training,
@@ -429,6 +482,7 @@ class Pmad(Detector):
 
     self._model = pmad_vit.ProposalReconstructor(**record["reconstructor"])
     self._target, self._mask_ratio = record["target"], float(record["mask_ratio"])
+    self._scoring = record.get("scoring", "entropy")
     self._flow_dim = int(record["flow_dim"])
     self._weights, self._net, self.state = weights_ref.restore_network(
       record["features"],

@@ -309,7 +309,7 @@ def train(
     "features": section.features.to_dict(),
     "trained_on": len(images),
   }
-  out = export(workdir / RECONSTRUCTOR_DIR, record, state["params"])
+  out = export(workdir / RECONSTRUCTOR_DIR, record, state["params"], frozen.arrays.get("codebook"))
   summary = {
     "workdir": str(workdir),
     "steps": total,
@@ -349,17 +349,26 @@ def _resize_u8(images: np.ndarray, size: int) -> np.ndarray:
   return np.stack([resizing.resize_image(image, size) for image in images])
 
 
-def export(directory: pathlib.Path, record: dict, params) -> pathlib.Path:
-  """Writes the reconstructor (replacing an earlier export of this training)."""
+CODEBOOK_FILE = "codebook.npy"
+
+
+def export(directory: pathlib.Path, record: dict, params, codebook=None) -> pathlib.Path:
+  """Writes the reconstructor (replacing an earlier export of this training), and the
+  codebook its codes index (`codebook` targets: scoring by surprise reads it)."""
   directory = pathlib.Path(directory)
   if directory.exists() and orbax_format.is_converted(directory) and jax.process_index() == 0:
     shutil.rmtree(directory)
   parallel.barrier(f"maeday_jax: cleared {directory}")
-  return orbax_format.save(directory, record, training.to_host(params), source="maeday_jax.pmad")
+  source = "maeday_jax.pmad"
+  out = orbax_format.save(directory, record, training.to_host(params), source=source)
+  if codebook is not None and jax.process_index() == 0:
+    np.save(out / CODEBOOK_FILE, np.asarray(codebook, np.float32))
+  return out
 
 
 def load_reconstructor(path, dtype=jnp.float32, attention: str = "auto"):
-  """(model, params, record) of a reconstructor folder written by `train`.
+  """(model, params, record) of a reconstructor folder written by `train`; the record's
+  `codebook` is the codebook array for `codebook` targets (None for the others).
 
   Raises:
     CheckpointError: not a PMAD reconstructor folder (naming it and what to give).
@@ -375,4 +384,6 @@ def load_reconstructor(path, dtype=jnp.float32, attention: str = "auto"):
     raise CheckpointError(f"{path}: holds another model ({record.get('kind')!r}), not PMAD's.")
   model = pmad_vit.ProposalReconstructor(**record["architecture"], dtype=dtype, attention=attention)
   shapes = jax.eval_shape(lambda: pmad_vit.init_params(model, jax.random.key(0)))
+  codebook = path / CODEBOOK_FILE
+  record["codebook"] = np.load(codebook) if codebook.is_file() else None
   return model, orbax_format.load_params(path, shapes), record

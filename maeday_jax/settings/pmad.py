@@ -11,6 +11,11 @@ TARGETS = ("dvae", "codebook", "features", "pixels")
 # Targets the model predicts as a distribution over codes (scored by its entropy); the
 # others are regressed (scored by the squared error of the prediction).
 CATEGORICAL_TARGETS = ("dvae", "codebook")
+# How a patch is scored: 'entropy' (the paper: the entropy of the predicted codes of a
+# masked patch x its abnormality), 'surprise' (-log p of the patch's own code x its
+# abnormality; regressed targets always score their error), 'flow' (the prototypes'
+# residual density alone: -log-likelihood of every patch, no reconstruction).
+SCORINGS = ("entropy", "surprise", "flow")
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -85,6 +90,7 @@ def pmad_config() -> ml_collections.ConfigDict:
     flow: `flow_config`.
     mask_ratio: the fraction of patches masked at inference (the most abnormal ones);
       `mask_ratios`: per-category overrides 'category=ratio,...'.
+    scoring: how a patch is scored (`SCORINGS`; 'entropy' is the paper's).
     reconstructor: '' trains the reconstructor on `data` (+ `extra_data`); a folder of a
       previous PMAD training (`<workdir>/reconstructor`) reuses it (the cross-class
       protocol: prototypes and flow from this category's normal images only).
@@ -103,6 +109,7 @@ def pmad_config() -> ml_collections.ConfigDict:
       "coreset_max_rows": 50_000,
       "flow": flow_config(),
       "mask_ratio": 0.25,
+      "scoring": "entropy",
       "mask_ratios": "",
       "reconstructor": "",
       "train": train_config(),

@@ -12,7 +12,8 @@
    feature MAE of this split's `mala_tiled` stage 1, so nothing it uses saw a held-out
    image). Reruns resume.
 3. Each fitted detector scores `<out>/split/validation/` (as the evaluate job, pixel
-   metrics at 224 px), PMAD also at each of `--pmad-mask-ratios` (a scoring-time choice);
+   metrics at 224 px), PMAD also by each way of scoring (`entropy`, `surprise`, `flow`)
+   and each of `--pmad-mask-ratios` (scoring-time choices: no refit);
    `<out>/validation.json` and the printed table hold image AUROC, pixel AUROC and AUPRO
    per recipe.
 """
@@ -130,14 +131,19 @@ def main(argv=None) -> int:
   for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
     folder = fit(recipe, out, split, args.smoke)
     results[recipe] = evaluate(folder, split, out / f"{recipe}_validation")
-    if recipe == "pmad_tiled":  # Scoring-time choice: no refit needed.
+    if recipe == "pmad_tiled":  # Scoring-time choices: no refit needed.
       from maeday_jax import detectors
 
-      for ratio in [float(r) for r in args.pmad_mask_ratios.split(",") if r.strip()]:
+      ratios = [float(r) for r in args.pmad_mask_ratios.split(",") if r.strip()]
+      variants = [("flow", None)] + [(how, r) for how in ("entropy", "surprise") for r in ratios]
+      for how, ratio in variants:
         detector = detectors.load(folder)
-        detector.set_mask_ratio(ratio)
-        name = f"pmad_tiled, mask ratio {ratio}"
-        results[name] = evaluate(detector, split, out / f"pmad_tiled_m{ratio}_validation")
+        detector.set_scoring(how)
+        if ratio is not None:
+          detector.set_mask_ratio(ratio)
+        name = f"pmad_tiled, {how}" + ("" if ratio is None else f", mask ratio {ratio}")
+        tag = how if ratio is None else f"{how}_m{ratio}"
+        results[name] = evaluate(detector, split, out / f"pmad_tiled_{tag}_validation")
   (out / "validation.json").write_text(json.dumps({"split": split, "results": results}, indent=2))
   print("| recipe | image AUROC | pixel AUROC | AUPRO |\n| --- | --- | --- | --- |")
   for recipe, metrics in results.items():
