@@ -18,13 +18,16 @@ Score (per image, deterministic):
   (`pmad.proposal.abnormality`: the paper's max_j exp(ll_j) - exp(ll_i) without the
   per-image factor exp(max ll), which float32 cannot hold for hundreds of dimensions);
   the round(mask_ratio * N) most abnormal patches are masked and reconstructed; a masked
-  patch's term is the entropy of its predicted code distribution (token targets) or its
-  squared error (feature / pixel targets), times a_i; unmasked patches score 0. Map: the
-  patch terms upsampled (nearest) and Gaussian-smoothed (sigma 4, as PatchCore); image
-  score: the map's maximum.
+  patch's term is the entropy of its predicted code distribution (token targets;
+  `scoring='entropy'`, the paper's) or -log p of the patch's own code (`'surprise'`), or
+  its squared error (feature / pixel targets), times a_i; unmasked patches score 0.
+  `scoring='flow'` scores every patch by -ll alone (no reconstruction). Map: the patch
+  terms upsampled (nearest) and Gaussian-smoothed (sigma 4, as PatchCore); image score:
+  the map's maximum.
 
-The artifact stores the reconstructor, prototypes, projection and flow, and the feature
-network's weights unless they are a public checkpoint (then referenced by name + SHA-256).
+The artifact stores the reconstructor, prototypes, projection, flow and codebook, and the
+feature network's weights unless they are a public checkpoint (then referenced by name
+and SHA-256).
 """
 
 from __future__ import annotations
