@@ -332,11 +332,12 @@ def test_mala_scores_with_the_training_sources_masks(folder):
   name, path and categories): no pixel metrics, exit 0."""
   from maeday_jax import data as data_lib
   from maeday_jax.jobs import mala as mala_job
+  from maeday_jax.jobs import recipe_eval
   from tests.conftest import make_job_config
 
   _, fields = folder
   config = make_job_config("mala", "runlocal", data=fields)
-  test = mala_job.eval_data(config)
+  test = recipe_eval.eval_data(config)
   assert test.mask_path == fields["mask_path"] and test.normal_path == fields["normal_path"]
   assert test.data_dir == fields["data_dir"]
   mala_job.validate(config)
