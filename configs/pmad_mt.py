@@ -10,7 +10,9 @@ MAE of `configs/mt_recipe.py` (stage 1: 60 epochs on random 112 px tiles of the 
 at 224 px; `--config.pmad.features.checkpoint` names its exported model). Its encoder's
 patch tokens (blocks 3 and 6) are the prototypes' features, and a 256-code k-means
 codebook of them is the tokenizer the reconstructor learns to predict (`target=codebook`:
-visual tokens learned here, scored by their entropy as the paper's).
+visual tokens learned here). Patches are scored by the surprise of their own code (-log
+p) rather than the paper's entropy, with 10 % of the patches masked: the choice made on a
+validation split of the training normals with synthetic defects, never on the test split.
 
 Training images: the 684 normal tiles of `../shared/data/mt_normal_train` (both splits)
 plus the 16 normal `train` images of `../shared/data/mt_sample`; prototypes and flow from
@@ -41,6 +43,9 @@ def get_config(arg: str | None = None):
     pmad.target, pmad.codebook_size = "codebook", 256
     pmad.features.update(backbone="mae_small", checkpoint=FEATURE_MAE, layers=(2, 5))
     pmad.train.update(batch_size=32, epochs=60.0, warmup_epochs=5.0, lr=5e-4)
+    # Chosen on the validation split (tools/studies/mt_validation.py; docs/recipes.md):
+    # -log p of each masked patch's own code, the 10 % most abnormal patches masked.
+    pmad.scoring, pmad.mask_ratio = "surprise", 0.1
     pmad.checkpoint_every = 200
   else:
     pmad.features.update(backbone="mae_test", checkpoint="random", layers=(1,))

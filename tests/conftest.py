@@ -11,9 +11,18 @@ nothing to the tests that need neither.
 import importlib.util
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA cache for the whole session, fresh each run: the jobs the tests start
+# as subprocesses (two-process runs, the command line) compile what an earlier test of the
+# session compiled already. MAEDAY_TEST_COMPILATION_CACHE=0 turns it off.
+if os.environ.get("MAEDAY_TEST_COMPILATION_CACHE", "1") != "0":
+  os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="maeday_jax_tests_xla_cache_")
+  )
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
@@ -189,7 +198,8 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 @pytest.fixture
 def compile_counter():
-  """A list that grows by one name per backend compilation while the test runs."""
+  """A list that grows by one name per backend compilation while the test runs (the
+  session's persistent cache is off meanwhile: its hits would compile nothing)."""
   import jax
 
   compiled: list[str] = []
@@ -198,6 +208,11 @@ def compile_counter():
     if event == COMPILE_EVENT:
       compiled.append(str(kwargs.get("fun_name", "")))
 
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
   jax.monitoring.register_event_duration_secs_listener(listen)
-  yield compiled
-  jax.monitoring.unregister_event_duration_listener(listen)
+  try:
+    yield compiled
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+    jax.config.update("jax_enable_compilation_cache", cached)
