@@ -56,7 +56,15 @@ def start_run(workdir, manifest, log_path, *args: str) -> subprocess.Popen:
     *("--workdir", str(workdir), f"--config.data.path={manifest}", *COMMON_ARGS, *args),
   ]
   with open(log_path, "w") as log:
-    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log)
+    # Ctrl-C reaches the run however pytest was started: a shell starts background jobs
+    # with SIGINT ignored, and Python keeps an ignored SIGINT ignored.
+    return subprocess.Popen(
+      command,
+      cwd=REPO_ROOT,
+      stdout=log,
+      stderr=log,
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def committed_parts(workdir) -> int:
