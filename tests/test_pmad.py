@@ -390,3 +390,18 @@ def test_surprise_scoring_needs_the_patches_own_codes():
   detector = pmad_detector.Pmad(_settings())  # A codebook target, but no codebook held.
   with pytest.raises(ConfigError, match="codebook"):
     detector.set_scoring("surprise")
+
+
+def test_a_reused_reconstructor_must_share_the_feature_network_of_its_codes():
+  detector = pmad_detector.Pmad(_settings())
+  same = detector.settings.pmad.features.to_dict()
+  record = {"target": "codebook", "features": same, "architecture": {"img_size": 32}}
+  detector._check_reconstructor(record, "r")  # The same network: accepted.
+  for target in ("codebook", "features"):
+    other = {**record, "target": target, "features": {**same, "layers": [3]}}
+    with pytest.raises(ConfigError, match="trained on the features of"):
+      detector._check_reconstructor(other, "r")
+  pixels = {**record, "target": "pixels", "features": {**same, "layers": [3]}}
+  detector._check_reconstructor(pixels, "r")  # Pixels do not depend on it.
+  with pytest.raises(ConfigError, match="pmad.image_size"):
+    detector._check_reconstructor({**record, "architecture": {"img_size": 64}}, "r")

@@ -279,13 +279,15 @@ class Pmad(Detector):
 
     features = self.settings.pmad.features.to_dict()
     trained = record.get("features", {})
-    if record["target"] == "features" and any(
+    # Feature targets and codebook codes live in the feature network's space.
+    if record["target"] in ("features", "codebook") and any(
       _plain(trained.get(k)) != _plain(v) for k, v in features.items()
     ):
       raise ConfigError(
         f"--config.pmad.reconstructor: {path} was trained on the features of "
-        f"{trained.get('backbone')} layers {trained.get('layers')}; set pmad.features to the "
-        "same network, or train a reconstructor here."
+        f"{trained.get('backbone')} ({trained.get('checkpoint') or 'public weights'}) layers "
+        f"{trained.get('layers')}; set pmad.features to the same network, or train a "
+        "reconstructor here."
       )
     if record["architecture"]["img_size"] != self.input_size:
       raise ConfigError(
