@@ -405,3 +405,24 @@ def test_a_reused_reconstructor_must_share_the_feature_network_of_its_codes():
   detector._check_reconstructor(pixels, "r")  # Pixels do not depend on it.
   with pytest.raises(ConfigError, match="pmad.image_size"):
     detector._check_reconstructor({**record, "architecture": {"img_size": 64}}, "r")
+
+
+def test_the_reconstructor_trains_on_visual_tokens(tmp_path):
+  section = _settings(
+    **{
+      "pmad.target": "dvae",
+      "pmad.tokenizer": str(FIXTURES / "dvae_ref_encoder.pkl"),
+      "pmad.tokenizer_vocab": 64,
+    }
+  ).pmad
+  section.train.update(steps=2, batch_size=8)
+  summary = training.train(
+    section,
+    0,
+    [_folder_source(tmp_path)],
+    tmp_path / "run",
+    lambda images, grid: training.frozen_networks(section, None, images, grid, 0),
+  )
+  model, _, record = training.load_reconstructor(summary["reconstructor_dir"])
+  assert record["target"] == "dvae" and model.out_dim == 64 and record["codebook"] is None
+  assert np.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
