@@ -133,3 +133,21 @@ def test_clip_layers_out_of_range_are_refused(monkeypatch, tiny_clip):
   monkeypatch.setattr(models, "load", lambda *args, **kwargs: tiny_clip)
   with pytest.raises(ConfigError, match="this CLIP has layers 0 to 2"):
     _detector(layers=(0, 3))
+
+
+def test_a_clip_with_the_dinov2_layers_is_told_the_papers(caplog):
+  import logging
+
+  from maeday_jax import defaults
+  from maeday_jax.detectors import musc as musc_detector
+
+  config = defaults.fit_config("runlocal")
+  config.musc.update(backbone="clip_vit_l14_336", image_size=518, layers=(2, 5, 8, 11))
+  with caplog.at_level(logging.WARNING, logger="maeday_jax"):
+    musc_detector.Musc.validate(config)
+  assert "--config.musc.layers=5,11,17,23" in caplog.text
+  caplog.clear()
+  config.musc.layers = (5, 11, 17, 23)
+  with caplog.at_level(logging.WARNING, logger="maeday_jax"):
+    musc_detector.Musc.validate(config)
+  assert "musc.layers" not in caplog.text

@@ -40,6 +40,14 @@ from maeday_jax.detectors import weights_ref
 from maeday_jax.detectors.anomalydino import AnomalyDino, patch_multiple, require_patch_multiple
 
 log = logging.getLogger("maeday_jax")
+# The blocks whose tokens MuSc compares: its DINOv2 default (ViT-S/B, 12 blocks), and the
+# paper's for CLIP's image towers (the outputs of blocks 6, 12, 18, 24 of ViT-L/14).
+DINOV2_LAYERS = (2, 5, 8, 11)
+PAPER_CLIP_LAYERS = {
+  "clip_vit_l14": (5, 11, 17, 23),
+  "clip_vit_l14_336": (5, 11, 17, 23),
+  "clip_vit_b16": (2, 5, 8, 11),
+}
 
 
 def musc_section() -> ml_collections.ConfigDict:
@@ -65,7 +73,7 @@ def musc_section() -> ml_collections.ConfigDict:
       "backbone": "dinov2_vits14",
       "checkpoint": "",
       "image_size": 448,
-      "layers": (2, 5, 8, 11),
+      "layers": DINOV2_LAYERS,
       "degrees": (1, 3, 5),
       "fraction": 0.3,
       "rescore_k": (2, 3),
@@ -202,6 +210,17 @@ class Musc(AnomalyDino):
     )
     require(0.0 < section.fraction <= 1.0, "musc.fraction", "must be in (0, 1].")
     require(bool(section.layers), "musc.layers", "give at least one layer.")
+    paper_layers = PAPER_CLIP_LAYERS.get(section.backbone)
+    chosen = tuple(int(i) for i in section.layers)
+    if paper_layers and paper_layers != DINOV2_LAYERS and chosen == DINOV2_LAYERS:
+      log.warning(
+        "musc on %s with the DINOv2 default layers %s; the method uses %s for this CLIP: "
+        "set --config.musc.layers=%s.",
+        section.backbone,
+        ",".join(map(str, DINOV2_LAYERS)),
+        ",".join(map(str, paper_layers)),
+        ",".join(map(str, paper_layers)),
+      )
     require(
       config.get("group_size") != 1,
       "group_size",
