@@ -152,6 +152,24 @@ def find_root(
   return None
 
 
+def extracted_root(
+  path: pathlib.Path, is_root: Callable[[pathlib.Path], bool], title: str, layout: str, how: str
+) -> pathlib.Path:
+  """The extracted dataset `title` at or at most two levels below `path` (`find_root`).
+
+  Raises:
+    DataError: `path` is a file, missing, or holds no `layout`, with `how` to get one.
+  """
+  if path.is_file():
+    raise DataError(f"config.data.path={path} is a file. " + how)
+  if not path.is_dir():
+    raise DataError(f"config.data.path={path} does not exist. " + how)
+  root = find_root(path, is_root)
+  if root is None:
+    raise DataError(f"config.data.path={path} does not hold the {title} layout ({layout}). " + how)
+  return root
+
+
 def locate(
   raw_path: pathlib.Path | None,
   archive: Archive,

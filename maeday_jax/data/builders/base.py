@@ -212,6 +212,13 @@ def list_files(directory: pathlib.Path) -> list[pathlib.Path]:
   return scan(directory).files
 
 
+def files_in(directory: pathlib.Path) -> list[pathlib.Path]:
+  """The files directly in `directory` as `scan` lists them (none when it does not exist)."""
+  if not directory.is_dir():
+    return []
+  return [p for p in list_files(directory) if p.parent == directory]
+
+
 def is_image_name(path: pathlib.Path) -> bool:
   """Whether the file name has an image suffix (any case)."""
   return path.suffix.lower() in IMAGE_SUFFIXES

@@ -54,29 +54,13 @@ def is_root(directory: pathlib.Path) -> bool:
 
 def find_root(path: pathlib.Path) -> pathlib.Path:
   """The folder holding the product folders, at or at most two levels below `path`."""
-  if path.is_file():
-    raise DataError(f"config.data.path={path} is a file. " + INSTRUCTIONS)
-  if not path.is_dir():
-    raise DataError(f"config.data.path={path} does not exist. " + INSTRUCTIONS)
-  root = archives.find_root(path, is_root)
-  if root is None:
-    raise DataError(
-      f"config.data.path={path} does not hold the BTAD layout ({LAYOUT}). " + INSTRUCTIONS
-    )
-  return root
-
-
-def _files(directory: pathlib.Path) -> list[pathlib.Path]:
-  """The files directly in `directory` (none when it does not exist)."""
-  if not directory.is_dir():
-    return []
-  return [p for p in base.list_files(directory) if p.parent == directory]
+  return archives.extracted_root(path, is_root, "BTAD", LAYOUT, INSTRUCTIONS)
 
 
 def _masks_by_stem(directory: pathlib.Path) -> dict[str, list[pathlib.Path]]:
   """The image files of a mask folder by file name stem (non-images are ignored)."""
   masks: dict[str, list[pathlib.Path]] = {}
-  for path in _files(directory):
+  for path in base.files_in(directory):
     if base.is_image_name(path):
       masks.setdefault(path.stem, []).append(path)
   return masks
@@ -93,16 +77,16 @@ def plan_product(product_dir: pathlib.Path) -> dict[str, list[base.Item]]:
 
   train = [
     item(p, label=0, defect_type=base.GOOD) if base.is_image_name(p) else not_image(p)
-    for p in _files(product_dir / "train" / NORMAL)
+    for p in base.files_in(product_dir / "train" / NORMAL)
   ]
   test = [
     item(p, label=0, defect_type=base.GOOD) if base.is_image_name(p) else not_image(p)
-    for p in _files(product_dir / "test" / NORMAL)
+    for p in base.files_in(product_dir / "test" / NORMAL)
   ]
   mask_dir = product_dir / "ground_truth" / ANOMALOUS
   masks = _masks_by_stem(mask_dir)
   stems = set()
-  for path in _files(product_dir / "test" / ANOMALOUS):
+  for path in base.files_in(product_dir / "test" / ANOMALOUS):
     if not base.is_image_name(path):
       test.append(not_image(path))
       continue

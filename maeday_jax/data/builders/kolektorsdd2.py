@@ -71,16 +71,7 @@ def is_root(directory: pathlib.Path) -> bool:
 
 def find_root(path: pathlib.Path) -> pathlib.Path:
   """The folder holding `train/` and `test/`, at or at most two levels below `path`."""
-  if path.is_file():
-    raise DataError(f"config.data.path={path} is a file. " + INSTRUCTIONS)
-  if not path.is_dir():
-    raise DataError(f"config.data.path={path} does not exist. " + INSTRUCTIONS)
-  root = archives.find_root(path, is_root)
-  if root is None:
-    raise DataError(
-      f"config.data.path={path} does not hold the KolektorSDD2 layout ({LAYOUT}). " + INSTRUCTIONS
-    )
-  return root
+  return archives.extracted_root(path, is_root, "KolektorSDD2", LAYOUT, INSTRUCTIONS)
 
 
 def is_mask_name(path: pathlib.Path) -> bool:
@@ -91,7 +82,7 @@ def is_mask_name(path: pathlib.Path) -> bool:
 def plan_split(root: pathlib.Path, split: str) -> list[base.Item]:
   """The items of one official split (label None: derived from the mask), sorted."""
   folder = root / split
-  files = [p for p in base.list_files(folder) if p.parent == folder] if folder.is_dir() else []
+  files = base.files_in(folder)
   masks: dict[str, list[pathlib.Path]] = {}
   for path in files:
     if is_mask_name(path):
