@@ -58,21 +58,9 @@ def _listing(keys) -> str:
 
 def _unwrap(obj: Any, source: str) -> dict[str, np.ndarray]:
   """The encoder's state dict inside what a file held: {'model': sd}, prefixed keys."""
-  if isinstance(obj, dict):
-    for key in ("model", "state_dict"):
-      if isinstance(obj.get(key), dict):
-        obj = obj[key]
-        break
-  if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-    raise CheckpointError(
-      f"{source}: expected a DALL-E encoder (the module or its state dict of tensors), "
-      f"found {type(obj).__name__}."
-    )
-  state = dict(obj)
-  for prefix in _PREFIXES:
-    if state and all(k.startswith(prefix) for k in state):
-      state = {k[len(prefix) :]: v for k, v in state.items()}
-  return state
+  return state_dicts.unwrap_state_dict(
+    obj, source, _PREFIXES, "a DALL-E encoder (the module or its state dict of tensors)"
+  )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

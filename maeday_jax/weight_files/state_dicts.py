@@ -39,22 +39,31 @@ def is_state_dict_file(path: str | os.PathLike) -> bool:
   return torch_zip.is_torch_zip(path) or is_safetensors(path)
 
 
-def _unwrap(obj: Any, source: str) -> dict[str, np.ndarray]:
-  """Finds the state dict inside a loaded `.pth` object ({'model': sd} or sd itself)."""
+def unwrap_state_dict(
+  obj: Any,
+  source: str,
+  prefixes: tuple[str, ...] = ("module.",),
+  what: str = "a state dict of tensors (or {'model': state_dict})",
+) -> dict[str, np.ndarray]:
+  """Finds the state dict inside a loaded `.pth` object ({'model': sd}, {'state_dict': sd}
+  or sd itself) and strips each of `prefixes` that every key carries, in order
+  (DistributedDataParallel prefixes every key with 'module.').
+
+  Raises:
+    CheckpointError: no dict of arrays inside, naming `source` and `what` was expected.
+  """
   if isinstance(obj, dict):
     for key in ("model", "state_dict"):
       if isinstance(obj.get(key), dict):
         obj = obj[key]
         break
   if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-    raise CheckpointError(
-      f"{source}: expected a state dict of tensors (or {{'model': state_dict}}), found "
-      f"{type(obj).__name__}."
-    )
-  # Checkpoints saved from DistributedDataParallel prefix every key with 'module.'.
-  if obj and all(k.startswith("module.") for k in obj):
-    obj = {k[len("module.") :]: v for k, v in obj.items()}
-  return dict(obj)
+    raise CheckpointError(f"{source}: expected {what}, found {type(obj).__name__}.")
+  state = dict(obj)
+  for prefix in prefixes:
+    if state and all(k.startswith(prefix) for k in state):
+      state = {k[len(prefix) :]: v for k, v in state.items()}
+  return state
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -65,7 +74,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = pathlib.Path(path)
   if torch_zip.is_torch_zip(path):
-    return _unwrap(torch_zip.load(path), str(path))
+    return unwrap_state_dict(torch_zip.load(path), str(path))
   if is_safetensors(path):
     # Imported here: only safetensors files need the package.
     from safetensors.numpy import load_file
