@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import pathlib
 import time
@@ -363,16 +362,12 @@ def train(config: ml_collections.ConfigDict, workdir, mae_checkpoint: str) -> di
   manager.close()
   params = merge(frozen, state["params"])  # Replicated device arrays.
   save_segmenter(workdir / SEGMENTER_DIR, segmenter, params, f"MALA stage 2: {workdir}")
-  summary = {
-    "workdir": str(workdir),
-    "steps": total,
-    "resumed_from_step": start_step,
-    "num_images": len(images),
-    "final_loss": stats["final_loss"],
-    "train_seconds_this_run": round(stats["train_seconds"], 1),
-    "wall_seconds": round(time.perf_counter() - wall_start, 1),
-    "segmenter_dir": str(workdir / SEGMENTER_DIR),
-  }
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  return summary
+  return loop.write_summary(
+    workdir,
+    total,
+    start_step,
+    len(images),
+    stats,
+    wall_start,
+    segmenter_dir=str(workdir / SEGMENTER_DIR),
+  )

@@ -19,7 +19,6 @@ Files under `workdir`:
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import shutil
@@ -310,19 +309,9 @@ def train(
     "trained_on": len(images),
   }
   out = export(workdir / RECONSTRUCTOR_DIR, record, state["params"], frozen.arrays.get("codebook"))
-  summary = {
-    "workdir": str(workdir),
-    "steps": total,
-    "resumed_from_step": start_step,
-    "num_images": len(images),
-    "final_loss": stats["final_loss"],
-    "train_seconds_this_run": round(stats["train_seconds"], 1),
-    "wall_seconds": round(time.perf_counter() - wall_start, 1),
-    "reconstructor_dir": str(out),
-  }
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  return summary
+  return loop.write_summary(
+    workdir, total, start_step, len(images), stats, wall_start, reconstructor_dir=str(out)
+  )
 
 
 def _keep_codebook(frozen: Frozen, workdir: pathlib.Path) -> None:

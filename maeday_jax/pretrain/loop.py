@@ -218,6 +218,33 @@ def train_loop(
   return state, {"final_loss": record["loss"] if record else None, "train_seconds": train_seconds}
 
 
+def write_summary(
+  workdir: pathlib.Path,
+  steps: int,
+  start_step: int,
+  num_images: int,
+  stats: dict,
+  wall_start: float,
+  **extra,
+) -> dict:
+  """The summary of a training run on top of `train_loop` (MALA's stage 2, PMAD's
+  reconstructor): steps, where it resumed, images, final loss, timings and `extra`,
+  written to `<workdir>/summary.json` by process 0; returned."""
+  summary = {
+    "workdir": str(workdir),
+    "steps": steps,
+    "resumed_from_step": start_step,
+    "num_images": num_images,
+    "final_loss": stats["final_loss"],
+    "train_seconds_this_run": round(stats["train_seconds"], 1),
+    "wall_seconds": round(time.perf_counter() - wall_start, 1),
+    **extra,
+  }
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
 def _evaluate(run: TrainingRun, params) -> dict | None:
   """Zero-shot metrics of the trained model when `config.eval.enabled`."""
   eval_config = run.config.get("eval")
