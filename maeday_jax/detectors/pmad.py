@@ -51,7 +51,7 @@ def _fraction(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0
 
 
-def validate_section(section, num_devices_field: str = "pmad.train.batch_size") -> None:
+def validate_section(section) -> None:
   """Checks PMAD's settings before any data or network is loaded.
 
   Raises:
@@ -111,8 +111,8 @@ def validate_section(section, num_devices_field: str = "pmad.train.batch_size") 
     require(flow[field] >= 1, f"pmad.flow.{field}", f"must be >= 1, got {flow[field]}.")
   require(flow.projection_dim >= 0, "pmad.flow.projection_dim", "must be >= 0 (0 = none).")
   require(math.isfinite(flow.lr) and flow.lr > 0, "pmad.flow.lr", f"must be > 0, got {flow.lr}.")
-  require(section.train.batch_size >= 1, num_devices_field, "must be >= 1.")
-  require_divides_devices(section.train.batch_size, num_devices_field)
+  require(section.train.batch_size >= 1, "pmad.train.batch_size", "must be >= 1.")
+  require_divides_devices(section.train.batch_size, "pmad.train.batch_size")
   if section.reconstructor:
     require(
       os.path.isdir(os.path.expanduser(section.reconstructor)),
@@ -209,7 +209,6 @@ class Pmad(Detector):
 
   def fit(self, normals, key) -> None:
     import jax
-    import numpy as np
 
     from maeday_jax.pmad import training
     from maeday_jax.pretrain import inputs
@@ -264,7 +263,6 @@ class Pmad(Detector):
     if record.get("codebook") is not None:  # The patches' own codes: `surprise` scoring.
       self.state["codebook"] = jax.numpy.asarray(record["codebook"])
     self.fit_record = {"prototype_images": int(len(images)), **self.fit_record}
-    del np
 
   def _frozen_parts(self, images_u8, grid: int):
     """The frozen target networks of the training and the output width."""
@@ -419,7 +417,6 @@ class Pmad(Detector):
   def score_function(self, mesh, local_batch: int):
     import dataclasses
 
-    import jax
     import jax.numpy as jnp
 
     from maeday_jax import patchcore
@@ -461,7 +458,6 @@ class Pmad(Detector):
       maps = patchcore.anomaly_map(patch_scores, tuple(images.shape[1:3]))
       return maps, maps.reshape(batch, -1).max(axis=1)
 
-    del jax
     return score
 
   # ------------------------------------------------------------------------ artifact
