@@ -193,6 +193,37 @@ def test_a_few_training_steps_decrease_the_loss(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, params_again)
 
 
+def test_tiled_training_fits_the_codebook_on_the_tiles_it_predicts(tmp_path):
+  """With `load_size` > `image_size` the targets come from tiles at the images' own
+  resolution, so the codebook (built by `frozen_parts`) must see those tiles, whole pixels,
+  not the images resized to the model's size."""
+  section = _settings().pmad
+  size = int(section.image_size)
+  section.target = "pixels"
+  section.train.update(steps=1, batch_size=8, load_size=2 * size + 8, strategies="random=1")
+  seen = []
+
+  def frozen_parts(images, grid):
+    seen.append(np.asarray(images))
+    return training.Frozen("pixels"), (size // grid) ** 2 * 3
+
+  training.train(
+    section, 0, [_folder_source(tmp_path, size=2 * size + 8)], tmp_path / "r", frozen_parts
+  )
+  from maeday_jax.pretrain import inputs
+
+  source = inputs.training_sources([_folder_source_again(tmp_path)])
+  loaded, _ = inputs.load_images(source, 2 * size + 8, True)
+  # Starts along a side: 0, size and the last flush with the border (size + 8).
+  want = [
+    image[y : y + size, x : x + size]
+    for image in loaded
+    for y in (0, size, size + 8)
+    for x in (0, size, size + 8)
+  ]
+  np.testing.assert_array_equal(seen[0], np.stack(want))
+
+
 def _folder_source_again(tmp_path):
   return defaults.training_source(
     "test",

@@ -36,6 +36,7 @@ from maeday_jax.models import pmad_vit
 from maeday_jax.pmad import features as pmad_features
 from maeday_jax.pmad import masking, targets
 from maeday_jax.pretrain import inputs, loop, optim
+from maeday_jax.tiling import tile_starts
 from maeday_jax.weight_files import orbax_format
 from maeday_jax.weight_files.errors import CheckpointError
 
@@ -259,8 +260,9 @@ def train(
   init_key, step_key = jax.random.split(jax.random.key(seed))
   patch = pmad_vit.VARIANTS[section.variant]["patch_size"]
   grid = size // patch
-  resized = images if load_size == size else _resize_u8(images, size)
-  frozen, out_dim = frozen_parts(resized, grid)
+  # The codebook is fitted on what the targets are computed from: the training tiles at
+  # the images' own resolution (`load_size` > `image_size`), not whole resized images.
+  frozen, out_dim = frozen_parts(images if load_size == size else _tiles_u8(images, size), grid)
   _keep_codebook(frozen, workdir)
   model = pmad_vit.create(section.variant, size, out_dim)
   config = ml_collections.ConfigDict(
@@ -332,10 +334,13 @@ def _keep_codebook(frozen: Frozen, workdir: pathlib.Path) -> None:
     np.save(path, np.asarray(frozen.arrays["codebook"]))
 
 
-def _resize_u8(images: np.ndarray, size: int) -> np.ndarray:
-  from maeday_jax import resizing
-
-  return np.stack([resizing.resize_image(image, size) for image in images])
+def _tiles_u8(images: np.ndarray, size: int) -> np.ndarray:
+  """(N, L, L, C) images -> (N * k, size, size, C): the non-overlapping `size` tiles of
+  each image (the last of a row or column flush with the border), whole pixels."""
+  starts = tile_starts(images.shape[1], size, size)
+  return np.stack(
+    [image[y : y + size, x : x + size] for image in images for y in starts for x in starts]
+  )
 
 
 CODEBOOK_FILE = "codebook.npy"
