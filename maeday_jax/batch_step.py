@@ -38,6 +38,11 @@ def compile_step(detector: Any, mesh, global_batch: int):
 
   Detectors with the same `step_signature()` share one step (and its compilations).
   """
+  if detector.tiling is not None and detector.tiling.native:
+    from maeday_jax import tiling_native
+
+    # Images of their own sizes: cut into tiles on the host, whatever the batch.
+    return tiling_native.compile_step(detector, mesh)
   local = max(1, global_batch // mesh.devices.size)
   signature = detector.step_signature()
   cache_key = None if signature is None else (signature, detector.tiling, mesh, local)
@@ -55,6 +60,12 @@ def compile_step(detector: Any, mesh, global_batch: int):
   return step
 
 
+def is_native(step) -> bool:
+  """Whether a compiled step takes images of their own sizes (`tiling_native.NativeStep`):
+  a sequence of (h, w, C) arrays, results as NumPy, maps at the tiling's `image_size`."""
+  return bool(getattr(step, "native", False))
+
+
 def is_transductive(step) -> bool:
   """Whether a compiled step (`compile_step`) takes the batch's `valid` rows."""
   return bool(getattr(step, "transductive", False))
@@ -67,8 +78,12 @@ def dispatch(step, replicated, local_images: np.ndarray, key, mesh, resize_fn=No
   Each image's randomness comes from its content (`zero_shot.image_ids`), never from its
   position in the batch. `valid` (this process's rows, bool; None: all) reaches only a
   transductive step, which must leave the invalid rows (padding, unreadable files) out of
-  the other rows' scores; other steps score every row on its own anyway.
+  the other rows' scores; other steps score every row on its own anyway. A native step
+  (`is_native`) takes `local_images` as a sequence of images of any sizes (None for
+  padding) and returns NumPy, having waited for its passes.
   """
+  if is_native(step):
+    return step(replicated, local_images, key, mesh, valid)
   ids = zero_shot.image_ids(local_images)
   if not is_transductive(step):
     images, ids = parallel.shard_batch((local_images, ids), mesh)
@@ -100,6 +115,8 @@ def score_arrays(step, replicated, images: np.ndarray, key, mesh, resize_fn=None
   every process.
   """
   count = len(images)
+  if is_native(step):
+    return step(replicated, list(images), key, mesh)
   per_device = jax.local_device_count()
   padded = -(-max(count, 1) // per_device) * per_device
   batch = np.zeros((padded, *images.shape[1:]), np.float32)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maeday_jax import atomic_files, parallel
+from maeday_jax.config_errors import ConfigError
 from maeday_jax.detectors.base import Detector
 
 FORMAT_VERSION = 1
@@ -93,6 +94,13 @@ def scoring(detector: Detector):
   """(score, key): the detector's one-device score function and the key it is called
   with (the detector's own seed, so the export scores like every job)."""
   mesh = parallel.data_mesh(jax.local_devices()[:1])  # An export is one device's program.
+  grid = detector.tiling
+  if grid is not None and grid.native and grid.tile_size > grid.image_size:
+    raise ConfigError(
+      f"--config.tiling.image_size: an exported program takes square {grid.image_size} px "
+      f"images and tiles them inside (a program has fixed shapes), so they must hold a "
+      f"{grid.tile_size} px tile; refit with tiling.image_size >= {grid.tile_size}."
+    )
   return detector.scoring_function(mesh, 1), detector.scoring_key()  # Tiled, if it is.
 
 
@@ -117,6 +125,9 @@ def manifest_of(detector: Detector, threshold: dict | None, **fields) -> dict:
     "description": detector.describe(),
     "input_size": detector.read_size,
     "tiling": None if detector.tiling is None else detector.tiling.describe(),
+    # A program has fixed shapes: images are tiled square at `input_size` inside it, also
+    # for a detector that the library tiles at each image's own size.
+    "aspect_kept_by_library_only": bool(detector.tiling is not None and detector.tiling.native),
     "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     "outputs": ["maps", "scores"],
     "transductive": bool(detector.transductive),

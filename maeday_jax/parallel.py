@@ -104,8 +104,9 @@ def shard_batch(tree, mesh: Mesh):
 
 
 def to_local_numpy(tree, mesh: Mesh):
-  """The rows of batch-sharded global arrays that belong to this process, as NumPy."""
-  if jax.process_count() == 1:
+  """The rows of batch-sharded global arrays that belong to this process, as NumPy (NumPy
+  arrays, already this process's rows, are returned as they are)."""
+  if jax.process_count() == 1 or all(isinstance(x, np.ndarray) for x in jax.tree.leaves(tree)):
     return jax.tree.map(np.asarray, tree)
   local = multihost_utils.global_array_to_host_local_array(tree, mesh, PartitionSpec(DATA_AXIS))
   return jax.tree.map(np.asarray, local)

@@ -36,6 +36,17 @@ def as_size(size) -> tuple[int, int] | None:
   return int(h), int(w)
 
 
+def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+  """(h, w) of an image resized with its aspect ratio kept so that its short side is
+  `short_side` px (rounded, each side at least 1); -1 keeps its own size."""
+  if short_side == -1:
+    return int(height), int(width)
+  if short_side < 1:
+    raise ValueError(f"short_side must be -1 or a size in pixels, got {short_side}")
+  scale = short_side / min(height, width)
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_image(image: np.ndarray, size) -> np.ndarray:
   """Resizes uint8 (h, w, 3) to (size, size, 3) (or (h', w', 3) for a pair), bilinear.
 

@@ -40,6 +40,10 @@ from maeday_jax.settings import tiling as tiling_settings
 _TILE_ID_STEP = 0x9E3779B9
 
 
+# How `Tiling.describe` names the reads that are not a resize to a short side.
+_NATIVE_READS = {-1: "its own size"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiling:
   """Where the tiles of an `image_size` x `image_size` image are and how they are scored.
@@ -53,6 +57,10 @@ class Tiling:
     max_tiles: most tiles per device pass.
     with_global: also score the whole image at the model's size (mode 'tiles+global'): the
       maps and scores are the mean of the tiled and the whole-image ones.
+    short_side: 0: images are read square at `image_size`; > 0: read with their aspect
+      ratio kept, short side this many pixels; -1: at their own size. Not 0: the tiles
+      are cut on the host (`maeday_jax.tiling_native`), and `image_size` is the size the
+      stitched maps are handed on at.
   """
 
   image_size: int
@@ -62,6 +70,12 @@ class Tiling:
   combine: str = "mean"
   max_tiles: int = 64
   with_global: bool = False
+  short_side: int = 0
+
+  @property
+  def native(self) -> bool:
+    """Whether images keep their aspect ratio (tiles cut on the host, per image)."""
+    return self.short_side != 0
 
   @property
   def starts(self) -> tuple[int, ...]:
@@ -77,9 +91,14 @@ class Tiling:
     return len(self.starts) ** 2
 
   def describe(self) -> str:
+    if self.native:
+      read = _NATIVE_READS.get(self.short_side, f"short side {self.short_side} px, aspect kept")
+      images = f"each image ({read}; maps handed on at {self.image_size} px)"
+    else:
+      images = f"{self.image_size} px images"
     return (
-      f"{self.count} tiles of {self.tile_size} px (stride {self.stride}) of "
-      f"{self.image_size} px images, {self.combine} over overlaps"
+      f"{'' if self.native else f'{self.count} '}tiles of {self.tile_size} px (stride "
+      f"{self.stride}) of {images}, {self.combine} over overlaps"
       + (", with the whole image" if self.with_global else "")
     )
 
@@ -108,7 +127,8 @@ def from_settings(section, model_size: int) -> Tiling | None:
   tile = int(section.tile_size) or int(model_size)
   image = int(section.image_size) or 2 * tile
   stride = int(section.stride) or max(tile // 2, 1)
-  if not found and tile > image:
+  native = int(section.get("resize_short_side", 0)) != 0  # Then `image_size` sizes maps only.
+  if not found and tile > image and not native:
     found.append(("tile_size", f"the tile ({tile} px) is larger than the image ({image} px)."))
   if not found and stride > tile:
     found.append(("stride", f"{stride} is larger than the tile ({tile} px)."))
@@ -123,10 +143,11 @@ def from_settings(section, model_size: int) -> Tiling | None:
     str(section.combine),
     int(section.max_tiles),
     with_global=section.mode == "tiles+global",
+    short_side=int(section.get("resize_short_side", 0)),
   )
 
 
-def _resize(x: jax.Array, size: int) -> jax.Array:
+def resize_square(x: jax.Array, size: int) -> jax.Array:
   """(N, s, s[, C]) -> (N, size, size[, C]), bilinear with antialiasing (as the inputs)."""
   if x.shape[1] == size:
     return x
@@ -138,14 +159,14 @@ def cut(images: jax.Array, tiling: Tiling, size: int | None = None) -> jax.Array
   the model's)."""
   tile = tiling.tile_size
   tiles = jnp.stack([images[:, y : y + tile, x : x + tile] for y, x in tiling.positions], axis=1)
-  return _resize(tiles.reshape(-1, *tiles.shape[2:]), size or tiling.model_size)
+  return resize_square(tiles.reshape(-1, *tiles.shape[2:]), size or tiling.model_size)
 
 
 def stitch(tile_maps: jax.Array, tiling: Tiling) -> jax.Array:
   """(B * n, m, m) maps of `cut`'s tiles -> (B, S, S) maps: each pixel the mean (or the
   maximum) of the tiles that cover it."""
   size, n = tiling.tile_size, tiling.count
-  maps = _resize(tile_maps, size).reshape(-1, n, size, size)
+  maps = resize_square(tile_maps, size).reshape(-1, n, size, size)
   full = (maps.shape[0], tiling.image_size, tiling.image_size)
   if tiling.combine == "max":
     stitched = jnp.full(full, -jnp.inf, maps.dtype)
@@ -166,11 +187,14 @@ def coverage(tiling: Tiling) -> np.ndarray:
   return counts
 
 
-def tile_ids(ids: jax.Array, count: int) -> jax.Array:
-  """(B, 2) image content ids -> (B * count, 2): each tile's own, derived from its image's."""
-  index = jnp.arange(count, dtype=jnp.uint32) * jnp.uint32(_TILE_ID_STEP)
-  repeated = jnp.repeat(ids, count, axis=0)
-  return repeated.at[:, 1].set(repeated[:, 1] ^ jnp.tile(index, ids.shape[0]))
+def tile_ids(ids, count: int):
+  """(B, 2) image content ids -> (B * count, 2): each tile's own, derived from its image's
+  (JAX arrays in, JAX out, inside a jitted step; NumPy in, NumPy out, on the host)."""
+  xp = np if isinstance(ids, np.ndarray) else jnp
+  index = xp.arange(count, dtype=xp.uint32) * xp.uint32(_TILE_ID_STEP)
+  repeated = xp.repeat(ids, count, axis=0)
+  second = repeated[:, 1] ^ xp.tile(index, ids.shape[0])
+  return xp.stack([repeated[:, 0], second], axis=1).astype(xp.uint32)
 
 
 def tiles_per_pass(tiling: Tiling, local_batch: int) -> int:
@@ -227,8 +251,8 @@ def tiled(score_fn: Callable, tiling: Tiling, per_pass: int, image_scores: Calla
     tiled_scores = image_scores(stitched, scores.reshape(batch, n))
     if not tiling.with_global:
       return stitched, tiled_scores
-    whole_maps, whole_scores = score_fn(state, _resize(images, tiling.model_size), ids, key)
-    whole_maps = _resize(whole_maps, tiling.image_size)
+    whole_maps, whole_scores = score_fn(state, resize_square(images, tiling.model_size), ids, key)
+    whole_maps = resize_square(whole_maps, tiling.image_size)
     return (stitched + whole_maps) / 2, (tiled_scores + whole_scores) / 2
 
   return score
@@ -245,7 +269,7 @@ def cut_arrays(images: np.ndarray, tiling: Tiling, size: int | None = None) -> n
   def views(x):
     tiles = cut(x, tiling, size)
     if tiling.with_global:
-      tiles = jnp.concatenate([tiles, _resize(x, size)])
+      tiles = jnp.concatenate([tiles, resize_square(x, size)])
     return tiles
 
   return np.asarray(jax.jit(views)(jnp.asarray(images, jnp.float32)))

@@ -431,6 +431,7 @@ def _score(
       stop_batch=total,
       num_workers=scoring.num_workers,
       prefetch=scoring.prefetch,
+      short_side=scoring.short_side,
     ):
       device_maps, device_scores = batch_step.dispatch(
         scoring.score_fn,

@@ -27,7 +27,7 @@ import numpy as np
 from maeday_jax.data.errors import DataError
 from maeday_jax.data.images import read_image
 from maeday_jax.data.prefetch import prefetched
-from maeday_jax.data.preprocess import preprocess_image
+from maeday_jax.data.preprocess import preprocess_image, preprocess_keeping_aspect
 
 
 @dataclasses.dataclass
@@ -36,7 +36,8 @@ class Batch:
 
   Attributes:
     index: the batch's number in the shard (its positions start at index * batch size).
-    images: float32 (B, S, S, 3) model inputs (zeros where not valid).
+    images: float32 (B, S, S, 3) model inputs (zeros where not valid); with `short_side`
+      a list of (h, w, 3) arrays (None where not valid).
     valid: bool (B,): a decoded image.
     positions: int64 (B,): each row's position in the shard, -1 for padding.
     skipped: (position, path, reason) of the files of this batch that could not be read.
@@ -45,7 +46,7 @@ class Batch:
   """
 
   index: int
-  images: np.ndarray
+  images: np.ndarray | list
   valid: np.ndarray
   positions: np.ndarray
   skipped: list[tuple[int, str, str]]
@@ -70,16 +71,21 @@ def file_stat(path: str) -> tuple[int, int]:
   return stat.st_size, stat.st_mtime_ns
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
-  """One file as a normalised float32 (image_size, image_size, 3) model input."""
+def load_image(path: str, image_size: int, short_side: int = 0) -> np.ndarray:
+  """One file as a normalised float32 (image_size, image_size, 3) model input (`short_side`
+  != 0: its aspect ratio kept, `preprocess_keeping_aspect`)."""
+  if short_side:
+    return preprocess_keeping_aspect(read_image(path), short_side)
   return preprocess_image(read_image(path), image_size)
 
 
-def _load(path: str, image_size: int) -> tuple[np.ndarray | None, tuple[int, int], str]:
+def _load(
+  path: str, image_size: int, short_side: int = 0
+) -> tuple[np.ndarray | None, tuple[int, int], str]:
   """(input or None, stat, reason it cannot be read): the stat is taken before reading."""
   stat = file_stat(path)
   try:
-    return load_image(path, image_size), stat, ""
+    return load_image(path, image_size, short_side), stat, ""
   except Exception as e:  # An unreadable file must never stop the run.
     return None, stat, _reason(e)
 
@@ -104,6 +110,7 @@ def read_batches(
   stop_batch: int | None = None,
   num_workers: int = 4,
   prefetch: int = 2,
+  short_side: int = 0,
 ) -> Iterator[Batch]:
   """Yields batches `first_batch, ..., stop_batch - 1` of the shard whose files are `paths`.
 
@@ -116,6 +123,8 @@ def read_batches(
       shard's end are all padding, so every process can run the same number.
     num_workers: decoding threads.
     prefetch: batches decoded ahead of the one being consumed.
+    short_side: not 0: images keep their aspect ratio (`load_image`) and a batch's
+      `images` is a list (None for padding and unreadable files), for a native step.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -126,11 +135,15 @@ def read_batches(
     return [p for p in range(start, start + batch_size) if p < len(paths)]
 
   def tasks(batch: int) -> list:
-    return [functools.partial(_load, paths[p], image_size) for p in positions_of(batch)]
+    return [functools.partial(_load, paths[p], image_size, short_side) for p in positions_of(batch)]
 
   def assemble(batch: int, futures: list) -> Batch:
     positions = positions_of(batch)
-    images = np.zeros((batch_size, image_size, image_size, 3), np.float32)
+    images = (
+      [None] * batch_size
+      if short_side
+      else np.zeros((batch_size, image_size, image_size, 3), np.float32)
+    )
     valid = np.zeros((batch_size,), bool)
     rows = np.full((batch_size,), -1, np.int64)
     stats = np.full((batch_size, 2), MISSING[0], np.int64)

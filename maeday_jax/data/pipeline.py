@@ -53,12 +53,20 @@ def original_mask_size(height: int, width: int, max_side: int) -> tuple[int, int
   return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def load_example(split: Split, index: int, image_size: int, original_masks: int = 0) -> dict:
+def load_example(
+  split: Split, index: int, image_size: int, original_masks: int = 0, short_side: int = 0
+) -> dict:
   """Reads example `index` and turns it into model inputs (see the module docstring);
-  `original_masks` > 0 also keeps its mask at the original size, longer side capped there."""
+  `original_masks` > 0 also keeps its mask at the original size, longer side capped there;
+  `short_side` != 0 keeps the image's aspect ratio (`preprocess.preprocess_keeping_aspect`:
+  N > 0 px short side, -1 its own size) while its mask stays at `image_size`."""
   example = split[index]
+  if short_side:
+    image = preprocess.preprocess_keeping_aspect(example["image"], short_side)
+  else:
+    image = preprocess.preprocess_image(example["image"], image_size)
   loaded = {
-    "image": preprocess.preprocess_image(example["image"], image_size),
+    "image": image,
     "mask": resizing.resize_mask_pillow(example["mask"], image_size),
     "label": example["label"],
     "file_name": example["file_name"],
@@ -70,9 +78,13 @@ def load_example(split: Split, index: int, image_size: int, original_masks: int 
   return loaded
 
 
-def _empty_batch(batch_size: int, image_size: int) -> dict:
+def _empty_batch(batch_size: int, image_size: int, short_side: int = 0) -> dict:
   return {
-    "image": np.zeros((batch_size, image_size, image_size, 3), np.float32),
+    "image": (
+      [None] * batch_size  # Images of their own sizes.
+      if short_side
+      else np.zeros((batch_size, image_size, image_size, 3), np.float32)
+    ),
     "mask": np.zeros((batch_size, image_size, image_size), np.uint8),
     "label": np.full((batch_size,), -1, np.int32),
     "valid": np.zeros((batch_size,), bool),
@@ -83,8 +95,10 @@ def _empty_batch(batch_size: int, image_size: int) -> dict:
   }
 
 
-def _assemble(split: Split, slots, futures, batch_size: int, image_size: int) -> dict:
-  batch = _empty_batch(batch_size, image_size)
+def _assemble(
+  split: Split, slots, futures, batch_size: int, image_size: int, short_side: int = 0
+) -> dict:
+  batch = _empty_batch(batch_size, image_size, short_side)
   for row, (index, future) in enumerate(zip(slots, futures, strict=True)):
     if future is None:
       continue
@@ -117,6 +131,7 @@ def batches(
   prefetch: int = 2,
   indices: Sequence[int] | None = None,
   original_masks: int = 0,
+  short_side: int = 0,
 ) -> Iterator[dict]:
   """Yields fixed-size batches of this process's shard of `split`.
 
@@ -132,6 +147,9 @@ def batches(
       default all.
     original_masks: > 0: also `mask_original`, each mask at its original size with its
       longer side capped at this (a list, None for padding); 0: none.
+    short_side: 0: images square at `image_size`; otherwise their aspect ratio kept
+      (> 0: short side in px, -1: their own size) and `image` a list of (h, w, 3) arrays
+      (None for padding), for steps that tile each image (`batch_step.is_native`).
 
   Yields:
     dicts with `image` float32 (B, S, S, 3) normalised, `mask` uint8 (B, S, S) in {0, 1},
@@ -157,12 +175,14 @@ def batches(
 
   def tasks(batch: int) -> list:
     return [
-      functools.partial(load_example, split, i, image_size, original_masks) if i >= 0 else None
+      functools.partial(load_example, split, i, image_size, original_masks, short_side)
+      if i >= 0
+      else None
       for i in chunk(batch)
     ]
 
   def assemble(batch: int, futures: list) -> dict:
-    return _assemble(split, chunk(batch), futures, batch_size, image_size)
+    return _assemble(split, chunk(batch), futures, batch_size, image_size, short_side)
 
   yield from prefetched(
     range(num_batches),

@@ -53,6 +53,9 @@ class NormalImages:
     workdir: a folder for resumable training state (None: train without checkpoints).
     category: the category the images are of (methods with per-category defaults read
       it with `data.name`); None outside a job.
+    read_native: `read_native(short_side) -> (shots, heldout)`: lists of float32 (h, w, 3)
+      images with their aspect ratio kept (short side `short_side` px, -1: their own
+      size), for detectors that tile images at their own size (`tiling_native`).
   """
 
   read: Callable[[int], tuple[np.ndarray, np.ndarray]]
@@ -60,6 +63,7 @@ class NormalImages:
   extra_data: list = dataclasses.field(default_factory=list)
   workdir: Any = None
   category: str | None = None
+  read_native: Callable[[int], tuple[list, list]] | None = None
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def images(self, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,10 +72,18 @@ class NormalImages:
       self._cache[size] = self.read(size)
     return self._cache[size]
 
+  def native_images(self, short_side: int) -> tuple[list, list]:
+    """(shots, heldout) with their aspect ratio kept (`read_native`), read once."""
+    if self.read_native is None:
+      raise ValueError("these normal images were given without a reader at their own size.")
+    if ("native", short_side) not in self._cache:
+      self._cache["native", short_side] = self.read_native(short_side)
+    return self._cache["native", short_side]
+
   @classmethod
   def from_arrays(cls, shots: np.ndarray, heldout: np.ndarray | None = None, **fields):
     """Normal images given as arrays (e.g. in a notebook), resized when a detector reads
-    them at another size."""
+    them at another size (or, tiling at their own size, to its short side)."""
     shots = np.asarray(shots, np.float32)
     heldout = np.zeros((0, *shots.shape[1:]), np.float32) if heldout is None else heldout
 
@@ -89,7 +101,19 @@ class NormalImages:
     def read(size: int):
       return resize(shots, size), resize(heldout, size)
 
-    return cls(read=read, **fields)
+    def read_native(short_side: int):
+      from maeday_jax import resizing
+
+      def one(image):
+        height, width = resizing.short_side_size(*image.shape[:2], short_side)
+        if (height, width) == image.shape[:2]:
+          return image
+        channels_first = resizing.resize_maps_bilinear(np.moveaxis(image, -1, 0), (height, width))
+        return np.moveaxis(channels_first, 0, -1)
+
+      return [one(x) for x in shots], [one(x) for x in heldout]
+
+    return cls(read=read, read_native=read_native, **fields)
 
 
 class Detector(abc.ABC):

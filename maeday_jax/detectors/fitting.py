@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from maeday_jax import tiling as tiles
+from maeday_jax import tiling_native
 from maeday_jax.config_errors import require
 from maeday_jax.detectors import registry, scoring
 from maeday_jax.detectors.base import Detector, NormalImages
@@ -95,8 +96,12 @@ def normal_images(
       return np.zeros((0, size, size, 3), np.float32)
     return np.stack([data.load_example(split, int(i), size)["image"] for i in indices])
 
+  def load_native(indices, short_side):
+    return [data.preprocess_keeping_aspect(split[int(i)]["image"], short_side) for i in indices]
+
   normals = NormalImages(
     read=lambda size: (load(shot_indices, size), load(heldout, size)),
+    read_native=lambda side: (load_native(shot_indices, side), load_native(heldout, side)),
     data=config.data,
     extra_data=list(config.get("extra_data", [])),
     workdir=workdir,
@@ -124,7 +129,14 @@ def fit_with_statistics(
   # sources crop their own: `load_size`, `augment.crop`); its statistics are those of
   # whole (tiled) images, as it scores them.
   tiling = None if detector.trains_on_sources else detector.tiling
-  detector.fit(normals if tiling is None else tiles.tile_normals(normals, tiling), key)
-  _, heldout = normals.images(detector.read_size)
+  if tiling is not None and tiling.native:
+    normals_to_fit = tiling_native.tile_normals(normals, tiling)
+  else:
+    normals_to_fit = normals if tiling is None else tiles.tile_normals(normals, tiling)
+  detector.fit(normals_to_fit, key)
+  if detector.tiling is not None and detector.tiling.native:
+    _, heldout = normals.native_images(detector.tiling.short_side)
+  else:
+    _, heldout = normals.images(detector.read_size)
   detector.normal_statistics = scoring.normal_statistics(detector, heldout)
   return detector

@@ -220,8 +220,14 @@ class Pmad(Detector):
     # name) before anything trains. Tiled, the prototypes are those of the tiles.
     tiling = self.tiling
     size = self.input_size if tiling is None else tiling.image_size
-    images, _ = inputs.load_images(inputs.training_sources([normals.data]), size, True)
-    if tiling is not None:
+    short_side = 0 if tiling is None else tiling.short_side
+    sources = inputs.training_sources([normals.data])
+    images, _ = inputs.load_images(sources, size, True, short_side=short_side)
+    if tiling is not None and tiling.native:
+      from maeday_jax import tiling_native
+
+      images = tiling_native.tiles_of(images, tiling, tiling.model_size)
+    elif tiling is not None:
       from maeday_jax import tiling as tiles
 
       images = tiles.cut_arrays(images, tiling)

@@ -59,9 +59,14 @@ def training_sources(data_configs: Iterable[ml_collections.ConfigDict]) -> list[
 
 
 def load_images(
-  sources: Sequence[Source], image_size: int, normal_only: bool = True, num_workers: int = 4
-) -> tuple[np.ndarray, list[str]]:
-  """Reads the images of `sources` as uint8 (N, S, S, 3), with their names.
+  sources: Sequence[Source],
+  image_size: int,
+  normal_only: bool = True,
+  num_workers: int = 4,
+  short_side: int = 0,
+) -> tuple[np.ndarray | list[np.ndarray], list[str]]:
+  """Reads the images of `sources` as uint8 (N, S, S, 3), with their names (`short_side`
+  != 0: a list of (h, w, 3) images, their aspect ratio kept, as `data.batches` reads them).
 
   Args:
     sources: what to read.
@@ -75,10 +80,19 @@ def load_images(
     split = data.load_split(source.data_config, source.category, source.split)
     kept = 0
     for batch in data.batches(
-      split, 32, image_size, shard_index=0, shard_count=1, num_workers=num_workers
+      split,
+      32,
+      image_size,
+      shard_index=0,
+      shard_count=1,
+      num_workers=num_workers,
+      short_side=short_side,
     ):
       keep = batch["valid"] & ((batch["label"] != 1) if normal_only else True)
-      if keep.any():
+      if keep.any() and short_side:
+        images = batch["image"]
+        chunks.append([data.denormalize(images[i]) for i in np.flatnonzero(keep)])
+      elif keep.any():
         chunks.append(data.denormalize(batch["image"][keep]))
         names.extend(f"{source}/{n}" for n, k in zip(batch["file_name"], keep, strict=True) if k)
         kept += int(keep.sum())
@@ -90,6 +104,8 @@ def load_images(
       "No training images: the selected sources "
       f"({', '.join(str(s) for s in sources)}) hold no usable normal images."
     )
+  if short_side:
+    return [image for chunk in chunks for image in chunk], names
   return np.concatenate(chunks), names
 
 

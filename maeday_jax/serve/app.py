@@ -129,7 +129,9 @@ def create_app(
       if kind == decoding.MULTIPART:
         data = await decoding.multipart_file(data, request.headers, max_body_bytes)
       loop = asyncio.get_running_loop()
-      image = await loop.run_in_executor(decoder, decoding.to_input, data, model.input_size)
+      image = await loop.run_in_executor(
+        decoder, decoding.to_input, data, model.input_size, model.short_side
+      )
       decoded = time.perf_counter()
       try:
         result = await batcher.score(image)

@@ -136,7 +136,7 @@ class Batcher:
         continue
       started = time.perf_counter()
       try:
-        images = np.stack([item.image for item in items])
+        images = [item.image for item in items]  # Stacked by the model (or not: native).
         maps, scores = await loop.run_in_executor(self._executor, self._score, images)
       except Exception as e:  # A failed batch fails its requests, never the service.
         for item in items:

@@ -42,6 +42,8 @@ class ServedModel:
     run: `run(images (max_batch, S, S, 3) float32) -> (maps (max_batch, H, W), scores
       (max_batch,))` as NumPy.
     threshold: the artifact's fitted threshold value (anomalous when score >= it), or None.
+    short_side: not 0: images keep their aspect ratio (the detector tiles each at its own
+      size, `tiling.resize_short_side`); `run` then takes a list (None for padding).
   """
 
   name: str
@@ -49,14 +51,19 @@ class ServedModel:
   max_batch: int
   run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
   threshold: float | None = None
+  short_side: int = 0
 
-  def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(maps, scores) of up to `max_batch` normalised images, padded to the compiled batch."""
+  def score(self, images) -> tuple[np.ndarray, np.ndarray]:
+    """(maps, scores) of up to `max_batch` normalised images, padded to the compiled batch
+    (a sequence of (S, S, 3) images, or of any sizes with `short_side`)."""
     count = len(images)
     if not 0 < count <= self.max_batch:
       raise ValueError(f"{count} images for a batch of {self.max_batch}")
-    batch = np.zeros((self.max_batch, *images.shape[1:]), np.float32)
-    batch[:count] = images
+    if self.short_side:
+      batch = [*images, *[None] * (self.max_batch - count)]
+    else:
+      batch = np.zeros((self.max_batch, *np.shape(images[0])), np.float32)
+      batch[:count] = np.stack(images)
     maps, scores = self.run(batch)
     return np.asarray(maps[:count], np.float32), np.asarray(scores[:count], np.float32)
 
@@ -106,7 +113,7 @@ def _from_detector(detector, name: str, max_batch: int) -> ServedModel:
     )
 
   threshold = _threshold(detector.threshold)
-  return ServedModel(name, scoring.image_size, batch, run, threshold)
+  return ServedModel(name, scoring.image_size, batch, run, threshold, scoring.short_side)
 
 
 def _from_export(folder: pathlib.Path, max_batch: int) -> ServedModel:

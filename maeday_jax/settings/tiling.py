@@ -26,9 +26,24 @@ def tiling_config() -> ml_collections.ConfigDict:
       column is placed against the border, so every pixel is covered.
     combine: how overlapping tiles' maps are stitched: 'mean' or 'max'.
     max_tiles: the most tiles one device scores at once; more are scored in chunks.
+    resize_short_side: 0: images are read square at `image_size` (their aspect ratio not
+      kept). N > 0: each image keeps its aspect ratio, resized so that its short side is N
+      px; -1: each image at its own size. The tiles then cover the whole rectangle (an
+      image whose short side is below the tile is enlarged to it) and are cut on the host,
+      the tiles of all images of a batch scored together; maps are stitched at the image's
+      size, its score taken there, and the map handed on at `image_size` x `image_size`
+      (what the jobs store and measure, resized to each image's original size as any map).
   """
   return ml_collections.ConfigDict(
-    dict(mode="none", image_size=0, tile_size=0, stride=0, combine="mean", max_tiles=64)
+    dict(
+      mode="none",
+      image_size=0,
+      tile_size=0,
+      stride=0,
+      combine="mean",
+      max_tiles=64,
+      resize_short_side=0,
+    )
   )
 
 
@@ -44,9 +59,19 @@ def problems(section) -> list[tuple[str, str]]:
     value = section[field]
     if not isinstance(value, int) or value < 0:
       found.append((field, f"must be a whole number >= 0 (0 = the default), got {value!r}."))
+  short_side = section.get("resize_short_side", 0)
+  if not isinstance(short_side, int) or isinstance(short_side, bool) or short_side < -1:
+    found.append(
+      (
+        "resize_short_side",
+        f"must be 0 (square images), -1 (each image at its own size) or a size in pixels, "
+        f"got {short_side!r}.",
+      )
+    )
   if not isinstance(section.max_tiles, int) or section.max_tiles < 1:
     found.append(("max_tiles", f"must be a whole number >= 1, got {section.max_tiles!r}."))
-  if not found and section.image_size and section.tile_size > section.image_size:
+  square = not section.get("resize_short_side", 0)  # Else the tiles cover each image.
+  if not found and square and section.image_size and section.tile_size > section.image_size:
     found.append(
       ("tile_size", f"{section.tile_size} is larger than tiling.image_size ({section.image_size}).")
     )

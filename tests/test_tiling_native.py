@@ -1,0 +1,262 @@
+"""Tiled scoring at each image's own size (`tiling.resize_short_side`): tile layout on
+rectangles, stitching against a NumPy reference written here, chunked passes, equality
+with the square tiled path on square images, and fit -> evaluate -> bulk -> serve on a
+folder of rectangular images of different sizes."""
+
+from __future__ import annotations
+
+import csv
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from maeday_jax import defaults, detectors, exporting, tiling, tiling_native
+from maeday_jax.config_errors import ConfigError
+from maeday_jax.detectors import scoring
+from maeday_jax.jobs import detector_choice
+from maeday_jax.jobs import evaluate as evaluate_job
+from maeday_jax.jobs import fit as fit_job
+from maeday_jax.jobs import score as score_job
+from maeday_jax.serve import model as served
+from tests.test_tiling import _reference_starts
+
+
+def _grid(**fields) -> tiling.Tiling:
+  values = dict(image_size=24, tile_size=20, stride=15, model_size=20, short_side=-1)
+  return tiling.Tiling(**{**values, **fields})
+
+
+def test_rectangles_are_covered_and_small_images_enlarged_to_one_tile():
+  grid = _grid()
+  assert tiling_native.positions(50, 70, grid) == tuple(
+    (y, x) for y in (0, 15, 30) for x in (0, 15, 30, 45, 50)
+  )
+  assert tiling_native.image_shape(50, 70, grid) == (50, 70)
+  # Short side 12 < the 20 px tile: enlarged, aspect kept (12 x 30 -> 20 x 50).
+  assert tiling_native.image_shape(12, 30, grid) == (20, 50)
+  assert tiling_native.positions(20, 50, grid) == ((0, 0), (0, 15), (0, 30))
+
+
+class _TileMeans:
+  """A detector whose map of a tile is the tile's mean (its score too)."""
+
+  def __init__(self, grid):
+    self.tiling = grid
+
+  def score_function(self, mesh, local_batch):
+    del mesh, local_batch
+
+    def score(state, images, ids, key):
+      del state, ids, key
+      means = images.mean(axis=(1, 2, 3))
+      return jnp.broadcast_to(means[:, None, None], images.shape[:3]), means
+
+    return score
+
+  def tiled_image_scores(self, maps, tile_scores):
+    del maps
+    return tile_scores.max(axis=1)
+
+
+def _reference(image: np.ndarray, tile: int, stride: int, combine: str):
+  """(stitched map, largest tile mean) of one rectangle, by loops written here."""
+  height, width = image.shape[:2]
+  total, count = np.zeros((height, width)), np.zeros((height, width))
+  best, means = np.full((height, width), -np.inf), []
+  for y in _reference_starts(height, tile, stride):
+    for x in _reference_starts(width, tile, stride):
+      mean = image[y : y + tile, x : x + tile].mean()
+      means.append(mean)
+      total[y : y + tile, x : x + tile] += mean
+      count[y : y + tile, x : x + tile] += 1
+      best[y : y + tile, x : x + tile] = np.maximum(best[y : y + tile, x : x + tile], mean)
+  return (total / count if combine == "mean" else best), max(means)
+
+
+@pytest.mark.parametrize("combine", ["mean", "max"])
+def test_stitched_rectangles_equal_the_numpy_reference_in_any_number_of_passes(combine):
+  rng = np.random.default_rng(0)
+  images = [rng.normal(size=shape).astype(np.float32) for shape in [(50, 70, 3), (20, 20, 3)]]
+  images.insert(1, None)  # Padding: scored as nothing.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  results = []
+  for max_tiles in (64, 2):  # One pass; nine passes of two tiles (the last padded).
+    grid = _grid(combine=combine, max_tiles=max_tiles)
+    step = tiling_native.compile_step(_TileMeans(grid), mesh)
+    results.append(step({}, images, None, mesh))
+  maps, scores = results[0]
+  # Equal up to the float reduction order of another batch shape.
+  np.testing.assert_allclose(maps, results[1][0], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(scores, results[1][1], rtol=1e-5, atol=1e-7)
+  assert maps.shape == (3, 24, 24) and scores[1] == 0 and not maps[1].any()
+  for row in (0, 2):
+    stitched, best = _reference(images[row], 20, 15, combine)
+    # Handed on at 24 x 24: Pillow's bilinear resize of the stitched map.
+    resized = np.asarray(Image.fromarray(stitched.astype(np.float32)).resize((24, 24), 2))
+    np.testing.assert_allclose(maps[row], resized, rtol=1e-5, atol=1e-6)
+    assert scores[row] == pytest.approx(best, rel=1e-5)
+    native = tiling_native.stitch_image(
+      np.stack([np.full((20, 20), m) for m in _tile_means(images[row])]),
+      images[row].shape[:2],
+      _grid(combine=combine),
+    )
+    np.testing.assert_allclose(native, stitched, rtol=1e-5, atol=1e-6)
+
+
+def _tile_means(image):
+  return [
+    image[y : y + 20, x : x + 20].mean()
+    for y in _reference_starts(image.shape[0], 20, 15)
+    for x in _reference_starts(image.shape[1], 20, 15)
+  ]
+
+
+def _config(method: str, **tiles) -> ml_collections.ConfigDict:
+  config = defaults.fit_config("runlocal")
+  config.detector = method
+  config.tiling.update(tiles)
+  return config
+
+
+@pytest.mark.parametrize("method", ["patchcore", "maeday"])
+def test_square_images_at_their_own_size_score_as_the_square_tiled_path(method):
+  """The same tiles, the same content ids (MAEDAY's masks), the same maps: read at its
+  own size, a square image of `image_size` is the square path's image."""
+  config = _config(method, mode="tiles", image_size=64, stride=16)
+  square = detectors.create(config, method)
+  rng = np.random.default_rng(0)
+  shots = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
+  detectors.fit_with_statistics(
+    square, detectors.NormalImages.from_arrays(shots, shots[:1]), jax.random.key(0)
+  )
+  native = square.with_seed(0)
+  native.state, native.normal_statistics = square.state, square.normal_statistics
+  native.settings.tiling.resize_short_side = -1
+  images = rng.normal(size=(3, 64, 64, 3)).astype(np.float32)
+  maps_a, scores_a = scoring.score_images(square, images)
+  maps_b, scores_b = scoring.score_images(native, list(images))
+  np.testing.assert_allclose(maps_b, maps_a, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(scores_b, scores_a, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "fields, message",
+  [
+    ({"resize_short_side": -2}, "tiling.resize_short_side"),
+    ({"resize_short_side": -5}, "tiling.resize_short_side"),
+  ],
+)
+def test_bad_short_sides_are_refused_before_any_work(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    detector_choice.check(_config("patchcore", mode="tiles", **fields))
+
+
+def test_an_export_refuses_a_map_size_that_holds_no_tile():
+  config = _config("patchcore", mode="tiles", image_size=16, resize_short_side=-1)
+  detector = detectors.create(config, "patchcore")  # Native: the 32 px tile may exceed 16.
+  assert detector.tiling.tile_size == 32
+  with pytest.raises(ConfigError, match="tiling.image_size"):
+    exporting.scoring(detector)
+
+
+# ------------------------------------------------------------ jobs, rectangular images
+
+SHAPES = [(40, 72), (56, 40), (36, 90), (48, 48), (40, 60), (64, 44)]
+
+
+@pytest.fixture(scope="module")
+def rectangles(tmp_path_factory) -> pathlib.Path:
+  """normal/ (8 textures of different shapes), images/ (3 normal, 3 with a bright bar)
+  and masks/, every file its own size."""
+  root = tmp_path_factory.mktemp("rectangles")
+  rng = np.random.default_rng(3)
+
+  def write(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+  def texture(shape):
+    base = np.linspace(60, 180, shape[1], dtype=np.float32)[None, :, None]
+    return np.clip(base + rng.normal(0, 12, (*shape, 3)), 0, 255).astype(np.uint8)
+
+  for i in range(8):
+    write(root / "normal" / f"n{i}.png", texture(SHAPES[i % len(SHAPES)]))
+  for i, shape in enumerate(SHAPES):
+    image, mask = texture(shape), np.zeros(shape, np.uint8)
+    if i >= 3:
+      image[8:16, 5:30] = 250
+      mask[8:16, 5:30] = 255
+    write(root / "images" / f"t{i}.png", image)
+    write(root / "masks" / f"t{i}.png", mask)
+  return root
+
+
+def _data(root, tfds_dir) -> dict:
+  return {
+    "name": "folder",
+    "path": str(root / "images"),
+    "normal_path": str(root / "normal"),
+    "mask_path": str(root / "masks"),
+    "data_dir": str(tfds_dir),
+    "num_workers": 2,
+  }
+
+
+def _scores(csv_path) -> dict[str, float]:
+  with open(csv_path, newline="") as f:
+    return {pathlib.PurePath(r["file"]).name: float(r["score"]) for r in csv.DictReader(f)}
+
+
+def test_fit_evaluate_bulk_and_serve_agree_on_rectangles_of_their_own_size(rectangles, tmp_path):
+  """PatchCore tiled at each image's own size: its bank holds the patches of every
+  shot's own tiles, and evaluation, bulk scoring and the service give each file the same
+  score (the tiles of one rectangle, wherever it is scored)."""
+  tfds = tmp_path / "tfds"
+  config = _config("patchcore", mode="tiles", image_size=48, stride=16, resize_short_side=-1)
+  config.data.update(_data(rectangles, tfds))
+  config.shots, config.heldout_normals = 2, 4
+  summary = fit_job.run(config, tmp_path / "fit")
+  artifact = tmp_path / "fit" / fit_job.ARTIFACT_DIR
+  fitted = detectors.load(artifact)
+  assert fitted.tiling.native and "its own size" in fitted.tiling.describe()
+  shapes = [Image.open(rectangles / "normal" / name).size[::-1] for name in summary["shots"]]
+  tiles = sum(
+    len(_reference_starts(h, 32, 16)) * len(_reference_starts(w, 32, 16)) for h, w in shapes
+  )
+  assert fitted.state["bank"].shape[0] == tiles * 16 // 2  # 4 x 4 patches a tile, half kept.
+
+  evaluate = defaults.evaluate_config("runlocal")
+  evaluate.detector = str(artifact)
+  evaluate.data.update(_data(rectangles, tfds))
+  evaluate.outputs.update(overlays=False, panels=0, reconstructions=0, roc=False)
+  evaluate_job.run(evaluate, tmp_path / "eval")
+  from configs import score as score_config
+
+  bulk = score_config.get_config("runlocal")
+  bulk.detector, bulk.data.path = str(artifact), str(rectangles / "images")
+  bulk.data.num_workers, bulk.commit_every, bulk.compilation_cache_dir = 2, 1, ""
+  score_job.run(bulk, tmp_path / "bulk")
+  evaluated = _scores(tmp_path / "eval" / "scores.csv")
+  scored = _scores(tmp_path / "bulk" / "scores.csv")
+  assert sorted(evaluated) == sorted(scored) == [f"t{i}.png" for i in range(6)]
+  values = np.array([scored[n] for n in sorted(scored)])
+  assert np.isfinite(values).all() and np.ptp(values) > 0
+  for name, value in evaluated.items():
+    assert value == pytest.approx(scored[name], rel=1e-4, abs=1e-6), name
+
+  service = served.load_model(fitted, max_batch=4)
+  assert service.short_side == -1
+  from maeday_jax.serve import decoding
+
+  inputs = [
+    decoding.to_input((rectangles / "images" / f"t{i}.png").read_bytes(), 48, -1) for i in (0, 4)
+  ]
+  assert [x.shape[:2] for x in inputs] == [SHAPES[0], SHAPES[4]]
+  maps, served_scores = service.score(inputs)
+  assert maps.shape == (2, 48, 48)
+  np.testing.assert_allclose(served_scores, [scored["t0.png"], scored["t4.png"]], rtol=1e-4)
