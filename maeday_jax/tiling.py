@@ -11,6 +11,9 @@ detector's own rule over the tiles (`Detector.tiled_image_scores`: the largest t
 score by default, which for the kNN detectors is the score of the most anomalous patch of
 any tile; the maximum of the stitched map for MAEDAY).
 
+Images that keep their aspect ratio (`tiling.resize_short_side`) are cut on the host
+instead, each at its own size: `maeday_jax.tiling_native`.
+
 Everything happens inside the one jitted score function (`tiled`): the jobs, the bulk
 engine, evaluation and export see a detector that takes `image_size` images, and the
 tiles of every image of a device's batch are scored together, at most `max_tiles` per

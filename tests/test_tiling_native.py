@@ -149,6 +149,7 @@ def test_square_images_at_their_own_size_score_as_the_square_tiled_path(method):
   [
     ({"resize_short_side": -2}, "tiling.resize_short_side"),
     ({"resize_short_side": -5}, "tiling.resize_short_side"),
+    ({"resize_short_side": 224_000}, "at most 16384"),
   ],
 )
 def test_bad_short_sides_are_refused_before_any_work(fields, message):

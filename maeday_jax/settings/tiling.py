@@ -8,6 +8,7 @@ import ml_collections
 
 MODES = ("none", "tiles", "tiles+global")
 COMBINES = ("mean", "max")
+MAX_SHORT_SIDE = 16384
 
 
 def tiling_config() -> ml_collections.ConfigDict:
@@ -66,6 +67,14 @@ def problems(section) -> list[tuple[str, str]]:
         "resize_short_side",
         f"must be 0 (square images), -1 (each image at its own size) or a size in pixels, "
         f"got {short_side!r}.",
+      )
+    )
+  elif short_side > MAX_SHORT_SIDE:  # Every image enlarged to gigapixels: surely a typo.
+    found.append(
+      (
+        "resize_short_side",
+        f"{short_side} px would enlarge every image past any camera frame; use at most "
+        f"{MAX_SHORT_SIDE}, or -1 to keep each image's own size.",
       )
     )
   if not isinstance(section.max_tiles, int) or section.max_tiles < 1:
