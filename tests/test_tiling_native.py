@@ -261,3 +261,28 @@ def test_fit_evaluate_bulk_and_serve_agree_on_rectangles_of_their_own_size(recta
   maps, served_scores = service.score(inputs)
   assert maps.shape == (2, 48, 48)
   np.testing.assert_allclose(served_scores, [scored["t0.png"], scored["t4.png"]], rtol=1e-4)
+
+
+def test_training_images_read_with_their_aspect_ratio(rectangles, tmp_path):
+  """`pretrain.inputs.load_images` with a short side: every normal image, its name, its
+  aspect ratio kept (PMAD's prototypes and the validation split read this way)."""
+  from maeday_jax.pretrain import inputs
+
+  source = defaults.training_source(
+    "train",
+    name="folder",
+    path=str(rectangles / "normal"),
+    normal_path=str(rectangles / "normal"),
+    data_dir=str(tmp_path / "tfds"),
+    num_workers=1,
+  )
+  sources = inputs.training_sources([source])
+  square, names = inputs.load_images(sources, 32, True)
+  kept, kept_names = inputs.load_images(sources, 32, True, short_side=20)
+  assert kept_names == names and len(kept) == len(square) == 8
+  on_disk = {f"n{i}.png": SHAPES[i % len(SHAPES)] for i in range(8)}
+  for image, name in zip(kept, kept_names, strict=True):
+    height, width = on_disk[pathlib.PurePath(name).name]
+    scale = 20 / min(height, width)
+    assert image.shape == (round(height * scale), round(width * scale), 3)
+    assert image.dtype == np.uint8

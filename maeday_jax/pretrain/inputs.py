@@ -89,13 +89,14 @@ def load_images(
       short_side=short_side,
     ):
       keep = batch["valid"] & ((batch["label"] != 1) if normal_only else True)
-      if keep.any() and short_side:
-        images = batch["image"]
-        chunks.append([data.denormalize(images[i]) for i in np.flatnonzero(keep)])
-      elif keep.any():
+      if not keep.any():
+        continue
+      if short_side:  # A list: the images differ in size.
+        chunks.append([data.denormalize(batch["image"][i]) for i in np.flatnonzero(keep)])
+      else:
         chunks.append(data.denormalize(batch["image"][keep]))
-        names.extend(f"{source}/{n}" for n, k in zip(batch["file_name"], keep, strict=True) if k)
-        kept += int(keep.sum())
+      names.extend(f"{source}/{n}" for n, k in zip(batch["file_name"], keep, strict=True) if k)
+      kept += int(keep.sum())
     logger.info("%s: %d of %d images used for training", source, kept, len(split))
     if split.skipped:
       logger.warning("%s", data.skipped_summary([split]))

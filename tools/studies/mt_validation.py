@@ -16,6 +16,9 @@
    and each of `--pmad-mask-ratios` (scoring-time choices: no refit);
    `<out>/validation.json` and the printed table hold image AUROC, pixel AUROC and AUPRO
    per recipe.
+4. `--reads 0,224,-1`: the held-out images written again with their aspect ratio kept
+   (`<out>/split_aspect/`, the same images and defect draws), and each fitted recipe scored
+   on them with each `tiling.resize_short_side` (`<out>/reads.json`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 import pathlib
 import sys
 
-from study_common import REPO_ROOT
+from study_common import REPO_ROOT, evaluate_detector
 
 RECIPES = ("mala_tiled", "pmad_tiled")
 CONFIG_FILES = {"mala_tiled": "mt_recipe.py", "pmad_tiled": "pmad_mt.py"}
@@ -92,24 +95,8 @@ def fit(recipe: str, out: pathlib.Path, split: dict, smoke: bool = False) -> pat
 def evaluate(detector, split: dict, workdir: pathlib.Path) -> dict:
   """Image AUROC, pixel AUROC and AUPRO of a fitted detector (or its folder) on the
   validation images, scored as the evaluate job scores (pixel metrics at 224 px)."""
-  from maeday_jax import data, defaults, detectors
-  from maeday_jax.jobs import detector_choice, run_report
-
-  config = defaults.evaluate_config()
-  config.data.update(name="folder", path=split["images"], mask_path=split["masks"])
-  config.eval_size = 224
-  config.outputs.overlays = False
-  config.outputs.panels = 0
-  config.outputs.reconstructions = 0
-  if isinstance(detector, (str, pathlib.Path)):
-    detector = detectors.load(detector)
-  workdir.mkdir(parents=True, exist_ok=True)
-  scoring = detector_choice.scoring(detector, config)
-  categories = data.resolve_categories(config.data)
-  run_report.evaluate_categories(scoring, config, workdir, categories, "zero_shot")
-  metrics = json.loads((workdir / "metrics.json").read_text())
-  mean = metrics["groups"]["all"]["mean"]
-  return {k: mean.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
+  fields = dict(name="folder", path=split["images"], mask_path=split["masks"])
+  return evaluate_detector(detector, fields, workdir)
 
 
 def main(argv=None) -> int:
@@ -122,13 +109,22 @@ def main(argv=None) -> int:
     help="PMAD's fraction of masked patches at scoring, each tried on the fitted detector",
   )
   parser.add_argument("--smoke", action="store_true", help="the recipes' tiny runlocal models")
+  parser.add_argument(
+    "--reads",
+    default="",
+    help="instead: score each fitted recipe on the split written with the images' aspect "
+    "ratio kept, with each of these tiling.resize_short_side values (e.g. 0,224,-1)",
+  )
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out).absolute()
   out.mkdir(parents=True, exist_ok=True)
   split = write_split(out)
   print(json.dumps(split, indent=2))
+  recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+  if args.reads:
+    return compare_reads(out, split, recipes, [int(r) for r in args.reads.split(",")])
   results = {}
-  for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+  for recipe in recipes:
     folder = fit(recipe, out, split, args.smoke)
     results[recipe] = evaluate(folder, split, out / f"{recipe}_validation")
     if recipe == "pmad_tiled":  # Scoring-time choices: no refit needed.
@@ -145,10 +141,46 @@ def main(argv=None) -> int:
         tag = how if ratio is None else f"{how}_m{ratio}"
         results[name] = evaluate(detector, split, out / f"pmad_tiled_{tag}_validation")
   (out / "validation.json").write_text(json.dumps({"split": split, "results": results}, indent=2))
+  _print_table(results)
+  return 0
+
+
+def _print_table(results: dict) -> None:
   print("| recipe | image AUROC | pixel AUROC | AUPRO |\n| --- | --- | --- | --- |")
   for recipe, metrics in results.items():
     cells = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in metrics.values())
     print(f"| {recipe} | {cells} |")
+
+
+def compare_reads(out: pathlib.Path, split: dict, recipes: list, reads: list) -> int:
+  """Each fitted recipe (trained on the square split's training images) scored on the
+  same held-out images written with their aspect ratio kept (short side 224 px, the
+  same images and defect draws), read square (0) or with `tiling.resize_short_side` of
+  each of `reads`."""
+  from maeday_jax import defaults, detectors, recipe_validation
+  from maeday_jax.pretrain import inputs
+
+  aspect = out / "split_aspect"
+  if not (aspect / "validation").is_dir():
+    config = _config("mala_tiled")
+    defaults.use_normal_tiles(config, REPO_ROOT.parent / "shared" / "data")
+    sources = inputs.training_sources([config.data, *config.extra_data])
+    images, names = inputs.load_images(sources, 224, True, short_side=224)
+    recipe_validation.write_split(images, names, aspect)
+  fields = dict(
+    name="folder",
+    path=str(aspect / "validation" / "images"),
+    mask_path=str(aspect / "validation" / "masks"),
+  )
+  results = {}
+  for recipe in recipes:
+    for side in reads:
+      detector = detectors.load(fit(recipe, out, split))
+      detector.settings.tiling.resize_short_side = side
+      name = f"{recipe}, {detector.tiling.describe()}"
+      results[name] = evaluate_detector(detector, fields, out / f"{recipe}_read{side}_aspect")
+  (out / "reads.json").write_text(json.dumps(results, indent=2))
+  _print_table(results)
   return 0
 
 

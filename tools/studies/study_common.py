@@ -34,3 +34,30 @@ def data_config(name: str, path: str):
   config = data.get_data_config()
   config.name, config.path = name, str(path)
   return config
+
+
+def evaluate_detector(detector, data_fields: dict, workdir, eval_size: int = 224) -> dict:
+  """Image AUROC, pixel AUROC and AUPRO of a fitted detector (or its folder) on the
+  dataset `data_fields` (`config.data` fields), scored as the evaluate job scores (pixel
+  metrics at `eval_size`); the run's outputs go to `workdir`."""
+  import json
+
+  from maeday_jax import data, defaults, detectors
+  from maeday_jax.jobs import detector_choice, run_report
+
+  config = defaults.evaluate_config()
+  config.data.update(data_fields)
+  config.eval_size = eval_size
+  config.outputs.overlays = False
+  config.outputs.panels = 0
+  config.outputs.reconstructions = 0
+  if isinstance(detector, (str, pathlib.Path)):
+    detector = detectors.load(detector)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  scoring = detector_choice.scoring(detector, config)
+  categories = data.resolve_categories(config.data)
+  run_report.evaluate_categories(scoring, config, workdir, categories, "zero_shot")
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  mean = metrics["groups"]["all"]["mean"]
+  return {k: mean.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
