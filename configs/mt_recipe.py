@@ -8,10 +8,11 @@
 Training images: the 684 normal tiles of `../shared/data/mt_normal_train` (both splits)
 plus the 16 normal `train` images of `../shared/data/mt_sample`; the `mt_sample` test split
 is never seen. The network is `configs/mala_mt.py`'s (the `small` MAE at 112 px, MALA's two
-stages), but it learns from random 112 px tiles of the images kept at 224 px (no
-resampling of the tiles) and scores them the same way: each image at 224 px, cut into 9
-overlapping 112 px tiles (stride 56), the tiles' maps stitched back (mean over overlaps);
-the image score is the largest tile score. Training resumes when the command is rerun;
+stages), but it learns from random 112 px tiles of the images with their aspect ratio
+kept, short side 224 px (no resampling of the tiles), and scores them the same way: each
+image with its short side at 224 px, cut into overlapping 112 px tiles (stride 56), the
+tiles' maps stitched back at the image's size (mean over overlaps); the image score is the
+largest tile score. Training resumes when the command is rerun;
 it writes `<workdir>/detector/`. Figures and what was tried: docs/recipes.md.
 
 Paths are relative to the repository root (the shared folder beside the checkout).
@@ -46,12 +47,16 @@ def get_config(arg: str | None = None):
     stages.stage2.epochs = 80.0
     stages.stage2.batch_size = 16
     stages.checkpoint_every = 200
-  # Tiles at the images' 224 px resolution, for training and for scoring.
+  # Tiles of the images with their aspect ratio kept, short side 224 px, for training
+  # (random 112 px windows, no resampling) and for scoring (chosen on the validation
+  # split over square 224 px images: docs/recipes.md).
   stage1.load_size = 2 * tile
+  stage1.load_short_side = 2 * tile
   stage1.augment.crop = "tile"
   stage1.augment.vflip = True
-  stages.stage2.load_size = 2 * tile
+  stages.stage2.load_short_side = 2 * tile
   config.tiling.mode = "tiles"
   config.tiling.image_size = 2 * tile
   config.tiling.stride = tile // 2
+  config.tiling.resize_short_side = 2 * tile
   return config

@@ -6,8 +6,8 @@
 
 Neither the DALL-E tokenizer nor an ImageNet backbone can be downloaded here, so both of
 PMAD's frozen networks are replaced by one trained here on the normal tiles: the `small`
-MAE of `configs/mt_recipe.py` (stage 1: 60 epochs on random 112 px tiles of the images
-at 224 px; `--config.pmad.features.checkpoint` names its exported model). Its encoder's
+MAE of `configs/mt_recipe.py` (stage 1: 60 epochs on random 112 px tiles of the images,
+short side 224 px; `--config.pmad.features.checkpoint` names its exported model). Its encoder's
 patch tokens (blocks 3 and 6) are the prototypes' features, and a 256-code k-means
 codebook of them is the tokenizer the reconstructor learns to predict (`target=codebook`:
 visual tokens learned here). Patches are scored by the surprise of their own code (-log
@@ -18,8 +18,9 @@ Training images: the 684 normal tiles of `../shared/data/mt_normal_train` (both 
 plus the 16 normal `train` images of `../shared/data/mt_sample`; prototypes and flow from
 the same images. The `mt_sample` test split is never seen: the recipe tests on it at the
 end. The reconstructor (`small`: 4 + 4 blocks of width 256) trains on random 112 px tiles
-of the images at 224 px, and each test image is scored at 224 px as 9 overlapping tiles
-(stride 56), as the MALA recipe. Figures and timing: docs/recipes.md.
+of the images with their aspect ratio kept (short side 224 px), and each test image is
+scored the same way as overlapping tiles (stride 56), as the MALA recipe. Figures and
+timing: docs/recipes.md.
 
 `configs/pmad_mt.py:runlocal` runs the same pipeline with tiny random models in a minute.
 """
@@ -50,7 +51,12 @@ def get_config(arg: str | None = None):
   else:
     pmad.features.update(backbone="mae_test", checkpoint="random", layers=(1,))
     pmad.train.steps = 4
-  pmad.train.load_size = 2 * tile  # Random tiles at the images' 224 px resolution.
+  # Random tiles of the images with their aspect ratio kept (short side 224 px), and
+  # scored the same way, as configs/mt_recipe.py.
+  pmad.train.load_size = 2 * tile
+  pmad.train.load_short_side = 2 * tile
   pmad.train.vflip = True
-  config.tiling.update(mode="tiles", image_size=2 * tile, stride=tile // 2)
+  config.tiling.update(
+    mode="tiles", image_size=2 * tile, stride=tile // 2, resize_short_side=2 * tile
+  )
   return config

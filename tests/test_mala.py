@@ -161,7 +161,8 @@ def _tiny_mala_config(fake_tiles, data_dir, runlocal_config):
   return config
 
 
-def test_stage2_resume_equals_uninterrupted(fake_tiles, tmp_path, monkeypatch, tiny_mae):
+@pytest.mark.parametrize("read", [("load_size", 48), ("load_short_side", 40)])
+def test_stage2_resume_equals_uninterrupted(fake_tiles, tmp_path, monkeypatch, tiny_mae, read):
   from maeday_jax import defaults
 
   config = _tiny_mala_config(fake_tiles, tmp_path / "tfds", defaults.mala_config("runlocal"))
@@ -169,8 +170,9 @@ def test_stage2_resume_equals_uninterrupted(fake_tiles, tmp_path, monkeypatch, t
   checkpoints.orbax_format.save(
     mae_dir, models.architecture(tiny_mae), models.init_params(tiny_mae, jax.random.key(3))
   )
-  # Trained on random 32 px tiles of 48 px images (a resumed run draws the same tiles).
-  config.stage2.load_size = 48
+  # Trained on random 32 px tiles of 48 px images, or (load_short_side) of the images
+  # with their aspect ratio kept, cut on the host: a resumed run draws the same tiles.
+  config.stage2[read[0]] = read[1]
   section = {k: config[k] for k in ("seed", "model", "data", "checkpoint_every", "log_every")}
   import ml_collections
 

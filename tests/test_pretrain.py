@@ -240,6 +240,22 @@ def test_resume_equals_uninterrupted_and_exports_a_loadable_model(
     model_builder.build_model(model_config, jax.random.key(0))
 
 
+def test_pretraining_on_tiles_at_the_images_own_size(fake_tiles, tmp_path, job_config):
+  """`train.load_short_side=-1`: each step a random model-size window of each image at its
+  own size (cut on the host), crops of the windows as usual."""
+  config = job_config(
+    "pretrain",
+    "runlocal",
+    data={"name": "magnetic_tile", "path": fake_tiles, "data_dir": tmp_path / "tfds"},
+    train={"steps": 2, "load_short_side": -1},
+    checkpoint_every=2,
+  )
+  summary = pretrain_job.run(config, tmp_path / "run")
+  assert summary["steps"] == 2 and summary["num_images"] > 0
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
+
+
 def test_configs_build(job_config):
   for name in ("pretrain", "pretrain_mt"):
     for arg in (None, "runlocal"):
@@ -261,6 +277,7 @@ def test_the_job_refuses_bad_settings_before_any_work(tmp_path, job_config):
     ("steps", 0, "train.epochs"),
     ("augment.crop", "square", "train.augment.crop"),
     ("augment.crop", "tile", "train.load_size"),
+    ("load_short_side", -3, "train.load_short_side"),
   ):
     config = job_config("pretrain", "runlocal")
     node, leaf = (

@@ -286,3 +286,78 @@ def test_training_images_read_with_their_aspect_ratio(rectangles, tmp_path):
     scale = 20 / min(height, width)
     assert image.shape == (round(height * scale), round(width * scale), 3)
     assert image.dtype == np.uint8
+
+
+# ------------------------------------------------------- training tiles, aspect kept
+
+
+def _coordinates(height: int, width: int, ident: int) -> np.ndarray:
+  """A uint8 image whose pixels say where they are: (row, column, image id)."""
+  rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  return np.stack([rows, columns, np.full_like(rows, ident)], axis=-1).astype(np.uint8)
+
+
+def test_training_windows_are_whole_pixel_tiles_drawn_alike_on_any_process_count():
+  from maeday_jax.pretrain import inputs
+
+  images = inputs.AspectImages([_coordinates(20, 50, 0), _coordinates(36, 24, 1)], 16)
+  indices = np.array([0, 1, 1, 0])
+  whole = images.windows(indices, slice(0, 4), step=3, seed=0)
+  halves = [images.windows(indices, rows, 3, 0) for rows in (slice(0, 2), slice(2, 4))]
+  np.testing.assert_array_equal(whole, np.concatenate(halves))
+  for window, index in zip(whole, indices, strict=True):
+    top, left = int(window[0, 0, 0]), int(window[0, 0, 1])
+    height, width = images.images[index].shape[:2]
+    assert window[0, 0, 2] == index and 0 <= top <= height - 16 and 0 <= left <= width - 16
+    np.testing.assert_array_equal(window, images.images[index][top : top + 16, left : left + 16])
+  again = images.windows(indices, slice(0, 4), step=4, seed=0)
+  assert not np.array_equal(whole, again)  # Another step, other windows.
+  # Every image's non-overlapping tiles, the last flush with the border: rows 0, 4 and
+  # columns 0, 16, 32, 34 of the 20 x 50 image; rows 0, 16, 20 and columns 0, 8 of 36 x 24.
+  tiles = images.all_tiles()
+  assert len(tiles) == 2 * 4 + 3 * 2
+  assert [(int(t[0, 0, 0]), int(t[0, 0, 1])) for t in tiles[:4]] == [
+    (0, 0),
+    (0, 16),
+    (0, 32),
+    (0, 34),
+  ]
+
+
+def test_pmad_trains_on_tiles_at_the_images_aspect_ratio(rectangles, tmp_path):
+  """`pmad.train.load_short_side`: the codebook is fitted on each image's own tiles (the
+  images read with their aspect ratio kept, short side 40 px)."""
+  from maeday_jax.detectors import pmad as pmad_detector
+  from maeday_jax.detectors import registry
+  from maeday_jax.pmad import training
+
+  config = defaults.fit_config("runlocal")
+  config.detector = "pmad"
+  section = registry.settings_of(pmad_detector.Pmad, config).pmad
+  size = int(section.image_size)
+  section.target = "pixels"
+  section.train.update(steps=1, batch_size=8, load_short_side=40, strategies="random=1")
+  seen = []
+
+  def frozen_parts(images, grid):
+    seen.append(np.asarray(images))
+    return training.Frozen("pixels"), (size // grid) ** 2 * 3
+
+  source = defaults.training_source(
+    "train",
+    name="folder",
+    path=str(rectangles / "normal"),
+    normal_path=str(rectangles / "normal"),
+    data_dir=str(tmp_path / "tfds"),
+    num_workers=1,
+  )
+  training.train(section, 0, [source], tmp_path / "run", frozen_parts)
+  shapes = [SHAPES[i % len(SHAPES)] for i in range(8)]
+  expected = 0
+  for height, width in shapes:
+    scale = 40 / min(height, width)
+    height, width = round(height * scale), round(width * scale)
+    expected += len(_reference_starts(height, size, size)) * len(
+      _reference_starts(width, size, size)
+    )
+  assert seen[0].shape == (expected, size, size, 3)

@@ -17,6 +17,7 @@ import ml_collections
 from maeday_jax.config_errors import ConfigError, require
 from maeday_jax.detectors.base import Detector
 from maeday_jax.detectors.mae import pretraining_config, training_config
+from maeday_jax.recipe_checks import check_load_short_side
 from maeday_jax.settings import mala as mala_settings
 from maeday_jax.settings import model as model_settings
 
@@ -158,6 +159,7 @@ def validate_stage2(stage2, field: str) -> None:
     f"{field}.load_size",
     f"must be >= 0 (0 = the model's input size), got {load_size!r}.",
   )
+  check_load_short_side(stage2.get("load_short_side", 0), f"{field}.load_short_side")
   for name in ("min_lr", "weight_decay", "grad_clip", "l1_weight", "focal_weight", "focal_gamma"):
     value = stage2.get(name, 0.0)
     require(number(value) and value >= 0, f"{field}.{name}", f"must be >= 0, got {value}.")

@@ -42,6 +42,7 @@ from typing import Any
 from maeday_jax.config_errors import require
 from maeday_jax.detectors import weights_ref
 from maeday_jax.detectors.base import Detector
+from maeday_jax.recipe_checks import check_load_short_side
 from maeday_jax.settings import pmad as pmad_settings
 
 log = logging.getLogger("maeday_jax")
@@ -103,6 +104,7 @@ def validate_section(section) -> None:
     f"{section.coreset_ratio!r} must be in (0, 1].",
   )
   require(section.codebook_size >= 2, "pmad.codebook_size", "must be >= 2.")
+  check_load_short_side(section.train.get("load_short_side", 0), "pmad.train.load_short_side")
   require(
     section.get("coreset_max_rows", 0) >= 0, "pmad.coreset_max_rows", "must be >= 0 (0 = all)."
   )

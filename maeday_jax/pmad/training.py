@@ -36,7 +36,6 @@ from maeday_jax.models import pmad_vit
 from maeday_jax.pmad import features as pmad_features
 from maeday_jax.pmad import masking, targets
 from maeday_jax.pretrain import inputs, loop, optim
-from maeday_jax.tiling import tile_starts
 from maeday_jax.weight_files import orbax_format
 from maeday_jax.weight_files.errors import CheckpointError
 
@@ -256,13 +255,23 @@ def train(
       f"--config.pmad.train.load_size: {load_size} px images have no {size} px tiles; set 0 "
       "(whole images) or at least pmad.image_size."
     )
-  images, _ = inputs.load_images(inputs.training_sources(sources_config), load_size, True)
+  sources = inputs.training_sources(sources_config)
+  short_side = int(train_section.get("load_short_side") or 0)
   init_key, step_key = jax.random.split(jax.random.key(seed))
   patch = pmad_vit.VARIANTS[section.variant]["patch_size"]
   grid = size // patch
   # The codebook is fitted on what the targets are computed from: the training tiles at
-  # the images' own resolution (`load_size` > `image_size`), not whole resized images.
-  frozen, out_dim = frozen_parts(images if load_size == size else _tiles_u8(images, size), grid)
+  # the images' own resolution (`load_size` > `image_size`, or their own aspect ratio:
+  # `load_short_side`), not whole resized images.
+  if short_side:
+    images = inputs.load_aspect_images(sources, short_side, size)
+    load_size, codebook_images = size, images.all_tiles()
+  else:
+    images, _ = inputs.load_images(sources, load_size, True)
+    codebook_images = (
+      images if load_size == size else inputs.AspectImages(list(images), size).all_tiles()
+    )
+  frozen, out_dim = frozen_parts(codebook_images, grid)
   _keep_codebook(frozen, workdir)
   model = pmad_vit.create(section.variant, size, out_dim)
   config = ml_collections.ConfigDict(
@@ -332,15 +341,6 @@ def _keep_codebook(frozen: Frozen, workdir: pathlib.Path) -> None:
     frozen.arrays["codebook"] = jnp.asarray(saved)
   elif jax.process_index() == 0:
     np.save(path, np.asarray(frozen.arrays["codebook"]))
-
-
-def _tiles_u8(images: np.ndarray, size: int) -> np.ndarray:
-  """(N, L, L, C) images -> (N * k, size, size, C): the non-overlapping `size` tiles of
-  each image (the last of a row or column flush with the border), whole pixels."""
-  starts = tile_starts(images.shape[1], size, size)
-  return np.stack(
-    [image[y : y + size, x : x + size] for image in images for y in starts for x in starts]
-  )
 
 
 CODEBOOK_FILE = "codebook.npy"

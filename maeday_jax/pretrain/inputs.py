@@ -131,3 +131,75 @@ def local_rows(global_batch_size: int) -> slice:
   per_process = global_batch_size // jax.process_count()
   start = jax.process_index() * per_process
   return slice(start, start + per_process)
+
+
+@dataclasses.dataclass(frozen=True)
+class AspectImages:
+  """Training images kept at their own aspect ratio (`load_short_side`), different sizes;
+  each step trains on one random `tile` x `tile` window of each batch image (whole pixels,
+  no resampling), cut here on the host: the tiles the scoring of images at their own size
+  cuts (`maeday_jax.tiling_native`). A window's position is a pure function of (seed,
+  step, row of the global batch), so a resumed run, or another process count, sees the
+  same tiles."""
+
+  images: list[np.ndarray]  # uint8 (h, w, 3), both sides >= `tile`.
+  tile: int
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def windows(self, indices: np.ndarray, rows: slice, step: int, seed: int) -> np.ndarray:
+    """(len(rows), tile, tile, 3) uint8: a random window of each image `indices[rows]`
+    (`indices`: the global batch)."""
+    tile, out = self.tile, []
+    for row in range(len(indices))[rows]:
+      image = self.images[int(indices[row])]
+      rng = np.random.default_rng([int(seed), int(step), row])
+      top = int(rng.integers(0, image.shape[0] - tile + 1))
+      left = int(rng.integers(0, image.shape[1] - tile + 1))
+      out.append(image[top : top + tile, left : left + tile])
+    return np.stack(out)
+
+  def all_tiles(self) -> np.ndarray:
+    """Every image's non-overlapping tiles (the last of a row or column flush with the
+    border), (M, tile, tile, 3) uint8: e.g. what a codebook is fitted on."""
+    from maeday_jax import tiling
+
+    tile, out = self.tile, []
+    for image in self.images:
+      for top in tiling.tile_starts(image.shape[0], tile, tile):
+        for left in tiling.tile_starts(image.shape[1], tile, tile):
+          out.append(image[top : top + tile, left : left + tile])
+    return np.stack(out)
+
+  def grey(self) -> bool:
+    """Whether every image is grey (its three channels equal)."""
+    return all(bool(np.all(x[..., :1] == x[..., 1:])) for x in self.images)
+
+
+def load_aspect_images(
+  sources: Sequence[Source],
+  short_side: int,
+  tile: int,
+  normal_only: bool = True,
+  num_workers: int = 4,
+) -> AspectImages:
+  """The images of `sources` with their aspect ratio kept (short side `short_side` px, or
+  -1: their own size), any image whose short side is below `tile` enlarged to it."""
+  from maeday_jax import resizing
+
+  images, _ = load_images(sources, tile, normal_only, num_workers, short_side=short_side)
+  kept = []
+  for image in images:
+    if min(image.shape[:2]) < tile:
+      image = resizing.resize_image(image, resizing.short_side_size(*image.shape[:2], tile))
+    kept.append(image)
+  return AspectImages(kept, int(tile))
+
+
+def batch_images(images, indices: np.ndarray, rows: slice, step: int, seed: int) -> np.ndarray:
+  """This process's rows of the global batch `indices` of step `step`: the images
+  themselves, or with `AspectImages` a random tile of each."""
+  if isinstance(images, AspectImages):
+    return images.windows(indices, rows, step, seed)
+  return images[indices[rows]]

@@ -113,15 +113,21 @@ def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   # (The middle key is unused: data order uses NumPy with the integer seed, inputs.py.)
   model, params, source = build_model(config.model, init_key)
   load_size = int(train.get("load_size") or model.img_size)
+  short_side = int(train.get("load_short_side") or 0)
   if train.augment.get("crop", "resized") == "tile" and load_size < model.img_size:
     raise ConfigError(
       f"--config.train.load_size: {load_size} px images have no {model.img_size} px tiles "
       "(augment.crop='tile'); set it to at least the model's input size."
     )
   sources = inputs.training_sources([config.data, *config.get("extra_data", [])])
-  images, _ = inputs.load_images(
-    sources, load_size, train.normal_only, num_workers=config.data.num_workers
-  )
+  if short_side:  # Random tiles of the model's size at the images' own aspect ratio.
+    images = inputs.load_aspect_images(
+      sources, short_side, model.img_size, train.normal_only, config.data.num_workers
+    )
+  else:
+    images, _ = inputs.load_images(
+      sources, load_size, train.normal_only, num_workers=config.data.num_workers
+    )
   per_epoch, total_steps, warmup_steps = schedule_lengths(config, len(images))
   spec = _train_spec(config, model, total_steps, warmup_steps)
   run = TrainingRun(
@@ -188,7 +194,8 @@ def train_loop(
   train_seconds, last_time, last_step, record = 0.0, None, start_step, None
   for step in range(start_step, run.total_steps):
     indices = inputs.batch_indices(len(run.images), train.batch_size, step, config.seed)
-    batch = parallel.shard_batch(run.images[indices[rows]], run.mesh)
+    local = inputs.batch_images(run.images, indices, rows, step, config.seed)
+    batch = parallel.shard_batch(local, run.mesh)
     state, step_metrics = train_step(state, batch)
     done = step + 1
     if last_time is None:

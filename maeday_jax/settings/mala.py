@@ -47,6 +47,10 @@ def stage2_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   # 0: whole images resized to the model's input size; larger: images kept at this size,
   # and each step trains on a random tile of the input size from each (tiled scoring).
   config.load_size = 0
+  # Not 0: images kept at their own aspect ratio instead (short side this many px; -1:
+  # their own size), each step a random window of the model's size of each: the tiles
+  # that scoring with `tiling.resize_short_side` cuts. `load_size` is then not used.
+  config.load_short_side = 0
   config.synthetic = ml_collections.ConfigDict(
     dict(
       anomaly_prob=0.5,

@@ -40,6 +40,10 @@ def train_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   config.adversarial_weight = 0.0
   config.predictor_lr = 2e-4
   config.load_size = 0  # Resolution images are kept at; 0 = the model's img_size.
+  # Not 0: images kept at their own aspect ratio instead (short side this many px; -1:
+  # their own size), each step a random window of the model's size of each: the tiles
+  # that scoring with `tiling.resize_short_side` cuts. `load_size` is then not used.
+  config.load_short_side = 0
   config.normal_only = True  # Skip images labelled anomalous.
   config.augment = ml_collections.ConfigDict()
   # 'resized': a random resized crop (area fraction and aspect ratio below) resampled to

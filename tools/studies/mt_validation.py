@@ -8,9 +8,12 @@
    of those given a synthetic hole, crack or scratch (defects unlike MALA's training
    ones), with masks. `<out>/split/train/` keeps the other 90 %.
 2. Each recipe (`--recipes`), trained on `<out>/split/train/` only, into `<out>/<recipe>/`:
-   `mala_tiled` (`configs/mt_recipe.py`) and `pmad_tiled` (`configs/pmad_mt.py`, on the
-   feature MAE of this split's `mala_tiled` stage 1, so nothing it uses saw a held-out
-   image). Reruns resume.
+   `mala_tiled` (`configs/mt_recipe.py` on square 224 px images) and `pmad_tiled`
+   (`configs/pmad_mt.py` likewise, on the feature MAE of this split's `mala_tiled` stage
+   1, so nothing it uses saw a held-out image); `mala_aspect` and `pmad_aspect`: the
+   configs as they are (aspect ratios kept, short side 224 px), on the same split written
+   with aspect ratios kept (`<out>/split_aspect/`: the same images and defect draws).
+   Reruns resume.
 3. Each fitted detector scores `<out>/split/validation/` (as the evaluate job, pixel
    metrics at 224 px), PMAD also by each way of scoring (`entropy`, `surprise`, `flow`)
    and each of `--pmad-mask-ratios` (scoring-time choices: no refit);
@@ -31,33 +34,65 @@ import sys
 
 from study_common import REPO_ROOT, evaluate_detector
 
-RECIPES = ("mala_tiled", "pmad_tiled")
-CONFIG_FILES = {"mala_tiled": "mt_recipe.py", "pmad_tiled": "pmad_mt.py"}
+RECIPES = ("mala_tiled", "pmad_tiled", "mala_aspect", "pmad_aspect")
+# `*_aspect`: the configs as they are (images with their aspect ratio kept, short side
+# 224 px, for training and scoring), trained on `<out>/split_aspect/train/` and scored on
+# `<out>/split_aspect/validation/`; `*_tiled`: the same configs on square 224 px images
+# (as first written), on `<out>/split/`.
+CONFIG_FILES = {"mala": "mt_recipe.py", "pmad": "pmad_mt.py"}
 
 
 def _config(recipe: str, smoke: bool = False):
-  path = REPO_ROOT / "configs" / CONFIG_FILES[recipe]
-  spec = importlib.util.spec_from_file_location(recipe, path)
+  method = recipe.split("_")[0]
+  path = REPO_ROOT / "configs" / CONFIG_FILES[method]
+  spec = importlib.util.spec_from_file_location(method, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config("runlocal" if smoke else None)
+  config = module.get_config("runlocal" if smoke else None)
+  if recipe.endswith("_tiled"):  # Square images at 224 px: no aspect ratio kept.
+    config.tiling.resize_short_side = 0
+    if method == "mala":
+      config.mala.stage1.load_short_side = config.mala.stage2.load_short_side = 0
+    else:
+      config.pmad.train.load_short_side = 0
+  return config
+
+
+def _aspect(recipe: str) -> bool:
+  return recipe.endswith("_aspect")
 
 
 def write_split(out: pathlib.Path) -> dict:
   """The validation split of the recipes' training images (written once)."""
-  from maeday_jax import defaults, recipe_validation
-  from maeday_jax.pretrain import inputs
 
   summary_path = out / "split.json"
   if summary_path.is_file():
     return json.loads(summary_path.read_text())
+  summary = _write(out / "split", short_side=0)
+  summary_path.write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def write_aspect_split(out: pathlib.Path) -> dict:
+  """The same split of the same images (and defect draws), each written with its aspect
+  ratio kept, short side 224 px (written once)."""
+  summary_path = out / "split_aspect.json"
+  if summary_path.is_file():
+    return json.loads(summary_path.read_text())
+  summary = _write(out / "split_aspect", short_side=224)
+  summary_path.write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def _write(folder: pathlib.Path, short_side: int) -> dict:
+  from maeday_jax import defaults, recipe_validation
+  from maeday_jax.pretrain import inputs
+
   config = _config("mala_tiled")
   defaults.use_normal_tiles(config, REPO_ROOT.parent / "shared" / "data")
   sources = inputs.training_sources([config.data, *config.extra_data])
-  images, names = inputs.load_images(sources, 224, True)
-  summary = recipe_validation.write_split(images, names, out / "split")
-  summary_path.write_text(json.dumps(summary, indent=2))
-  return summary
+  images, names = inputs.load_images(sources, 224, True, short_side=short_side)
+  return recipe_validation.write_split(images, names, folder)
 
 
 def _train_on(config, split: dict) -> None:
@@ -77,14 +112,14 @@ def fit(recipe: str, out: pathlib.Path, split: dict, smoke: bool = False) -> pat
   from maeday_jax.jobs import fit as fit_job
 
   config = _config(recipe, smoke)
-  if recipe == "pmad_tiled":  # The PMAD recipe's detector settings, through the fit job.
+  if recipe.startswith("pmad"):  # The PMAD recipe's detector settings, through the fit job.
     recipe_config = config
     config = defaults.fit_config("runlocal" if smoke else None)
     config.detector, config.seed = "pmad", recipe_config.seed
     config.pmad, config.tiling = recipe_config.pmad, recipe_config.tiling
-    if not smoke:
-      stage1 = out / "mala_tiled" / "training" / "stage1" / "model"
-      config.pmad.features.checkpoint = str(stage1)
+    if not smoke:  # The feature MAE: stage 1 of this split's MALA of the same reads.
+      mala = "mala_aspect" if _aspect(recipe) else "mala_tiled"
+      config.pmad.features.checkpoint = str(out / mala / "training" / "stage1" / "model")
   _train_on(config, split)
   workdir = out / recipe
   if not (workdir / "detector" / "manifest.json").is_file():
@@ -125,8 +160,9 @@ def main(argv=None) -> int:
     return compare_reads(out, split, recipes, [int(r) for r in args.reads.split(",")])
   results = {}
   for recipe in recipes:
-    folder = fit(recipe, out, split, args.smoke)
-    results[recipe] = evaluate(folder, split, out / f"{recipe}_validation")
+    on = write_aspect_split(out) if _aspect(recipe) else split
+    folder = fit(recipe, out, on, args.smoke)
+    results[recipe] = evaluate(folder, on, out / f"{recipe}_validation")
     if recipe == "pmad_tiled":  # Scoring-time choices: no refit needed.
       from maeday_jax import detectors
 
@@ -157,25 +193,14 @@ def compare_reads(out: pathlib.Path, split: dict, recipes: list, reads: list) ->
   same held-out images written with their aspect ratio kept (short side 224 px, the
   same images and defect draws), read square (0) or with `tiling.resize_short_side` of
   each of `reads`."""
-  from maeday_jax import defaults, detectors, recipe_validation
-  from maeday_jax.pretrain import inputs
+  from maeday_jax import detectors
 
-  aspect = out / "split_aspect"
-  if not (aspect / "validation").is_dir():
-    config = _config("mala_tiled")
-    defaults.use_normal_tiles(config, REPO_ROOT.parent / "shared" / "data")
-    sources = inputs.training_sources([config.data, *config.extra_data])
-    images, names = inputs.load_images(sources, 224, True, short_side=224)
-    recipe_validation.write_split(images, names, aspect)
-  fields = dict(
-    name="folder",
-    path=str(aspect / "validation" / "images"),
-    mask_path=str(aspect / "validation" / "masks"),
-  )
+  aspect = write_aspect_split(out)
+  fields = dict(name="folder", path=aspect["images"], mask_path=aspect["masks"])
   results = {}
   for recipe in recipes:
     for side in reads:
-      detector = detectors.load(fit(recipe, out, split))
+      detector = detectors.load(fit(recipe, out, aspect if _aspect(recipe) else split))
       detector.settings.tiling.resize_short_side = side
       name = f"{recipe}, {detector.tiling.describe()}"
       results[name] = evaluate_detector(detector, fields, out / f"{recipe}_read{side}_aspect")
