@@ -17,9 +17,9 @@ import ml_collections
 from maeday_jax.config_errors import ConfigError, require
 from maeday_jax.detectors.base import Detector
 from maeday_jax.detectors.mae import pretraining_config, training_config
-from maeday_jax.recipe_checks import check_load_short_side
 from maeday_jax.settings import mala as mala_settings
 from maeday_jax.settings import model as model_settings
+from maeday_jax.settings.tiling import check_load_short_side
 
 _STAGE_FIELDS = ("stage1", "stage2", "pool_size", "checkpoint_every", "keep_checkpoints")
 

@@ -42,8 +42,8 @@ from typing import Any
 from maeday_jax.config_errors import require
 from maeday_jax.detectors import weights_ref
 from maeday_jax.detectors.base import Detector
-from maeday_jax.recipe_checks import check_load_short_side
 from maeday_jax.settings import pmad as pmad_settings
+from maeday_jax.settings.tiling import check_load_short_side
 
 log = logging.getLogger("maeday_jax")
 
