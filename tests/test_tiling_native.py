@@ -361,3 +361,27 @@ def test_pmad_trains_on_tiles_at_the_images_aspect_ratio(rectangles, tmp_path):
       _reference_starts(width, size, size)
     )
   assert seen[0].shape == (expected, size, size, 3)
+
+
+def test_non_finite_maps_of_native_tiles_stop_the_bulk_job_before_any_commit(rectangles, tmp_path):
+  """A detector whose maps come back non-finite from the host-side tiles is an error
+  naming it, never a number, in the bulk job (maps kept or not)."""
+  from configs import score as score_config
+  from maeday_jax.weight_files import CheckpointError
+
+  config = _config("patchcore", mode="tiles", image_size=48, stride=16, resize_short_side=-1)
+  detector = detectors.create(config, "patchcore")
+  shots = [np.random.default_rng(0).normal(size=(40, 72, 3)).astype(np.float32)]
+  detectors.fit_with_statistics(
+    detector, detectors.NormalImages.from_arrays(np.stack(shots)), jax.random.key(0)
+  )
+  detector.state = {**detector.state, "bank": np.full_like(detector.state["bank"], np.nan)}
+  folder = detectors.save(detector, tmp_path / "poisoned")
+  for maps in ("none", "float16"):
+    bulk = score_config.get_config("runlocal")
+    bulk.detector, bulk.data.path = str(folder), str(rectangles / "images")
+    bulk.data.num_workers, bulk.compilation_cache_dir = 2, ""
+    bulk.outputs.maps = maps
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+      score_job.run(bulk, tmp_path / f"bulk_{maps}")
+    assert not list((tmp_path / f"bulk_{maps}").rglob("part_*"))

@@ -294,10 +294,17 @@ def nothing_scored(listing: Listing, summary: dict, workdir) -> str:
   )
 
 
-@jax.jit
 def _rows_finite(maps):
   """Whether each row of a batch of maps is finite everywhere: reduced on device, so that
-  only B booleans are fetched when the maps themselves are not kept."""
+  only B booleans are fetched when the maps themselves are not kept (maps a native step
+  already returned as NumPy: reduced here)."""
+  if isinstance(maps, np.ndarray):
+    return np.isfinite(maps).reshape(len(maps), -1).all(axis=1)
+  return _rows_finite_on_device(maps)
+
+
+@jax.jit
+def _rows_finite_on_device(maps):
   return jnp.all(jnp.isfinite(maps), axis=tuple(range(1, maps.ndim)))
 
 
