@@ -38,16 +38,21 @@ def compile_step(detector: Any, mesh, global_batch: int):
 
   Detectors with the same `step_signature()` share one step (and its compilations).
   """
-  if detector.tiling is not None and detector.tiling.native:
-    from maeday_jax import tiling_native
-
-    # Images of their own sizes: cut into tiles on the host, whatever the batch.
-    return tiling_native.compile_step(detector, mesh)
-  local = max(1, global_batch // mesh.devices.size)
+  native = detector.tiling is not None and detector.tiling.native
+  # A native step's passes have a fixed size whatever the batch: one step per tiling.
+  local = 0 if native else max(1, global_batch // mesh.devices.size)
   signature = detector.step_signature()
   cache_key = None if signature is None else (signature, detector.tiling, mesh, local)
   if cache_key is not None and cache_key in _STEPS:
     return _STEPS[cache_key]
+  if native:
+    from maeday_jax import tiling_native
+
+    # Images of their own sizes: cut into tiles on the host, whatever the batch.
+    step = tiling_native.compile_step(detector, mesh)
+    if cache_key is not None:
+      _STEPS[cache_key] = step
+    return step
   score = detector.scoring_function(mesh, local)
   data, whole = parallel.batch_sharded(mesh), parallel.replicated(mesh)
   transductive = bool(detector.transductive)

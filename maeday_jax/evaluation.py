@@ -94,9 +94,9 @@ class Scoring:
   masking: str = "random"
   name: str = ""  # What scores, for messages (a detector's description, a checkpoint).
   eval_original_max_side: int = 0
-  # Not 0: images read with their aspect ratio kept, for a step that tiles each image at
-  # its own size (`tiling_native`; `tiling.resize_short_side`).
-  short_side: int = 0
+  # A `resizing.KeepAspect`: images read with their aspect ratio kept, for a step that
+  # tiles each image at its own size (`tiling_native`; `tiling.resize_short_side`).
+  aspect: Any = None
 
   @classmethod
   def create(
@@ -181,7 +181,7 @@ class Scoring:
       masking=detector.settings.get("masking", "random"),
       name=detector.describe(),
       eval_original_max_side=eval_original_max_side,
-      short_side=0 if detector.tiling is None else detector.tiling.short_side,
+      aspect=None if detector.tiling is None else detector.tiling.aspect,
     )
 
 
@@ -283,7 +283,7 @@ def score_split(
       num_workers=scoring.num_workers,
       prefetch=scoring.prefetch,
       original_masks=scoring.eval_original_max_side if pixel_metrics else 0,
-      short_side=scoring.short_side,
+      aspect=scoring.aspect,
     ):
       valid = batch["valid"]
       maps, batch_scores = _score_batch(scoring, batch["image"], valid)

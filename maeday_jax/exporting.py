@@ -23,6 +23,7 @@ takes `valid` (B,) bool. ONNX: `exporting_onnx`, which shares `scoring`, `input_
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -119,19 +120,24 @@ def input_specs(detector: Detector, batch) -> list[jax.ShapeDtypeStruct]:
 
 def manifest_of(detector: Detector, threshold: dict | None, **fields) -> dict:
   """The manifest fields every export format shares, then `fields`."""
+  grid = detector.tiling
+  native = bool(grid is not None and grid.native)
   return {
     "format_version": FORMAT_VERSION,
     "method": detector.method,
     "description": detector.describe(),
     "input_size": detector.read_size,
-    "tiling": None if detector.tiling is None else detector.tiling.describe(),
+    "tiling": None if grid is None else dataclasses.replace(grid, short_side=0).describe(),
     # A program has fixed shapes: images are tiled square at `input_size` inside it, also
-    # for a detector that the library tiles at each image's own size.
-    "aspect_kept_by_library_only": bool(detector.tiling is not None and detector.tiling.native),
+    # for a detector that the library tiles at each image's own size; that detector's
+    # threshold was fitted on images read with their aspect ratio kept, so it is left out.
+    "aspect_kept_by_library_only": native,
     "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     "outputs": ["maps", "scores"],
     "transductive": bool(detector.transductive),
-    "threshold": threshold if threshold is not None else getattr(detector, "threshold", None),
+    "threshold": None
+    if native
+    else (threshold if threshold is not None else getattr(detector, "threshold", None)),
     "versions": {"jax": jax.__version__, "maeday_jax": _version()},
     **fields,
   }

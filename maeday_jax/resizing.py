@@ -22,6 +22,8 @@ Sizes are `(height, width)` or one int for a square (see `as_size`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
@@ -34,6 +36,23 @@ def as_size(size) -> tuple[int, int] | None:
     return int(size), int(size)
   h, w = size
   return int(h), int(w)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepAspect:
+  """How an image is read with its aspect ratio kept (tiled scoring and training at the
+  images' own size): its short side resized to `short_side` px (-1: its own size), and
+  enlarged, if still below it, so that its short side is `min_side` (one tile)."""
+
+  short_side: int
+  min_side: int = 0
+
+  def size(self, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) an image of (height, width) is read at."""
+    height, width = short_side_size(height, width, self.short_side)
+    if min(height, width) < self.min_side:
+      return short_side_size(height, width, self.min_side)
+    return height, width
 
 
 def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -77,6 +96,15 @@ def resize_masks_bool(masks, size) -> np.ndarray:
   rows = np.minimum(((np.arange(out_h) + 0.5) * in_h / out_h).astype(np.int64), in_h - 1)
   cols = np.minimum(((np.arange(out_w) + 0.5) * in_w / out_w).astype(np.int64), in_w - 1)
   return masks[..., rows[:, None], cols[None, :]]
+
+
+def resize_float_image(image: np.ndarray, size) -> np.ndarray:
+  """A float32 (h, w, C) image (e.g. normalised) resized to `size`, Pillow's bilinear
+  filter on each channel (as `resize_maps_bilinear`); itself when it has that size."""
+  size = as_size(size)
+  if image.shape[:2] == size:
+    return image
+  return np.moveaxis(resize_maps_bilinear(np.moveaxis(image, -1, 0), size), 0, -1)
 
 
 def resize_maps_bilinear(maps, size) -> np.ndarray:

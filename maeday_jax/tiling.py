@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maeday_jax.config_errors import ConfigError
+from maeday_jax.resizing import KeepAspect
 from maeday_jax.settings import tiling as tiling_settings
 
 # Tiles of one image get distinct content ids (their masks differ) derived from the
@@ -79,6 +80,11 @@ class Tiling:
   def native(self) -> bool:
     """Whether images keep their aspect ratio (tiles cut on the host, per image)."""
     return self.short_side != 0
+
+  @property
+  def aspect(self) -> KeepAspect | None:
+    """How images are read when `native` (short side, and at least one tile), else None."""
+    return KeepAspect(self.short_side, self.tile_size) if self.native else None
 
   @property
   def starts(self) -> tuple[int, ...]:
@@ -133,6 +139,15 @@ def from_settings(section, model_size: int) -> Tiling | None:
   native = int(section.get("resize_short_side", 0)) != 0  # Then `image_size` sizes maps only.
   if not found and tile > image and not native:
     found.append(("tile_size", f"the tile ({tile} px) is larger than the image ({image} px)."))
+  short_side = int(section.get("resize_short_side", 0))
+  if not found and 0 < short_side < tile:
+    found.append(
+      (
+        "resize_short_side",
+        f"{short_side} px is below the tile ({tile} px): images would be shrunk, then "
+        f"enlarged again to one tile; use at least {tile}, or -1 (their own size).",
+      )
+    )
   if not found and stride > tile:
     found.append(("stride", f"{stride} is larger than the tile ({tile} px)."))
   if found:

@@ -33,10 +33,9 @@ from maeday_jax import content_ids, parallel, resizing, tiling
 
 def image_shape(height: int, width: int, grid: tiling.Tiling) -> tuple[int, int]:
   """The (h, w) an image of (height, width) is cut at: its own, or enlarged (aspect
-  kept) so that its short side holds one tile."""
-  if min(height, width) >= grid.tile_size:
-    return int(height), int(width)
-  return resizing.short_side_size(height, width, grid.tile_size)
+  kept) so that its short side holds one tile (images read with the tiling's `aspect`
+  already are)."""
+  return resizing.KeepAspect(-1, grid.tile_size).size(height, width)
 
 
 def positions(height: int, width: int, grid: tiling.Tiling) -> tuple[tuple[int, int], ...]:
@@ -44,15 +43,6 @@ def positions(height: int, width: int, grid: tiling.Tiling) -> tuple[tuple[int, 
   rows = tiling.tile_starts(height, grid.tile_size, grid.stride)
   columns = tiling.tile_starts(width, grid.tile_size, grid.stride)
   return tuple((top, left) for top in rows for left in columns)
-
-
-def resize_image(image: np.ndarray, size) -> np.ndarray:
-  """A normalised float32 (h, w, C) image resized to `size` (an int or (h, w)), bilinear."""
-  size = resizing.as_size(size)
-  if image.shape[:2] == size:
-    return image
-  channels_first = resizing.resize_maps_bilinear(np.moveaxis(image, -1, 0), size)
-  return np.moveaxis(channels_first, 0, -1)
 
 
 def cut_image(image: np.ndarray, grid: tiling.Tiling) -> np.ndarray:
@@ -163,7 +153,7 @@ class NativeStep:
   def _prepare(self, image: np.ndarray) -> _Image:
     image = np.asarray(image, np.float32)
     shape = image_shape(*image.shape[:2], self.grid)
-    pixels = resize_image(image, shape)
+    pixels = resizing.resize_float_image(image, shape)
     ids = content_ids.image_ids([pixels])  # Its pixels as the tiles are cut from them.
     count = len(positions(*shape, self.grid))
     tile_ids = tiling.tile_ids(ids, count)
@@ -176,7 +166,7 @@ class NativeStep:
     """Tile `view` of `image` (past the last tile: the whole image at the tile size)."""
     where = image.stitched.where
     if view == len(where):
-      return resize_image(image.pixels, self.grid.tile_size)
+      return resizing.resize_float_image(image.pixels, self.grid.tile_size)
     y, x = where[view]
     tile = self.grid.tile_size
     return image.pixels[y : y + tile, x : x + tile]
@@ -222,6 +212,7 @@ def _agreed_passes(local: int) -> int:
 def compile_step(detector, mesh) -> NativeStep:
   """The `NativeStep` of a detector whose tiling keeps the images' aspect ratio: its own
   score function on model-size tiles, jitted data-parallel over `mesh`."""
+  detector.refuse_tiling_if_transductive()
   grid = detector.tiling
   per_pass = grid.max_tiles
   inner = detector.score_function(mesh, per_pass)
@@ -242,10 +233,10 @@ def tiles_of(images: Iterable[np.ndarray], grid: tiling.Tiling, size: int) -> np
   views = []
   for image in images:
     image = np.asarray(image, np.float32)
-    image = resize_image(image, image_shape(*image.shape[:2], grid))
+    image = resizing.resize_float_image(image, image_shape(*image.shape[:2], grid))
     views.extend(cut_image(image, grid))
     if grid.with_global:
-      views.append(resize_image(image, grid.tile_size))
+      views.append(resizing.resize_float_image(image, grid.tile_size))
   if not views:
     return np.zeros((0, size, size, 3), np.float32)
   resize = jax.jit(tiling.resize_square, static_argnums=1)
@@ -259,7 +250,7 @@ def tile_normals(normals, grid: tiling.Tiling):
   ratio kept, as normal images at whatever size the detector asks for (`tiles_of`)."""
 
   def read(size: int):
-    shots, heldout = normals.native_images(grid.short_side)
+    shots, heldout = normals.native_images(grid.aspect)
     return tiles_of(shots, grid, size), tiles_of(heldout, grid, size)
 
   return dataclasses.replace(normals, read=read, _cache={})

@@ -127,3 +127,54 @@ def test_ragged_arrays_and_text_travel_unchanged(gathered):
   result = gathered[1]
   assert result["ragged_keys"] == [[2**40], [2**40, 2**40 + 1]]
   assert result["ragged_text"] == [["é"], ["éé"]]
+
+
+NATIVE_WORKER = """
+import sys
+import jax
+import numpy as np
+
+port, pid, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+
+from maeday_jax import batch_step, parallel
+from tests.test_multihost import native_detector_and_images
+
+detector, images = native_detector_and_images()
+mesh = parallel.data_mesh()
+step = batch_step.compile_step(detector, mesh, 2)
+# Process 0 scores both images (several passes of one tile per device), process 1 only
+# padding (no tile of its own): the passes are a collective, every process runs as many.
+mine = images if pid == 0 else [None]
+maps, scores = step(parallel.replicate(detector.state, mesh), mine, detector.scoring_key(), mesh)
+np.savez(f"{out_dir}/{pid}.npz", maps=maps, scores=scores)
+"""
+
+
+def native_detector_and_images():
+  """A zero-shot MAEDAY (the tiny random MAE) tiled at each image's own size, one tile
+  per device per pass, and two rectangles of different sizes."""
+  from maeday_jax import defaults, detectors
+
+  config = defaults.fit_config("runlocal")
+  config.detector = "maeday"
+  config.tiling.update(mode="tiles", image_size=48, stride=16, max_tiles=1, resize_short_side=-1)
+  detector = detectors.create(config, "maeday")
+  detector.fit(None, None)
+  rng = np.random.default_rng(5)
+  images = [rng.normal(size=shape).astype(np.float32) for shape in [(40, 70, 3), (32, 48, 3)]]
+  return detector, images
+
+
+def test_images_of_their_own_sizes_score_alike_on_two_processes(tmp_path):
+  """Host-side tiles on two processes of one device each, one with no image at all:
+  both finish, and process 0's maps and scores are those of one process alone."""
+  run_processes(NATIVE_WORKER, str(tmp_path), timeout=240)
+  from maeday_jax.detectors import scoring
+
+  detector, images = native_detector_and_images()
+  maps, scores = scoring.score_images(detector, images)
+  first, second = (np.load(tmp_path / f"{pid}.npz") for pid in (0, 1))
+  np.testing.assert_allclose(first["maps"], maps, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(first["scores"], scores, rtol=1e-4)
+  assert second["maps"].shape == (1, 48, 48) and not second["maps"].any()

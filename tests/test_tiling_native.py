@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maeday_jax import defaults, detectors, exporting, tiling, tiling_native
+from maeday_jax import defaults, detectors, exporting, resizing, tiling, tiling_native
 from maeday_jax.config_errors import ConfigError
 from maeday_jax.detectors import scoring
 from maeday_jax.jobs import detector_choice
@@ -47,6 +47,9 @@ class _TileMeans:
 
   def __init__(self, grid):
     self.tiling = grid
+
+  def refuse_tiling_if_transductive(self):
+    pass  # Scores every tile on its own.
 
   def score_function(self, mesh, local_batch):
     del mesh, local_batch
@@ -150,11 +153,18 @@ def test_square_images_at_their_own_size_score_as_the_square_tiled_path(method):
     ({"resize_short_side": -2}, "tiling.resize_short_side"),
     ({"resize_short_side": -5}, "tiling.resize_short_side"),
     ({"resize_short_side": 224_000}, "at most 16384"),
+    ({"mode": "none", "resize_short_side": 224}, "set --config.tiling.mode=tiles too"),
   ],
 )
 def test_bad_short_sides_are_refused_before_any_work(fields, message):
   with pytest.raises(ConfigError, match=message):
-    detector_choice.check(_config("patchcore", mode="tiles", **fields))
+    detector_choice.check(_config("patchcore", **{"mode": "tiles", **fields}))
+
+
+def test_a_short_side_below_the_tile_is_refused_when_the_detector_is_built():
+  config = _config("patchcore", mode="tiles", resize_short_side=16)  # The tile: 32 px.
+  with pytest.raises(ConfigError, match="below the tile"):
+    _ = detectors.create(config, "patchcore").tiling
 
 
 def test_an_export_refuses_a_map_size_that_holds_no_tile():
@@ -251,11 +261,12 @@ def test_fit_evaluate_bulk_and_serve_agree_on_rectangles_of_their_own_size(recta
     assert value == pytest.approx(scored[name], rel=1e-4, abs=1e-6), name
 
   service = served.load_model(fitted, max_batch=4)
-  assert service.short_side == -1
+  assert service.aspect == resizing.KeepAspect(-1, 32)
   from maeday_jax.serve import decoding
 
   inputs = [
-    decoding.to_input((rectangles / "images" / f"t{i}.png").read_bytes(), 48, -1) for i in (0, 4)
+    decoding.to_input((rectangles / "images" / f"t{i}.png").read_bytes(), 48, service.aspect)
+    for i in (0, 4)
   ]
   assert [x.shape[:2] for x in inputs] == [SHAPES[0], SHAPES[4]]
   maps, served_scores = service.score(inputs)
@@ -278,7 +289,7 @@ def test_training_images_read_with_their_aspect_ratio(rectangles, tmp_path):
   )
   sources = inputs.training_sources([source])
   square, names = inputs.load_images(sources, 32, True)
-  kept, kept_names = inputs.load_images(sources, 32, True, short_side=20)
+  kept, kept_names = inputs.load_images(sources, 32, True, aspect=resizing.KeepAspect(20))
   assert kept_names == names and len(kept) == len(square) == 8
   on_disk = {f"n{i}.png": SHAPES[i % len(SHAPES)] for i in range(8)}
   for image, name in zip(kept, kept_names, strict=True):
@@ -385,3 +396,45 @@ def test_non_finite_maps_of_native_tiles_stop_the_bulk_job_before_any_commit(rec
     with pytest.raises(CheckpointError, match="NaN or infinite"):
       score_job.run(bulk, tmp_path / f"bulk_{maps}")
     assert not list((tmp_path / f"bulk_{maps}").rglob("part_*"))
+
+
+def test_a_strip_that_would_grow_past_the_pixel_budget_is_refused_as_it_is_read(tmp_path):
+  """A 2 x 3000 image enlarged to a 224 px short side would hold 75 million pixels: the
+  reader refuses it (the bulk job skips the file, the service answers 413) instead of
+  allocating it; within the budget it is read at the size the rule gives."""
+  from maeday_jax.data import images as image_files
+  from maeday_jax.data import preprocess
+  from maeday_jax.data.errors import ImageTooLarge
+
+  strip = np.full((2, 3000, 3), 128, np.uint8)
+  aspect = resizing.KeepAspect(224, 32)
+  assert aspect.size(2, 3000) == (224, 336000)
+  assert resizing.KeepAspect(-1, 32).size(20, 50) == (32, 80)  # Enlarged to one tile.
+  assert resizing.KeepAspect(16, 32).size(40, 100) == (32, 80)
+  image_files.set_pixel_budget(10_000_000)
+  try:
+    with pytest.raises(ImageTooLarge, match="aspect ratio kept"):
+      preprocess.preprocess_image(strip, aspect)
+    small = preprocess.preprocess_image(strip[:, :300], resizing.KeepAspect(-1, 32))
+    assert small.shape == (32, 4800, 3)
+  finally:
+    image_files.set_pixel_budget(0)  # Back to the default budget.
+
+
+def test_an_export_of_a_native_detector_says_what_its_program_computes():
+  """The exported program tiles square images: its manifest describes those tiles and
+  leaves out the threshold fitted on images read with their aspect ratio kept."""
+  config = _config("patchcore", mode="tiles", image_size=64, resize_short_side=-1)
+  detector = detectors.create(config, "patchcore")
+  manifest = exporting.manifest_of(detector, {"method": "f1", "value": 1.0})
+  assert manifest["aspect_kept_by_library_only"] is True and manifest["threshold"] is None
+  assert manifest["tiling"].startswith("9 tiles of 32 px") and "own size" not in manifest["tiling"]
+  square = exporting.manifest_of(_square(detector), {"method": "f1", "value": 1.0})
+  assert square["threshold"] == {"method": "f1", "value": 1.0}
+  assert not square["aspect_kept_by_library_only"]
+
+
+def _square(detector):
+  square = detector.with_seed(0)
+  square.settings.tiling.resize_short_side = 0
+  return square

@@ -438,7 +438,7 @@ def _score(
       stop_batch=total,
       num_workers=scoring.num_workers,
       prefetch=scoring.prefetch,
-      short_side=scoring.short_side,
+      aspect=scoring.aspect,
     ):
       device_maps, device_scores = batch_step.dispatch(
         scoring.score_fn,
@@ -449,7 +449,8 @@ def _score(
         scoring.resize_fn,
         valid=batch.valid,  # Transductive detectors: padding and unreadable files are out.
       )
-      # The device works on this batch while the previous one is committed.
+      # The device works on this batch while the previous one is committed (a native
+      # step returns once its passes are done: it overlaps within the batch instead).
       if pending is not None:
         finish(*pending)
       pending = (batch, device_maps, device_scores)

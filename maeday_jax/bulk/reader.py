@@ -27,7 +27,7 @@ import numpy as np
 from maeday_jax.data.errors import DataError
 from maeday_jax.data.images import read_image
 from maeday_jax.data.prefetch import prefetched
-from maeday_jax.data.preprocess import preprocess_image, preprocess_keeping_aspect
+from maeday_jax.data.preprocess import preprocess_image
 
 
 @dataclasses.dataclass
@@ -36,7 +36,7 @@ class Batch:
 
   Attributes:
     index: the batch's number in the shard (its positions start at index * batch size).
-    images: float32 (B, S, S, 3) model inputs (zeros where not valid); with `short_side`
+    images: float32 (B, S, S, 3) model inputs (zeros where not valid); with `aspect`
       a list of (h, w, 3) arrays (None where not valid).
     valid: bool (B,): a decoded image.
     positions: int64 (B,): each row's position in the shard, -1 for padding.
@@ -71,21 +71,19 @@ def file_stat(path: str) -> tuple[int, int]:
   return stat.st_size, stat.st_mtime_ns
 
 
-def load_image(path: str, image_size: int, short_side: int = 0) -> np.ndarray:
-  """One file as a normalised float32 (image_size, image_size, 3) model input (`short_side`
-  != 0: its aspect ratio kept, `preprocess_keeping_aspect`)."""
-  if short_side:
-    return preprocess_keeping_aspect(read_image(path), short_side)
-  return preprocess_image(read_image(path), image_size)
+def load_image(path: str, image_size: int, aspect=None) -> np.ndarray:
+  """One file as a normalised float32 (image_size, image_size, 3) model input (`aspect`,
+  a `resizing.KeepAspect`: its aspect ratio kept)."""
+  return preprocess_image(read_image(path), aspect or image_size)
 
 
 def _load(
-  path: str, image_size: int, short_side: int = 0
+  path: str, image_size: int, aspect=None
 ) -> tuple[np.ndarray | None, tuple[int, int], str]:
   """(input or None, stat, reason it cannot be read): the stat is taken before reading."""
   stat = file_stat(path)
   try:
-    return load_image(path, image_size, short_side), stat, ""
+    return load_image(path, image_size, aspect), stat, ""
   except Exception as e:  # An unreadable file must never stop the run.
     return None, stat, _reason(e)
 
@@ -110,7 +108,7 @@ def read_batches(
   stop_batch: int | None = None,
   num_workers: int = 4,
   prefetch: int = 2,
-  short_side: int = 0,
+  aspect=None,
 ) -> Iterator[Batch]:
   """Yields batches `first_batch, ..., stop_batch - 1` of the shard whose files are `paths`.
 
@@ -123,8 +121,9 @@ def read_batches(
       shard's end are all padding, so every process can run the same number.
     num_workers: decoding threads.
     prefetch: batches decoded ahead of the one being consumed.
-    short_side: not 0: images keep their aspect ratio (`load_image`) and a batch's
-      `images` is a list (None for padding and unreadable files), for a native step.
+    aspect: a `resizing.KeepAspect`: images keep their aspect ratio (`load_image`) and a
+      batch's `images` is a list (None for padding and unreadable files), for a native
+      step.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -135,13 +134,13 @@ def read_batches(
     return [p for p in range(start, start + batch_size) if p < len(paths)]
 
   def tasks(batch: int) -> list:
-    return [functools.partial(_load, paths[p], image_size, short_side) for p in positions_of(batch)]
+    return [functools.partial(_load, paths[p], image_size, aspect) for p in positions_of(batch)]
 
   def assemble(batch: int, futures: list) -> Batch:
     positions = positions_of(batch)
     images = (
       [None] * batch_size
-      if short_side
+      if aspect is not None
       else np.zeros((batch_size, image_size, image_size, 3), np.float32)
     )
     valid = np.zeros((batch_size,), bool)

@@ -14,7 +14,7 @@ from maeday_jax.data.errors import DataError, DownloadError, ImageTooLarge
 from maeday_jax.data.images import decode_image, decode_mask, read_image, read_mask
 from maeday_jax.data.pipeline import batches, batches_per_shard, load_example, shard_bounds
 from maeday_jax.data.prepare import DATASETS, data_dir, prepare, resolve_categories
-from maeday_jax.data.preprocess import preprocess_image, preprocess_keeping_aspect
+from maeday_jax.data.preprocess import preprocess_image
 from maeday_jax.data.shots import select_shots
 from maeday_jax.data.split import Split, load_split, skipped_summary
 from maeday_jax.imagenet import denormalize, normalize
@@ -38,7 +38,6 @@ __all__ = [
   "normalize",
   "prepare",
   "preprocess_image",
-  "preprocess_keeping_aspect",
   "read_image",
   "read_mask",
   "resolve_categories",

@@ -34,11 +34,18 @@ class ImageTooLarge(DataError):
     budget: the budget in force (`maeday_jax.data.images.pixel_budget`).
   """
 
-  def __init__(self, path: object, pixels: int, budget: int, size: tuple[int, int] | None = None):
+  def __init__(
+    self,
+    path: object,
+    pixels: int,
+    budget: int,
+    size: tuple[int, int] | None = None,
+    what: str = "image too large to decode",
+  ):
     self.pixels, self.budget = int(pixels), int(budget)
     dims = f"{size[0]}x{size[1]} = " if size else ""
     reason = (
-      f"image too large to decode: {dims}{self.pixels:,} pixels exceeds the per-image "
+      f"{what}: {dims}{self.pixels:,} pixels exceeds the per-image "
       f"budget of {self.budget:,} pixels (a decompression bomb, or an image larger than "
       "this machine's memory allows; raise config.data.max_image_pixels or "
       "$MAEDAY_MAX_IMAGE_PIXELS to read it)"

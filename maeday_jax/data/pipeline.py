@@ -54,19 +54,15 @@ def original_mask_size(height: int, width: int, max_side: int) -> tuple[int, int
 
 
 def load_example(
-  split: Split, index: int, image_size: int, original_masks: int = 0, short_side: int = 0
+  split: Split, index: int, image_size: int, original_masks: int = 0, aspect=None
 ) -> dict:
   """Reads example `index` and turns it into model inputs (see the module docstring);
   `original_masks` > 0 also keeps its mask at the original size, longer side capped there;
-  `short_side` != 0 keeps the image's aspect ratio (`preprocess.preprocess_keeping_aspect`:
-  N > 0 px short side, -1 its own size) while its mask stays at `image_size`."""
+  `aspect` (a `resizing.KeepAspect`) reads the image with its aspect ratio kept, while its
+  mask stays at `image_size`."""
   example = split[index]
-  if short_side:
-    image = preprocess.preprocess_keeping_aspect(example["image"], short_side)
-  else:
-    image = preprocess.preprocess_image(example["image"], image_size)
   loaded = {
-    "image": image,
+    "image": preprocess.preprocess_image(example["image"], aspect or image_size),
     "mask": resizing.resize_mask_pillow(example["mask"], image_size),
     "label": example["label"],
     "file_name": example["file_name"],
@@ -78,11 +74,11 @@ def load_example(
   return loaded
 
 
-def _empty_batch(batch_size: int, image_size: int, short_side: int = 0) -> dict:
+def _empty_batch(batch_size: int, image_size: int, listed: bool = False) -> dict:
   return {
     "image": (
       [None] * batch_size  # Images of their own sizes.
-      if short_side
+      if listed
       else np.zeros((batch_size, image_size, image_size, 3), np.float32)
     ),
     "mask": np.zeros((batch_size, image_size, image_size), np.uint8),
@@ -96,9 +92,9 @@ def _empty_batch(batch_size: int, image_size: int, short_side: int = 0) -> dict:
 
 
 def _assemble(
-  split: Split, slots, futures, batch_size: int, image_size: int, short_side: int = 0
+  split: Split, slots, futures, batch_size: int, image_size: int, listed: bool = False
 ) -> dict:
-  batch = _empty_batch(batch_size, image_size, short_side)
+  batch = _empty_batch(batch_size, image_size, listed)
   for row, (index, future) in enumerate(zip(slots, futures, strict=True)):
     if future is None:
       continue
@@ -131,7 +127,7 @@ def batches(
   prefetch: int = 2,
   indices: Sequence[int] | None = None,
   original_masks: int = 0,
-  short_side: int = 0,
+  aspect=None,
 ) -> Iterator[dict]:
   """Yields fixed-size batches of this process's shard of `split`.
 
@@ -147,12 +143,13 @@ def batches(
       default all.
     original_masks: > 0: also `mask_original`, each mask at its original size with its
       longer side capped at this (a list, None for padding); 0: none.
-    short_side: 0: images square at `image_size`; otherwise their aspect ratio kept
-      (> 0: short side in px, -1: their own size) and `image` a list of (h, w, 3) arrays
-      (None for padding), for steps that tile each image (`batch_step.is_native`).
+    aspect: None: images square at `image_size`; a `resizing.KeepAspect`: read with
+      their aspect ratio kept, and `image` a list of (h, w, 3) arrays (None for padding),
+      for steps that tile each image (`batch_step.is_native`).
 
   Yields:
-    dicts with `image` float32 (B, S, S, 3) normalised, `mask` uint8 (B, S, S) in {0, 1},
+    dicts with `image` float32 (B, S, S, 3) normalised (with `aspect`: a list), `mask`
+    uint8 (B, S, S) in {0, 1},
     `label` int32 (B,) (-1 for padding), `valid` bool (B,), `index` int32 (B,) (into the
     split, -1 for padding), `file_name` list[str] ('' for padding) and `original_size`
     int32 (B, 2) as (height, width). An example that fails to decode is reported, added
@@ -175,14 +172,14 @@ def batches(
 
   def tasks(batch: int) -> list:
     return [
-      functools.partial(load_example, split, i, image_size, original_masks, short_side)
+      functools.partial(load_example, split, i, image_size, original_masks, aspect)
       if i >= 0
       else None
       for i in chunk(batch)
     ]
 
   def assemble(batch: int, futures: list) -> dict:
-    return _assemble(split, chunk(batch), futures, batch_size, image_size, short_side)
+    return _assemble(split, chunk(batch), futures, batch_size, image_size, aspect is not None)
 
   yield from prefetched(
     range(num_batches),

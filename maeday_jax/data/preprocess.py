@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from maeday_jax.data.errors import ImageTooLarge
+from maeday_jax.data.images import pixel_budget
 from maeday_jax.imagenet import normalize
-from maeday_jax.resizing import resize_image, short_side_size
+from maeday_jax.resizing import KeepAspect, resize_image
 
 
 def preprocess_image(image: np.ndarray, size) -> np.ndarray:
   """uint8 (h, w, 3) at any size -> normalised float32 (size, size, 3) model input (or
-  (h', w', 3) for a `(height, width)` pair)."""
+  (h', w', 3) for a `(height, width)` pair; for a `resizing.KeepAspect`, the size it
+  gives this image, within the per-image pixel budget).
+
+  Raises:
+    ImageTooLarge: the aspect-kept size (e.g. a 1 x 60,000 strip enlarged to a short side
+      of 224 px) holds more pixels than the per-image budget.
+  """
+  if isinstance(size, KeepAspect):
+    size = size.size(*image.shape[:2])
+    pixels, budget = size[0] * size[1], pixel_budget()
+    if pixels > budget:
+      what = "image too large once resized with its aspect ratio kept"
+      raise ImageTooLarge("image", pixels, budget, size[::-1], what=what)
   return normalize(resize_image(image, size))
-
-
-def preprocess_keeping_aspect(image: np.ndarray, short_side: int) -> np.ndarray:
-  """uint8 (h, w, 3) -> normalised float32 with its aspect ratio kept: its short side
-  resized to `short_side` px, or at its own size for -1 (tiled scoring at native size)."""
-  return normalize(resize_image(image, short_side_size(*image.shape[:2], short_side)))

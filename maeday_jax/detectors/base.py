@@ -53,9 +53,9 @@ class NormalImages:
     workdir: a folder for resumable training state (None: train without checkpoints).
     category: the category the images are of (methods with per-category defaults read
       it with `data.name`); None outside a job.
-    read_native: `read_native(short_side) -> (shots, heldout)`: lists of float32 (h, w, 3)
-      images with their aspect ratio kept (short side `short_side` px, -1: their own
-      size), for detectors that tile images at their own size (`tiling_native`).
+    read_native: `read_native(aspect) -> (shots, heldout)`: lists of float32 (h, w, 3)
+      images read with their aspect ratio kept (`aspect`: a `resizing.KeepAspect`), for
+      detectors that tile images at their own size (`tiling_native`).
   """
 
   read: Callable[[int], tuple[np.ndarray, np.ndarray]]
@@ -63,7 +63,7 @@ class NormalImages:
   extra_data: list = dataclasses.field(default_factory=list)
   workdir: Any = None
   category: str | None = None
-  read_native: Callable[[int], tuple[list, list]] | None = None
+  read_native: Callable[[Any], tuple[list, list]] | None = None
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def images(self, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,13 +72,13 @@ class NormalImages:
       self._cache[size] = self.read(size)
     return self._cache[size]
 
-  def native_images(self, short_side: int) -> tuple[list, list]:
+  def native_images(self, aspect) -> tuple[list, list]:
     """(shots, heldout) with their aspect ratio kept (`read_native`), read once."""
     if self.read_native is None:
       raise ValueError("these normal images were given without a reader at their own size.")
-    if ("native", short_side) not in self._cache:
-      self._cache["native", short_side] = self.read_native(short_side)
-    return self._cache["native", short_side]
+    if aspect not in self._cache:
+      self._cache[aspect] = self.read_native(aspect)
+    return self._cache[aspect]
 
   @classmethod
   def from_arrays(cls, shots: np.ndarray, heldout: np.ndarray | None = None, **fields):
@@ -101,15 +101,11 @@ class NormalImages:
     def read(size: int):
       return resize(shots, size), resize(heldout, size)
 
-    def read_native(short_side: int):
+    def read_native(aspect):
       from maeday_jax import resizing
 
       def one(image):
-        height, width = resizing.short_side_size(*image.shape[:2], short_side)
-        if (height, width) == image.shape[:2]:
-          return image
-        channels_first = resizing.resize_maps_bilinear(np.moveaxis(image, -1, 0), (height, width))
-        return np.moveaxis(channels_first, 0, -1)
+        return resizing.resize_float_image(image, aspect.size(*image.shape[:2]))
 
       return [one(x) for x in shots], [one(x) for x in heldout]
 
@@ -249,14 +245,22 @@ class Detector(abc.ABC):
       return self.score_function(mesh, local_batch)
     from maeday_jax import tiling as tiles
 
+    self.refuse_tiling_if_transductive()
+    per_pass = tiles.tiles_per_pass(tiling, local_batch)
+    inner = self.score_function(mesh, local_batch * per_pass)
+    return tiles.tiled(inner, tiling, per_pass, self.tiled_image_scores)
+
+  def refuse_tiling_if_transductive(self) -> None:
+    """Tiles cannot be scored against each other's images (yet).
+
+    Raises:
+      ConfigError: this detector is transductive.
+    """
     if self.transductive:
       raise ConfigError(
         f"--config.tiling.mode: {self.method} scores images against each other; it cannot "
         "score tiles yet. Use --config.tiling.mode=none."
       )
-    per_pass = tiles.tiles_per_pass(tiling, local_batch)
-    inner = self.score_function(mesh, local_batch * per_pass)
-    return tiles.tiled(inner, tiling, per_pass, self.tiled_image_scores)
 
   def tiled_image_scores(self, maps, tile_scores):
     """A tiled image's score from its stitched map (B, S, S) and its tiles' scores (B, n):

@@ -96,8 +96,8 @@ def normal_images(
       return np.zeros((0, size, size, 3), np.float32)
     return np.stack([data.load_example(split, int(i), size)["image"] for i in indices])
 
-  def load_native(indices, short_side):
-    return [data.preprocess_keeping_aspect(split[int(i)]["image"], short_side) for i in indices]
+  def load_native(indices, aspect):
+    return [data.preprocess_image(split[int(i)]["image"], aspect) for i in indices]
 
   normals = NormalImages(
     read=lambda size: (load(shot_indices, size), load(heldout, size)),
@@ -135,7 +135,7 @@ def fit_with_statistics(
     normals_to_fit = normals if tiling is None else tiles.tile_normals(normals, tiling)
   detector.fit(normals_to_fit, key)
   if detector.tiling is not None and detector.tiling.native:
-    _, heldout = normals.native_images(detector.tiling.short_side)
+    _, heldout = normals.native_images(detector.tiling.aspect)
   else:
     _, heldout = normals.images(detector.read_size)
   detector.normal_statistics = scoring.normal_statistics(detector, heldout)

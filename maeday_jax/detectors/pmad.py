@@ -222,9 +222,9 @@ class Pmad(Detector):
     # name) before anything trains. Tiled, the prototypes are those of the tiles.
     tiling = self.tiling
     size = self.input_size if tiling is None else tiling.image_size
-    short_side = 0 if tiling is None else tiling.short_side
+    aspect = None if tiling is None else tiling.aspect
     sources = inputs.training_sources([normals.data])
-    images, _ = inputs.load_images(sources, size, True, short_side=short_side)
+    images, _ = inputs.load_images(sources, size, True, aspect=aspect)
     if tiling is not None and tiling.native:
       from maeday_jax import tiling_native
 

@@ -111,10 +111,12 @@ def validate_tiling(cls: type[Detector], config: ml_collections.ConfigDict) -> N
     ConfigError: an invalid field, or tiles asked of a transductive method.
   """
   section = config.get(TILING)
-  if section is None or section.get("mode", "none") == "none":
+  if section is None:
     return
   for field, message in tiling_settings.problems(section):
     raise ConfigError(f"--config.tiling.{field}: {message}")
+  if section.get("mode", "none") == "none":
+    return
   if cls.scores_groups(config):
     raise ConfigError(
       f"--config.tiling.mode: {cls.method} scores images against each other; it cannot "

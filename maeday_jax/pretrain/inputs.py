@@ -63,10 +63,10 @@ def load_images(
   image_size: int,
   normal_only: bool = True,
   num_workers: int = 4,
-  short_side: int = 0,
+  aspect=None,
 ) -> tuple[np.ndarray | list[np.ndarray], list[str]]:
-  """Reads the images of `sources` as uint8 (N, S, S, 3), with their names (`short_side`
-  != 0: a list of (h, w, 3) images, their aspect ratio kept, as `data.batches` reads them).
+  """Reads the images of `sources` as uint8 (N, S, S, 3), with their names (`aspect`, a
+  `resizing.KeepAspect`: a list of (h, w, 3) images, their aspect ratio kept).
 
   Args:
     sources: what to read.
@@ -86,12 +86,12 @@ def load_images(
       shard_index=0,
       shard_count=1,
       num_workers=num_workers,
-      short_side=short_side,
+      aspect=aspect,
     ):
       keep = batch["valid"] & ((batch["label"] != 1) if normal_only else True)
       if not keep.any():
         continue
-      if short_side:  # A list: the images differ in size.
+      if aspect is not None:  # A list: the images differ in size.
         chunks.append([data.denormalize(batch["image"][i]) for i in np.flatnonzero(keep)])
       else:
         chunks.append(data.denormalize(batch["image"][keep]))
@@ -105,7 +105,7 @@ def load_images(
       "No training images: the selected sources "
       f"({', '.join(str(s) for s in sources)}) hold no usable normal images."
     )
-  if short_side:
+  if aspect is not None:
     return [image for chunk in chunks for image in chunk], names
   return np.concatenate(chunks), names
 
@@ -186,15 +186,11 @@ def load_aspect_images(
 ) -> AspectImages:
   """The images of `sources` with their aspect ratio kept (short side `short_side` px, or
   -1: their own size), any image whose short side is below `tile` enlarged to it."""
-  from maeday_jax import resizing
+  from maeday_jax.resizing import KeepAspect
 
-  images, _ = load_images(sources, tile, normal_only, num_workers, short_side=short_side)
-  kept = []
-  for image in images:
-    if min(image.shape[:2]) < tile:
-      image = resizing.resize_image(image, resizing.short_side_size(*image.shape[:2], tile))
-    kept.append(image)
-  return AspectImages(kept, int(tile))
+  aspect = KeepAspect(short_side, tile)
+  images, _ = load_images(sources, tile, normal_only, num_workers, aspect=aspect)
+  return AspectImages(images, int(tile))
 
 
 def batch_images(images, indices: np.ndarray, rows: slice, step: int, seed: int) -> np.ndarray:

@@ -130,7 +130,7 @@ def create_app(
         data = await decoding.multipart_file(data, request.headers, max_body_bytes)
       loop = asyncio.get_running_loop()
       image = await loop.run_in_executor(
-        decoder, decoding.to_input, data, model.input_size, model.short_side
+        decoder, decoding.to_input, data, model.input_size, model.aspect
       )
       decoded = time.perf_counter()
       try:

@@ -18,7 +18,7 @@ import numpy as np
 
 from maeday_jax.data.errors import DataError, ImageTooLarge
 from maeday_jax.data.images import decode_image
-from maeday_jax.data.preprocess import preprocess_image, preprocess_keeping_aspect
+from maeday_jax.data.preprocess import preprocess_image
 
 RAW_TYPES = ("application/octet-stream", "")
 MULTIPART = "multipart/form-data"
@@ -125,20 +125,17 @@ async def multipart_file(body: bytes, headers, max_bytes: int) -> bytes:
   )
 
 
-def to_input(data: bytes, size: int, short_side: int = 0) -> np.ndarray:
-  """Encoded image bytes -> the normalised float32 (size, size, 3) model input (`short_side`
-  != 0: its aspect ratio kept, `preprocess_keeping_aspect`, for a detector that tiles each
-  image at its own size).
+def to_input(data: bytes, size: int, aspect=None) -> np.ndarray:
+  """Encoded image bytes -> the normalised float32 (size, size, 3) model input (`aspect`,
+  a `resizing.KeepAspect`: its aspect ratio kept, for a detector that tiles each image at
+  its own size).
 
   Raises:
     BadRequest: 413 for an image over the pixel budget, 400 for bytes that are not a
       readable image.
   """
   try:
-    image = decode_image(data, SOURCE)
-    if short_side:
-      return preprocess_keeping_aspect(image, short_side)
-    return preprocess_image(image, size)
+    return preprocess_image(decode_image(data, SOURCE), aspect or size)
   except ImageTooLarge as e:
     raise BadRequest(413, "image_too_large", e.reason) from None
   except DataError as e:

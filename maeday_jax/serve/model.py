@@ -42,8 +42,9 @@ class ServedModel:
     run: `run(images (max_batch, S, S, 3) float32) -> (maps (max_batch, H, W), scores
       (max_batch,))` as NumPy.
     threshold: the artifact's fitted threshold value (anomalous when score >= it), or None.
-    short_side: not 0: images keep their aspect ratio (the detector tiles each at its own
-      size, `tiling.resize_short_side`); `run` then takes a list (None for padding).
+    aspect: a `resizing.KeepAspect` when images keep their aspect ratio (the detector
+      tiles each at its own size, `tiling.resize_short_side`; its maps come back at
+      `input_size` x `input_size`); `run` then takes a list (None for padding).
   """
 
   name: str
@@ -51,15 +52,15 @@ class ServedModel:
   max_batch: int
   run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
   threshold: float | None = None
-  short_side: int = 0
+  aspect: object = None  # A resizing.KeepAspect, or None (square inputs).
 
   def score(self, images) -> tuple[np.ndarray, np.ndarray]:
     """(maps, scores) of up to `max_batch` normalised images, padded to the compiled batch
-    (a sequence of (S, S, 3) images, or of any sizes with `short_side`)."""
+    (a sequence of (S, S, 3) images, or of any sizes with `aspect`)."""
     count = len(images)
     if not 0 < count <= self.max_batch:
       raise ValueError(f"{count} images for a batch of {self.max_batch}")
-    if self.short_side:
+    if self.aspect is not None:
       batch = [*images, *[None] * (self.max_batch - count)]
     else:
       batch = np.zeros((self.max_batch, *np.shape(images[0])), np.float32)
@@ -113,7 +114,7 @@ def _from_detector(detector, name: str, max_batch: int) -> ServedModel:
     )
 
   threshold = _threshold(detector.threshold)
-  return ServedModel(name, scoring.image_size, batch, run, threshold, scoring.short_side)
+  return ServedModel(name, scoring.image_size, batch, run, threshold, scoring.aspect)
 
 
 def _from_export(folder: pathlib.Path, max_batch: int) -> ServedModel:

@@ -77,6 +77,14 @@ def problems(section) -> list[tuple[str, str]]:
         f"{MAX_SHORT_SIDE}, or -1 to keep each image's own size.",
       )
     )
+  if not found and short_side and section.mode == "none":
+    found.append(
+      (
+        "resize_short_side",
+        "keeps images' aspect ratio for tiled scoring: set --config.tiling.mode=tiles too "
+        "(whole images are read square at the model's input size).",
+      )
+    )
   if not isinstance(section.max_tiles, int) or section.max_tiles < 1:
     found.append(("max_tiles", f"must be a whole number >= 1, got {section.max_tiles!r}."))
   square = not section.get("resize_short_side", 0)  # Else the tiles cover each image.
