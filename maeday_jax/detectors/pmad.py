@@ -42,10 +42,14 @@ from typing import Any
 from maeday_jax.config_errors import require
 from maeday_jax.detectors import weights_ref
 from maeday_jax.detectors.base import Detector
+from maeday_jax.detectors.mae import pretrain_section, pretraining_config
+from maeday_jax.settings import model as model_settings
 from maeday_jax.settings import pmad as pmad_settings
 from maeday_jax.settings.tiling import check_load_short_side
 
 log = logging.getLogger("maeday_jax")
+
+FEATURES_DIR = "pmad_features"  # Under the fit's work directory: the feature MAE trained here.
 
 
 def _fraction(value) -> bool:
@@ -162,7 +166,13 @@ class Pmad(Detector):
   method = "pmad"
   summary = "PMAD: proposal-masked reconstruction, cross-class (normal images only)"
   trains_on_sources = True
-  SECTIONS = {"pmad": pmad_settings.pmad_config, "extra_data": lambda: []}
+  SECTIONS = {
+    "pmad": pmad_settings.pmad_config,
+    "extra_data": lambda: [],
+    # Read only with `pmad.features.checkpoint='pretrain'` (the feature MAE trained here).
+    "model": model_settings.model_config,
+    "pretrain": pretrain_section,
+  }
 
   def __init__(self, settings):
     super().__init__(settings)
@@ -178,6 +188,10 @@ class Pmad(Detector):
   @classmethod
   def validate(cls, config) -> None:
     validate_section(config.pmad)
+    if config.pmad.features.checkpoint == pmad_settings.PRETRAIN:
+      from maeday_jax import recipe_checks
+
+      recipe_checks.validate_pretrain_train(config.pretrain.train, "pretrain.train")
 
   @property
   def input_size(self) -> int:
@@ -189,19 +203,33 @@ class Pmad(Detector):
 
   # ------------------------------------------------------------------------ fitting
 
-  def _load_features(self) -> None:
+  def _load_features(self, checkpoint: str | None = None) -> None:
+    """The feature network, from `features.checkpoint` (or `checkpoint`, a folder the fit
+    trained it into)."""
     import jax
 
     from maeday_jax import models
     from maeday_jax.models import weights
 
     features = self.settings.pmad.features
-    checkpoint = features.checkpoint or features.backbone
+    checkpoint = checkpoint or features.checkpoint or features.backbone
     if checkpoint == "random":
       log.warning("pmad with a RANDOM %s: its figures are meaningless.", features.backbone)
     self._net = models.load(features.backbone, checkpoint, key=jax.random.key(self.settings.seed))
     known = weights.KNOWN.get(str(checkpoint))
     self._weights = None if known is None else weights_ref.PublicWeights(checkpoint, known.kind)
+
+  def _train_features(self, data, extra, workdir: pathlib.Path) -> str | None:
+    """With `features.checkpoint='pretrain'`: trains (or resumes) the feature MAE on the
+    normal images, as the `mae` detector pre-trains (`model`, `pretrain` sections), and
+    returns its exported folder; otherwise None (the configured checkpoint)."""
+    if self.settings.pmad.features.checkpoint != pmad_settings.PRETRAIN:
+      return None
+    from maeday_jax.pretrain import loop
+
+    config = pretraining_config(self.settings, data, extra, self.settings.pretrain)
+    self.training["features"] = loop.train(config, workdir / FEATURES_DIR)
+    return str(workdir / FEATURES_DIR / loop.MODEL_DIR)
 
   def _feature_size(self) -> int:
     return int(self.settings.pmad.features.image_size or 0)
@@ -218,6 +246,7 @@ class Pmad(Detector):
     if normals.data is None:
       raise ValueError("the pmad detector trains on data sources: fit it through a job config.")
     section = self.settings.pmad
+    self.training = {}
     # The prototypes' images first: a category without normal images is refused (by
     # name) before anything trains. Tiled, the prototypes are those of the tiles.
     tiling = self.tiling
@@ -233,10 +262,10 @@ class Pmad(Detector):
       from maeday_jax import tiling as tiles
 
       images = tiles.cut_arrays(images, tiling)
-    self._load_features()
     extra = list(self.settings.get("extra_data", [])) or normals.extra_data
     with tempfile.TemporaryDirectory() as scratch:
       workdir = pathlib.Path(normals.workdir or scratch)
+      self._load_features(self._train_features(normals.data, extra, workdir))
       path = section.reconstructor
       if not path:
         summary = training.train(
@@ -246,7 +275,7 @@ class Pmad(Detector):
           workdir / "pmad_training",
           self._frozen_parts,
         )
-        self.training = summary
+        self.training = {**self.training, **summary}  # Beside the feature MAE's, if any.
         path = summary["reconstructor_dir"]
       self._model, params, record = training.load_reconstructor(path)
     self._check_reconstructor(record, path)

@@ -49,11 +49,19 @@ def train_config() -> ml_collections.ConfigDict:
   return config
 
 
+PRETRAIN = "pretrain"  # `features.checkpoint`: train the feature MAE on the normal images.
+
+
 def features_config() -> ml_collections.ConfigDict:
   """The frozen feature network of the prototypes (and of the `features` / `codebook`
   targets): any `models.load` name, its weights ('' = its public checkpoint, a file or
   folder, or 'random'), the layers concatenated after resizing to the patch grid, and
-  the size it sees the images at (0: the reconstructor's input size)."""
+  the size it sees the images at (0: the reconstructor's input size).
+
+  `checkpoint='pretrain'`: where no pre-trained network can be had, an MAE trained first
+  on the same normal images (the job config's `model` section: its architecture, and
+  `pretrain`: the recipe, as the `mae` detector's), resumable in the fit's work directory
+  (`<workdir>/pmad_features/`); `backbone` then names its family (e.g. `mae_small`)."""
   return ml_collections.ConfigDict(
     {"backbone": "wide_resnet50_2", "checkpoint": "", "layers": (1, 2), "image_size": 0}
   )
