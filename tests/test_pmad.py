@@ -457,3 +457,30 @@ def test_the_reconstructor_trains_on_visual_tokens(tmp_path):
   model, _, record = training.load_reconstructor(summary["reconstructor_dir"])
   assert record["target"] == "dvae" and model.out_dim == 64 and record["codebook"] is None
   assert np.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
+
+
+def test_a_feature_network_trained_first_on_the_normal_images(mvtec, tmp_path):
+  """`pmad.features.checkpoint=pretrain`: the fit pre-trains an MAE on the normal images
+  (the `model` and `pretrain` sections), resumably, and the detector's feature network is
+  that MAE, weight for weight; the artifact scores without the training folder."""
+  from maeday_jax import checkpoints, detectors
+  from maeday_jax.jobs import fit as fit_job
+
+  config = defaults.fit_config("runlocal")
+  config.detector = "pmad"
+  config.data.update(name="mvtec_ad", path=str(mvtec), data_dir=str(tmp_path / "tfds"))
+  config.data.categories, config.data.num_workers = "bottle", 1
+  config.pmad.features.update(backbone="mae_test", checkpoint="pretrain", layers=(1,))
+  config.pretrain.train.steps = 2
+  fit_job.run(config, tmp_path / "fit")
+  trained = tmp_path / "fit" / "training" / pmad_detector.FEATURES_DIR / "model"
+  _, mae_params = checkpoints.load_mae(str(trained))
+  detector = detectors.load(tmp_path / "fit" / fit_job.ARTIFACT_DIR)
+  assert detector.training["features"]["steps"] == 2
+  flat = dict(jax.tree_util.tree_leaves_with_path(detector._net.params))
+  for path, value in jax.tree_util.tree_leaves_with_path(mae_params):
+    np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(value))
+  config.pretrain.train.steps = 0
+  config.pretrain.train.epochs = -1.0
+  with pytest.raises(ConfigError, match="pretrain.train"):
+    pmad_detector.Pmad.validate(config)

@@ -108,18 +108,14 @@ def _train_on(config, split: dict) -> None:
 def fit(recipe: str, out: pathlib.Path, split: dict, smoke: bool = False) -> pathlib.Path:
   """Trains `recipe` on the split's training images (the fit job; a rerun resumes);
   returns its detector folder."""
-  from maeday_jax import defaults
   from maeday_jax.jobs import fit as fit_job
 
   config = _config(recipe, smoke)
-  if recipe.startswith("pmad"):  # The PMAD recipe's detector settings, through the fit job.
-    recipe_config = config
-    config = defaults.fit_config("runlocal" if smoke else None)
-    config.detector, config.seed = "pmad", recipe_config.seed
-    config.pmad, config.tiling = recipe_config.pmad, recipe_config.tiling
-    if not smoke:  # The feature MAE: stage 1 of this split's MALA of the same reads.
-      mala = "mala_aspect" if _aspect(recipe) else "mala_tiled"
-      config.pmad.features.checkpoint = str(out / mala / "training" / "stage1" / "model")
+  if recipe.startswith("pmad") and not smoke:
+    # The feature MAE: stage 1 of this split's MALA of the same reads, trained with the
+    # settings the PMAD recipe trains its own with (`features.checkpoint=pretrain`).
+    mala = "mala_aspect" if _aspect(recipe) else "mala_tiled"
+    config.pmad.features.checkpoint = str(out / mala / "training" / "stage1" / "model")
   _train_on(config, split)
   workdir = out / recipe
   if not (workdir / "detector" / "manifest.json").is_file():
