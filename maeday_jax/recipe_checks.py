@@ -13,7 +13,7 @@ import ml_collections
 
 from maeday_jax.config_errors import ConfigError, require
 from maeday_jax.parallel import require_divides_devices
-from maeday_jax.settings.tiling import check_load_short_side
+from maeday_jax.settings.tiling import MAX_SHORT_SIDE
 
 SPLITS = ("train", "test")  # What every dataset prepares (`data.load_split`).
 
@@ -224,6 +224,20 @@ def validate_pretrain_train(train: ml_collections.ConfigDict, field: str = "trai
     f"{field}.load_size",
     "augment.crop='tile' cuts tiles of the model's size from images kept at load_size: "
     "set load_size larger than the model's input size (e.g. the tiling's image_size).",
+  )
+
+
+def check_load_short_side(value, field: str) -> None:
+  """A training section's `load_short_side`: 0, -1 or a size in pixels (bounded).
+
+  Raises:
+    ConfigError: naming `field`.
+  """
+  require(
+    isinstance(value, int) and not isinstance(value, bool) and -1 <= value <= MAX_SHORT_SIDE,
+    field,
+    f"must be 0 (square images at load_size), -1 (each image at its own size) or a short "
+    f"side in pixels up to {MAX_SHORT_SIDE}, got {value!r}.",
   )
 
 

@@ -19,7 +19,6 @@ from maeday_jax.detectors.base import Detector
 from maeday_jax.detectors.mae import pretraining_config, training_config
 from maeday_jax.settings import mala as mala_settings
 from maeday_jax.settings import model as model_settings
-from maeday_jax.settings.tiling import check_load_short_side
 
 _STAGE_FIELDS = ("stage1", "stage2", "pool_size", "checkpoint_every", "keep_checkpoints")
 
@@ -159,6 +158,8 @@ def validate_stage2(stage2, field: str) -> None:
     f"{field}.load_size",
     f"must be >= 0 (0 = the model's input size), got {load_size!r}.",
   )
+  from maeday_jax.recipe_checks import check_load_short_side
+
   check_load_short_side(stage2.get("load_short_side", 0), f"{field}.load_short_side")
   for name in ("min_lr", "weight_decay", "grad_clip", "l1_weight", "focal_weight", "focal_gamma"):
     value = stage2.get(name, 0.0)

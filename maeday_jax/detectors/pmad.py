@@ -45,7 +45,6 @@ from maeday_jax.detectors.base import Detector
 from maeday_jax.detectors.mae import pretrain_section, pretraining_config
 from maeday_jax.settings import model as model_settings
 from maeday_jax.settings import pmad as pmad_settings
-from maeday_jax.settings.tiling import check_load_short_side
 
 log = logging.getLogger("maeday_jax")
 
@@ -108,6 +107,8 @@ def validate_section(section) -> None:
     f"{section.coreset_ratio!r} must be in (0, 1].",
   )
   require(section.codebook_size >= 2, "pmad.codebook_size", "must be >= 2.")
+  from maeday_jax.recipe_checks import check_load_short_side
+
   check_load_short_side(section.train.get("load_short_side", 0), "pmad.train.load_short_side")
   require(
     section.get("coreset_max_rows", 0) >= 0, "pmad.coreset_max_rows", "must be >= 0 (0 = all)."

@@ -101,19 +101,3 @@ def problems(section) -> list[tuple[str, str]]:
       )
     )
   return found
-
-
-def check_load_short_side(value, field: str) -> None:
-  """A training section's `load_short_side`: 0, -1 or a size in pixels (bounded).
-
-  Raises:
-    ConfigError: naming `field`.
-  """
-  from maeday_jax.config_errors import require
-
-  require(
-    isinstance(value, int) and not isinstance(value, bool) and -1 <= value <= MAX_SHORT_SIDE,
-    field,
-    f"must be 0 (square images at load_size), -1 (each image at its own size) or a short "
-    f"side in pixels up to {MAX_SHORT_SIDE}, got {value!r}.",
-  )
