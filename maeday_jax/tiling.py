@@ -29,6 +29,7 @@ banks of tiles' patches, adapters trained on tiles).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import jax
@@ -109,6 +110,22 @@ class Tiling:
       f"{'' if self.native else f'{self.count} '}tiles of {self.tile_size} px (stride "
       f"{self.stride}) of {images}, {self.combine} over overlaps"
       + (", with the whole image" if self.with_global else "")
+    )
+
+
+def warn_if_training_reads_differ(grid: Tiling | None, load_short_side: int, field: str) -> None:
+  """Logs a warning when a network trains on tiles of images read otherwise than it will
+  score them (`field`'s `load_short_side` against `tiling.resize_short_side`): the
+  texture's scale then differs between training and scoring, which is allowed (it can
+  even be chosen on a validation split) but rarely meant."""
+  scored = 0 if grid is None else grid.short_side
+  if int(load_short_side or 0) != scored:
+    logging.getLogger("maeday_jax").warning(
+      "--config.%s=%s but tiling.resize_short_side=%s: the network trains on tiles of "
+      "images read otherwise than it scores them (set both alike unless that is meant).",
+      field,
+      load_short_side,
+      scored,
     )
 
 

@@ -438,3 +438,13 @@ def _square(detector):
   square = detector.with_seed(0)
   square.settings.tiling.resize_short_side = 0
   return square
+
+
+def test_training_and_scoring_reads_that_differ_are_pointed_out(caplog):
+  grid = _grid(short_side=224)
+  with caplog.at_level("WARNING", logger="maeday_jax"):
+    tiling.warn_if_training_reads_differ(grid, 224, "pmad.train.load_short_side")
+    tiling.warn_if_training_reads_differ(None, 0, "mala.stage2.load_short_side")
+    assert not caplog.records
+    tiling.warn_if_training_reads_differ(grid, 0, "pmad.train.load_short_side")
+  assert "pmad.train.load_short_side=0 but tiling.resize_short_side=224" in caplog.text

@@ -229,6 +229,12 @@ class Mala(Detector):
         stage1 = stage1_config(self.settings, normals.data, extra)
         self.training["stage1"] = loop.train(stage1, workdir / "stage1")
         mae_checkpoint = str(workdir / "stage1" / loop.MODEL_DIR)
+      from maeday_jax import tiling
+
+      stage2_settings = self.settings.mala.stage2
+      tiling.warn_if_training_reads_differ(
+        self.tiling, stage2_settings.get("load_short_side", 0), "mala.stage2.load_short_side"
+      )
       self.training["stage2"] = stage2.train(
         stage2_config(self.settings, normals.data, extra), workdir / "stage2", mae_checkpoint
       )

@@ -269,6 +269,11 @@ class Pmad(Detector):
       self._load_features(self._train_features(normals.data, extra, workdir))
       path = section.reconstructor
       if not path:
+        from maeday_jax import tiling as tiles
+
+        tiles.warn_if_training_reads_differ(
+          tiling, section.train.get("load_short_side", 0), "pmad.train.load_short_side"
+        )
         summary = training.train(
           section,
           int(self.settings.seed),
