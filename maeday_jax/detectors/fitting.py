@@ -128,14 +128,17 @@ def fit_with_statistics(
   # A tiled detector learns from its normal images' tiles (those that train on whole data
   # sources crop their own: `load_size`, `augment.crop`); its statistics are those of
   # whole (tiled) images, as it scores them.
-  tiling = None if detector.trains_on_sources else detector.tiling
-  if tiling is not None and tiling.native:
-    normals_to_fit = tiling_native.tile_normals(normals, tiling)
+  grid = detector.tiling
+  native = grid is not None and grid.native  # Images read with their aspect ratio kept.
+  if grid is None or detector.trains_on_sources:
+    to_fit = normals
+  elif native:
+    to_fit = tiling_native.tile_normals(normals, grid)
   else:
-    normals_to_fit = normals if tiling is None else tiles.tile_normals(normals, tiling)
-  detector.fit(normals_to_fit, key)
-  if detector.tiling is not None and detector.tiling.native:
-    _, heldout = normals.native_images(detector.tiling.aspect)
+    to_fit = tiles.tile_normals(normals, grid)
+  detector.fit(to_fit, key)
+  if native:
+    _, heldout = normals.native_images(grid.aspect)
   else:
     _, heldout = normals.images(detector.read_size)
   detector.normal_statistics = scoring.normal_statistics(detector, heldout)

@@ -326,15 +326,10 @@ def train(config: ml_collections.ConfigDict, workdir, mae_checkpoint: str) -> di
       "set 0 (whole images) or at least the model's input size."
     )
   short_side = int(settings.get("load_short_side") or 0)
-  if short_side:  # Random tiles of the model's size at the images' own aspect ratio.
-    images = inputs.load_aspect_images(
-      sources, short_side, mae.img_size, True, config.data.num_workers
-    )
-    grey, tile_size = images.grey(), 0
-  else:
-    images, _ = inputs.load_images(sources, load_size, True, config.data.num_workers)
-    grey = bool(np.all(images[..., :1] == images[..., 1:]))
-    tile_size = mae.img_size if load_size > mae.img_size else 0
+  images = inputs.load_training_images(
+    sources, load_size, mae.img_size, short_side, True, config.data.num_workers
+  )
+  grey, tile_size = inputs.all_grey(images), inputs.device_tile(images, mae.img_size)
   per_epoch, total, warmup = loop.schedule_lengths(config, len(images))
   spec = _spec(config, segmenter, total, warmup, grayscale=grey, tile_size=tile_size)
   bank = parallel.replicate(jnp.asarray(_texture_bank(settings.synthetic, mae.img_size)), mesh)

@@ -257,21 +257,17 @@ def train(
     )
   sources = inputs.training_sources(sources_config)
   short_side = int(train_section.get("load_short_side") or 0)
+  images = inputs.load_training_images(sources, load_size, size, short_side)
   init_key, step_key = jax.random.split(jax.random.key(seed))
   patch = pmad_vit.VARIANTS[section.variant]["patch_size"]
   grid = size // patch
   # The codebook is fitted on what the targets are computed from: the training tiles at
   # the images' own resolution (`load_size` > `image_size`, or their own aspect ratio:
-  # `load_short_side`), not whole resized images.
-  if short_side:
-    images = inputs.load_aspect_images(sources, short_side, size)
-    load_size, codebook_images = size, images.all_tiles()
-  else:
-    images, _ = inputs.load_images(sources, load_size, True)
-    codebook_images = (
-      images if load_size == size else inputs.AspectImages(list(images), size).all_tiles()
-    )
-  frozen, out_dim = frozen_parts(codebook_images, grid)
+  # `load_short_side`), not whole resized images (images of one tile are their own).
+  tiled = (
+    images if isinstance(images, inputs.AspectImages) else inputs.AspectImages(list(images), size)
+  )
+  frozen, out_dim = frozen_parts(tiled.all_tiles(), grid)
   _keep_codebook(frozen, workdir)
   model = pmad_vit.create(section.variant, size, out_dim)
   config = ml_collections.ConfigDict(
@@ -303,7 +299,7 @@ def train(
     train_section.batch_size,
   )
   arrays = parallel.replicate(frozen.arrays, mesh)
-  tile = size if load_size > size else 0
+  tile = inputs.device_tile(images, size)
   step = make_step(model, frozen, optimizer, schedule, train_section, mesh, tile)
   run = loop.TrainingRun(
     config, workdir, mesh, model, "pmad", images, per_epoch, total, None, step_key

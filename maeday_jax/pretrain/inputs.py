@@ -172,10 +172,6 @@ class AspectImages:
           out.append(image[top : top + tile, left : left + tile])
     return np.stack(out)
 
-  def grey(self) -> bool:
-    """Whether every image is grey (its three channels equal)."""
-    return all(bool(np.all(x[..., :1] == x[..., 1:])) for x in self.images)
-
 
 def load_aspect_images(
   sources: Sequence[Source],
@@ -191,6 +187,37 @@ def load_aspect_images(
   aspect = KeepAspect(short_side, tile)
   images, _ = load_images(sources, tile, normal_only, num_workers, aspect=aspect)
   return AspectImages(images, int(tile))
+
+
+def load_training_images(
+  sources: Sequence[Source],
+  load_size: int,
+  tile: int,
+  short_side: int = 0,
+  normal_only: bool = True,
+  num_workers: int = 4,
+):
+  """What a trainer steps through (`batch_images`): uint8 (N, L, L, 3) images square at
+  `load_size`, or, with `short_side` != 0 (`load_short_side`), an `AspectImages` of
+  `tile` windows of the images with their aspect ratio kept."""
+  if short_side:
+    return load_aspect_images(sources, short_side, tile, normal_only, num_workers)
+  images, _ = load_images(sources, load_size, normal_only, num_workers)
+  return images
+
+
+def all_grey(images) -> bool:
+  """Whether every training image (`load_training_images`) is grey (three equal channels)."""
+  listed = images.images if isinstance(images, AspectImages) else [images]
+  return all(bool(np.all(x[..., :1] == x[..., 1:])) for x in listed)
+
+
+def device_tile(images, tile: int) -> int:
+  """The tile side a train step still cuts on device from `images` (`load_training_images`):
+  0 when the host already cut windows or the images are at most one tile, else `tile`."""
+  if isinstance(images, AspectImages) or images.shape[1] <= tile:
+    return 0
+  return tile
 
 
 def batch_images(images, indices: np.ndarray, rows: slice, step: int, seed: int) -> np.ndarray:

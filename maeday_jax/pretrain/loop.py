@@ -120,14 +120,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path):
       "(augment.crop='tile'); set it to at least the model's input size."
     )
   sources = inputs.training_sources([config.data, *config.get("extra_data", [])])
-  if short_side:  # Random tiles of the model's size at the images' own aspect ratio.
-    images = inputs.load_aspect_images(
-      sources, short_side, model.img_size, train.normal_only, config.data.num_workers
-    )
-  else:
-    images, _ = inputs.load_images(
-      sources, load_size, train.normal_only, num_workers=config.data.num_workers
-    )
+  images = inputs.load_training_images(
+    sources, load_size, model.img_size, short_side, train.normal_only, config.data.num_workers
+  )
   per_epoch, total_steps, warmup_steps = schedule_lengths(config, len(images))
   spec = _train_spec(config, model, total_steps, warmup_steps)
   run = TrainingRun(
