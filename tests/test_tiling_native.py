@@ -5,7 +5,6 @@ folder of rectangular images of different sizes."""
 
 from __future__ import annotations
 
-import csv
 import pathlib
 
 import jax
@@ -23,6 +22,7 @@ from maeday_jax.jobs import evaluate as evaluate_job
 from maeday_jax.jobs import fit as fit_job
 from maeday_jax.jobs import score as score_job
 from maeday_jax.serve import model as served
+from tests.test_detectors import _data, _scores  # The folder layout both write.
 from tests.test_tiling import _reference_starts
 
 
@@ -207,22 +207,6 @@ def rectangles(tmp_path_factory) -> pathlib.Path:
   return root
 
 
-def _data(root, tfds_dir) -> dict:
-  return {
-    "name": "folder",
-    "path": str(root / "images"),
-    "normal_path": str(root / "normal"),
-    "mask_path": str(root / "masks"),
-    "data_dir": str(tfds_dir),
-    "num_workers": 2,
-  }
-
-
-def _scores(csv_path) -> dict[str, float]:
-  with open(csv_path, newline="") as f:
-    return {pathlib.PurePath(r["file"]).name: float(r["score"]) for r in csv.DictReader(f)}
-
-
 def test_fit_evaluate_bulk_and_serve_agree_on_rectangles_of_their_own_size(rectangles, tmp_path):
   """PatchCore tiled at each image's own size: its bank holds the patches of every
   shot's own tiles, and evaluation, bulk scoring and the service give each file the same
@@ -274,12 +258,9 @@ def test_fit_evaluate_bulk_and_serve_agree_on_rectangles_of_their_own_size(recta
   np.testing.assert_allclose(served_scores, [scored["t0.png"], scored["t4.png"]], rtol=1e-4)
 
 
-def test_training_images_read_with_their_aspect_ratio(rectangles, tmp_path):
-  """`pretrain.inputs.load_images` with a short side: every normal image, its name, its
-  aspect ratio kept (PMAD's prototypes and the validation split read this way)."""
-  from maeday_jax.pretrain import inputs
-
-  source = defaults.training_source(
+def _normal_source(rectangles, tmp_path):
+  """The rectangles' normal images as a training source (`pretrain.inputs`)."""
+  return defaults.training_source(
     "train",
     name="folder",
     path=str(rectangles / "normal"),
@@ -287,6 +268,14 @@ def test_training_images_read_with_their_aspect_ratio(rectangles, tmp_path):
     data_dir=str(tmp_path / "tfds"),
     num_workers=1,
   )
+
+
+def test_training_images_read_with_their_aspect_ratio(rectangles, tmp_path):
+  """`pretrain.inputs.load_images` with a short side: every normal image, its name, its
+  aspect ratio kept (PMAD's prototypes and the validation split read this way)."""
+  from maeday_jax.pretrain import inputs
+
+  source = _normal_source(rectangles, tmp_path)
   sources = inputs.training_sources([source])
   square, names = inputs.load_images(sources, 32, True)
   kept, kept_names = inputs.load_images(sources, 32, True, aspect=resizing.KeepAspect(20))
@@ -354,14 +343,7 @@ def test_pmad_trains_on_tiles_at_the_images_aspect_ratio(rectangles, tmp_path):
     seen.append(np.asarray(images))
     return training.Frozen("pixels"), (size // grid) ** 2 * 3
 
-  source = defaults.training_source(
-    "train",
-    name="folder",
-    path=str(rectangles / "normal"),
-    normal_path=str(rectangles / "normal"),
-    data_dir=str(tmp_path / "tfds"),
-    num_workers=1,
-  )
+  source = _normal_source(rectangles, tmp_path)
   training.train(section, 0, [source], tmp_path / "run", frozen_parts)
   shapes = [SHAPES[i % len(SHAPES)] for i in range(8)]
   expected = 0

@@ -63,36 +63,33 @@ def _aspect(recipe: str) -> bool:
 
 
 def write_split(out: pathlib.Path) -> dict:
-  """The validation split of the recipes' training images (written once)."""
-
-  summary_path = out / "split.json"
-  if summary_path.is_file():
-    return json.loads(summary_path.read_text())
-  summary = _write(out / "split", short_side=0)
-  summary_path.write_text(json.dumps(summary, indent=2))
-  return summary
+  """The validation split of the recipes' training images, square at 224 px (written
+  once)."""
+  return _write_once(out, "split", short_side=0)
 
 
 def write_aspect_split(out: pathlib.Path) -> dict:
   """The same split of the same images (and defect draws), each written with its aspect
   ratio kept, short side 224 px (written once)."""
-  summary_path = out / "split_aspect.json"
-  if summary_path.is_file():
-    return json.loads(summary_path.read_text())
-  summary = _write(out / "split_aspect", short_side=224)
-  summary_path.write_text(json.dumps(summary, indent=2))
-  return summary
+  return _write_once(out, "split_aspect", short_side=224)
 
 
-def _write(folder: pathlib.Path, short_side: int) -> dict:
-  from maeday_jax import defaults, recipe_validation
+def _write_once(out: pathlib.Path, name: str, short_side: int) -> dict:
+  """`<out>/<name>/` and its summary `<out>/<name>.json`, unless already written."""
+  from maeday_jax import defaults, recipe_validation, resizing
   from maeday_jax.pretrain import inputs
 
+  summary_path = out / f"{name}.json"
+  if summary_path.is_file():
+    return json.loads(summary_path.read_text())
   config = _config("mala_tiled")
   defaults.use_normal_tiles(config, REPO_ROOT.parent / "shared" / "data")
   sources = inputs.training_sources([config.data, *config.extra_data])
-  images, names = inputs.load_images(sources, 224, True, short_side=short_side)
-  return recipe_validation.write_split(images, names, folder)
+  aspect = resizing.KeepAspect(short_side) if short_side else None
+  images, names = inputs.load_images(sources, 224, True, aspect=aspect)
+  summary = recipe_validation.write_split(images, names, out / name)
+  summary_path.write_text(json.dumps(summary, indent=2))
+  return summary
 
 
 def _train_on(config, split: dict) -> None:
