@@ -153,10 +153,9 @@ def from_settings(section, model_size: int) -> Tiling | None:
   tile = int(section.tile_size) or int(model_size)
   image = int(section.image_size) or 2 * tile
   stride = int(section.stride) or max(tile // 2, 1)
-  native = int(section.get("resize_short_side", 0)) != 0  # Then `image_size` sizes maps only.
-  if not found and tile > image and not native:
+  short_side = int(section.get("resize_short_side", 0))  # Not 0: `image_size` sizes maps only.
+  if not found and tile > image and not short_side:
     found.append(("tile_size", f"the tile ({tile} px) is larger than the image ({image} px)."))
-  short_side = int(section.get("resize_short_side", 0))
   if not found and 0 < short_side < tile:
     found.append(
       (
@@ -178,7 +177,7 @@ def from_settings(section, model_size: int) -> Tiling | None:
     str(section.combine),
     int(section.max_tiles),
     with_global=section.mode == "tiles+global",
-    short_side=int(section.get("resize_short_side", 0)),
+    short_side=short_side,
   )
 
 
