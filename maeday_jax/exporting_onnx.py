@@ -93,6 +93,12 @@ class _Split:
     self.library = jax.jit(run)
     leaf_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.leaves]
     self.closed = jax.make_jaxpr(run)(leaf_specs, images, self.ids, self.key, *self.valid)
+    if re.search(r"\b(bf16|f16)\[", str(self.closed)):
+      raise OnnxExportError(
+        "it computes in half precision (its model.dtype), which "
+        "onnxruntime cannot run: export it in float32 (the export job does; from Python, "
+        "`detectors.load(folder, model_dtype='float32')`)"
+      )
     seed, data = jaxpr_split.SEED, jaxpr_split.DATA
     self.kinds = [data] * len(self.leaves) + [data, seed, seed] + [data] * len(self.valid)
     self.random_specs = jax.eval_shape(self.masks, self.ids)

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from maeday_jax.models import mixed_matmul
 from maeday_jax.settings import few_shot as few_shot_settings
 
 # Every weight matrix of the MAE (spec §1); see `maeday_jax.settings.few_shot.LORA_TARGETS`.
@@ -209,15 +210,16 @@ def _low_rank(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array) -> ja
   """The layer's low-rank update applied to its input: x -> (x A) B, in the layer's dtype."""
   dtype = getattr(module, "dtype", None) or x.dtype
   a, b = a.astype(dtype), b.astype(dtype)
+  matmul = mixed_matmul.matmul if mixed_matmul.applies(dtype) else _flat_matmul
   if isinstance(module, nn.Dense):
-    return _flat_matmul(_flat_matmul(x.astype(dtype), a), b)
+    return matmul(matmul(x.astype(dtype), a), b)
   # Convolution: A is the (*window, in, rank) kernel of a convolution with the layer's own
   # strides and padding (the clone below), and B mixes its rank channels: by linearity the
   # same as convolving with the kernel A @ B.
   window = module.kernel_size if isinstance(module.kernel_size, Sequence) else (module.kernel_size,)
   kernel = a.reshape(*window, -1, a.shape[-1])
   low = module.clone(parent=None, features=a.shape[-1], use_bias=False, name=None)
-  return _flat_matmul(low.apply({"params": {"kernel": kernel}}, x), b)
+  return matmul(low.apply({"params": {"kernel": kernel}}, x), b)
 
 
 def _flat_matmul(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -8,6 +8,7 @@ fields override it), anything else is loaded by `models.mae_import.load_mae`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -26,18 +27,39 @@ log = logging.getLogger("maeday_jax")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Backends whose matrix units run bfloat16 at several times their float32 rate.
 _BFLOAT16_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+# x86 CPU flags (Linux /proc/cpuinfo) of bfloat16 dot-product instructions, which XLA:CPU
+# runs at about twice its float32 rate when products accumulate in float32
+# (`models.mixed_matmul`): AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and later)
+# and AMX-BF16 (Intel Sapphire Rapids and later).
+_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_multiplies_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """Whether this machine's CPU has bfloat16 dot-product instructions (read from `cpuinfo`;
+  False where that file does not exist or names none)."""
+  try:
+    with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return bool(set(line.split(":", 1)[-1].split()) & set(_BFLOAT16_CPU_FLAGS))
+  except OSError:
+    pass
+  return False
 
 
 def compute_dtype(name: str, backend: str | None = None):
   """The compute dtype a `model.dtype` setting stands for on `backend` (default: JAX's).
 
-  'auto' is bfloat16 on GPUs and TPUs and float32 on CPUs (where bfloat16 matmuls are
-  emulated and slower); parameters, LayerNorm statistics, the softmax and the error maps
-  stay float32 either way.
+  'auto' is bfloat16 on GPUs, TPUs and CPUs with bfloat16 instructions
+  (`cpu_multiplies_bfloat16`), float32 on other CPUs (where bfloat16 matmuls are emulated
+  and slower); parameters, LayerNorm statistics, the softmax and the error maps stay
+  float32 either way.
   """
   if name == "auto":
     backend = backend or jax.default_backend()
-    return jnp.bfloat16 if backend in _BFLOAT16_BACKENDS else jnp.float32
+    native = backend in _BFLOAT16_BACKENDS or (backend == "cpu" and cpu_multiplies_bfloat16())
+    return jnp.bfloat16 if native else jnp.float32
   return DTYPES[name]
 
 

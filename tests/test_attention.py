@@ -73,7 +73,9 @@ def test_auto_choice_per_backend():
 
 
 def test_auto_dtype_per_backend():
-  assert model_builder.compute_dtype("auto", backend="cpu") == jnp.float32
+  # CPUs: bfloat16 where they have its instructions (tests/test_mixed_matmul.py).
+  cpu = jnp.bfloat16 if model_builder.cpu_multiplies_bfloat16() else jnp.float32
+  assert model_builder.compute_dtype("auto", backend="cpu") == cpu
   assert model_builder.compute_dtype("auto", backend="gpu") == jnp.bfloat16
   assert model_builder.compute_dtype("auto", backend="tpu") == jnp.bfloat16
   assert model_builder.compute_dtype("float32", backend="tpu") == jnp.float32

@@ -10,10 +10,11 @@ import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maeday_jax import defaults, detectors, exported, exporting, zero_shot
+from maeday_jax import defaults, detectors, exported, exporting, exporting_onnx, zero_shot
 from maeday_jax.config_errors import ConfigError
 from maeday_jax.detectors import scoring
 from maeday_jax.jobs import export as export_job
@@ -36,6 +37,9 @@ def _fitted_once(method: str, **fields):
 def _fitted(method: str, **fields):
   config = defaults.fit_config("runlocal")
   config.train.steps = 2
+  # Exports are compared with the library to float32 rounding; in bfloat16 (`auto` on
+  # CPUs with bfloat16 instructions) two compilations of one model round differently.
+  config.model.dtype = "float32"
   for name, value in fields.items():
     *parents, leaf = name.split(".")
     node = config
@@ -211,3 +215,25 @@ def test_onnx_refusals_name_the_cause_and_write_nothing(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "jax2onnx", None)  # As if the extra were not installed.
   with pytest.raises(ConfigError, match=r'jax2onnx .*pip install -e "\.\[export\]"'):
     export_job.validate(config)
+
+
+def test_a_bfloat16_detector_is_exported_to_onnx_in_float32(tmp_path):
+  pytest.importorskip("jax2onnx")
+  detector = _fitted("maeday", **{"model.dtype": "bfloat16"})
+  with pytest.raises(exporting_onnx.OnnxExportError, match="half precision"):
+    exporting_onnx.export_onnx(detector, tmp_path / "direct")
+  assert not (tmp_path / "direct").exists()
+  artifact = detectors.save(detector, tmp_path / "detector")
+  config = defaults.evaluate_config("runlocal")
+  config.job, config.format, config.platforms = "export", "onnx", "cpu"
+  config.detector = str(artifact)
+  export_job.run(config, tmp_path / "work")
+  # It loaded in onnxruntime (which refuses bfloat16 convolutions) and scores as float32:
+  as_float32 = detectors.load(artifact, model_dtype="float32")
+  assert as_float32.model.dtype == jnp.float32 and detector.model.dtype == jnp.bfloat16
+  size = detector.read_size
+  images = np.random.default_rng(3).normal(size=(2, size, size, 3)).astype(np.float32)
+  maps, scores = exported.load(tmp_path / "work" / export_job.EXPORT_DIR).score(images)
+  expected_maps, expected_scores = scoring.score_images(as_float32, images)
+  _assert_close(scores, expected_scores)
+  _assert_close(maps, expected_maps)

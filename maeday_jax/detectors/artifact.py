@@ -202,8 +202,12 @@ def _check_state(folder: pathlib.Path, manifest: dict) -> None:
   )
 
 
-def load(directory: str | os.PathLike) -> Detector:
+def load(directory: str | os.PathLike, *, model_dtype: str | None = None) -> Detector:
   """The fitted detector saved in `directory` (see the module docstring for the checks).
+
+  `model_dtype` ('float32', 'bfloat16', 'auto') replaces the fitted settings' compute
+  dtype, `model.dtype` (the weights are float32 either way): e.g. float32 for an ONNX
+  export, whose runtime has no bfloat16 convolutions.
 
   Raises:
     ArtifactError: the folder cannot be used as it is; the message says why.
@@ -212,6 +216,8 @@ def load(directory: str | os.PathLike) -> Detector:
   manifest = read_manifest(folder)
   _check_state(folder, manifest)
   settings = ml_collections.ConfigDict(manifest["settings"])
+  if model_dtype is not None and settings.get("model") is not None:
+    settings.model.dtype = model_dtype
   detector = registry.get(manifest["method"])(settings)
   state = {}
   if manifest.get("state_files"):

@@ -40,9 +40,10 @@ def check(config: ml_collections.ConfigDict, default: str = "maeday") -> str:
   return spec
 
 
-def load(config: ml_collections.ConfigDict, spec: str, job: str):
+def load(config: ml_collections.ConfigDict, spec: str, job: str, model_dtype: str | None = None):
   """The detector of `spec` ready to score: a fitted artifact, or a method that needs no
-  fitting (zero-shot), built from `config`.
+  fitting (zero-shot), built from `config`; `model_dtype`, when given, replaces the
+  compute dtype `model.dtype` of either.
 
   Raises:
     ArtifactError: the artifact cannot be used.
@@ -51,9 +52,12 @@ def load(config: ml_collections.ConfigDict, spec: str, job: str):
   from maeday_jax import detectors
 
   if is_path(spec):
-    detector = detectors.load(spec)
+    detector = detectors.load(spec, model_dtype=model_dtype)
     log.info("Detector: %s, fitted artifact %s", detector.describe(), spec)
     return detector
+  if model_dtype is not None and config.get("model") is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.dtype = model_dtype
   detector = detectors.create(config, spec)
   if detector.requires_shots() or detector.trains_on_sources:
     raise ConfigError(

@@ -57,8 +57,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Exports the detector into `<workdir>/exported/`; returns its manifest."""
   spec = validate(config)
   workdir = common.prepare_workdir(workdir, config)
-  detector = detector_choice.load(config, spec, "export")
-  if config.format == "onnx":
+  # onnxruntime runs no bfloat16 convolutions: an ONNX file computes in float32 whatever
+  # the detector was fitted with (its weights are float32 anyway).
+  onnx = config.format == "onnx"
+  detector = detector_choice.load(config, spec, "export", "float32" if onnx else None)
+  if onnx:
     try:
       path = exporting_onnx.export_onnx(detector, workdir / EXPORT_DIR)
     except exporting_onnx.OnnxExportError as e:

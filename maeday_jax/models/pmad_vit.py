@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from maeday_jax.models import pos_embed
-from maeday_jax.models.vit_layers import Block, LayerNorm
+from maeday_jax.models.vit_layers import Block, LayerNorm, dense
 from maeday_jax.models.vit_mae import PatchEmbed
 
 Dtype = Any
-_dense_init = nn.initializers.xavier_uniform()
 _token_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
@@ -78,12 +77,12 @@ class ProposalReconstructor(nn.Module):
     for i in range(self.depth):
       x = block(name=f"blocks_{i}")(x)
     x = LayerNorm(name="norm")(x)
-    x = nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=_dense_init, name="decoder_embed")(x)
+    x = dense(self.embed_dim, self.dtype, name="decoder_embed")(x)
     x = x.astype(jnp.float32) + positions[None]
     for i in range(self.depth):
       x = block(name=f"decoder_blocks_{i}")(x)
     x = LayerNorm(name="decoder_norm")(x)
-    out = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_dense_init, name="head")(x)
+    out = dense(self.out_dim, self.dtype, name="head")(x)
     return out.astype(jnp.float32)
 
 

@@ -14,12 +14,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maeday_jax.models import mixed_matmul
 from maeday_jax.settings import model as model_settings
 
 Dtype = Any
 
 # Official initialiser of the Linear weights: xavier-uniform with zero bias.
 _dense_init = nn.initializers.xavier_uniform()
+
+
+def dense(features: int, dtype: Dtype, *, kernel_init=_dense_init, **kwargs) -> nn.Dense:
+  """`nn.Dense` computing in `dtype`: the models' one linear layer (float32 parameters).
+
+  In half precision on CPUs its products accumulate in float32, which is what lets the
+  CPU's bfloat16 instructions run (`mixed_matmul`).
+  """
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    kernel_init=kernel_init,
+    dot_general=mixed_matmul.dense_dot_general_for(dtype),
+    **kwargs,
+  )
 
 
 # LayerNorm (eps 1e-6, official) computes its statistics in float32 whatever the compute
@@ -67,13 +83,18 @@ def _einsum_attention(qkv: jax.Array, causal: bool = False) -> jax.Array:
   # backward than `jax.nn.dot_product_attention` on (B, N, heads, head_dim).
   q, k, v = qkv.transpose(2, 0, 3, 1, 4)
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+  einsum = mixed_matmul.einsum if mixed_matmul.applies(q.dtype) else _einsum
+  scores = einsum("bhqd,bhkd->bhqk", q * scale, k, jnp.float32)
   if causal:
     # -inf above the diagonal, as the references' additive mask: exactly zero weights.
     tokens = scores.shape[-1]
     scores = jnp.where(jnp.tri(tokens, dtype=bool), scores, -jnp.inf)
   weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # float32 softmax
-  return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+  return einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
 
 
 class Attention(nn.Module):
@@ -98,12 +119,11 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"Width {width} is not divisible by num_heads={self.num_heads}.")
     head_dim = width // self.num_heads
-    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_dense_init)
-    qkv = dense(3 * width, name="qkv")(x)
+    qkv = dense(3 * width, self.dtype, name="qkv")(x)
     # The official reshape is (B, N, 3, heads, head_dim): q, k, v are contiguous thirds.
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     out = self._attend(qkv, head_dim)
-    return dense(width, name="proj")(out.reshape(batch, tokens, width))
+    return dense(width, self.dtype, name="proj")(out.reshape(batch, tokens, width))
 
   def _attend(self, qkv: jax.Array, head_dim: int) -> jax.Array:
     implementation = resolve_attention(self.attention, self.dtype, head_dim)
@@ -138,11 +158,10 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation={self.activation!r} is not one of {ACTIVATIONS}.")
-    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_dense_init)
     width = x.shape[-1]
-    x = dense(self.hidden_dim, name="fc1")(x)
+    x = dense(self.hidden_dim, self.dtype, name="fc1")(x)
     x = quick_gelu(x) if self.activation == "quick_gelu" else nn.gelu(x, approximate=False)
-    return dense(width, name="fc2")(x)
+    return dense(width, self.dtype, name="fc2")(x)
 
 
 class SwiGLU(nn.Module):
@@ -154,8 +173,10 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     hidden = (int(self.hidden_dim * 2 / 3) + 7) // 8 * 8
-    gate, value = jnp.split(nn.Dense(2 * hidden, dtype=self.dtype, name="w12")(x), 2, axis=-1)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name="w3")(nn.silu(gate) * value)
+    # Flax's default initialiser, as before: these layers only ever hold imported weights.
+    lecun = nn.initializers.lecun_normal()
+    gate, value = jnp.split(dense(2 * hidden, self.dtype, kernel_init=lecun, name="w12")(x), 2, -1)
+    return dense(x.shape[-1], self.dtype, kernel_init=lecun, name="w3")(nn.silu(gate) * value)
 
 
 class LayerScale(nn.Module):

@@ -8,7 +8,6 @@ Parameters are always float32; `dtype` only sets the compute precision (bfloat16
 accelerators). LayerNorm statistics, the softmax and the outputs stay float32.
 """
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,14 +22,14 @@ from maeday_jax.models.vit_layers import (  # noqa: F401  (re-exported: the MAE'
   Block,
   LayerNorm,
   Mlp,
+  dense,
   resolve_attention,
 )
 from maeday_jax.settings import model as model_settings
 
 Dtype = Any
 
-# Official initialisers: xavier-uniform Linear weights with zero bias, N(0, 0.02) tokens.
-_dense_init = nn.initializers.xavier_uniform()
+# Official initialiser of the tokens, N(0, 0.02) (the Linear layers': `vit_layers.dense`).
 _token_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -119,7 +118,6 @@ class MaskedAutoencoder(nn.Module):
         f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}."
       )
     grid, length = self.grid_size, self.num_patches + 1
-    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_dense_init)
     self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
     self.cls_token = self.param("cls_token", _token_init, (1, 1, self.embed_dim))
     self.pos_embed = self.param(
@@ -130,7 +128,7 @@ class MaskedAutoencoder(nn.Module):
       for i in range(self.depth)
     ]
     self.norm = LayerNorm()
-    self.decoder_embed = dense(self.decoder_embed_dim)
+    self.decoder_embed = dense(self.decoder_embed_dim, self.dtype)
     self.mask_token = self.param("mask_token", _token_init, (1, 1, self.decoder_embed_dim))
     self.decoder_pos_embed = self.param(
       "decoder_pos_embed",
@@ -148,7 +146,7 @@ class MaskedAutoencoder(nn.Module):
       for i in range(self.decoder_depth)
     ]
     self.decoder_norm = LayerNorm()
-    self.decoder_pred = dense(self.patch_dim)
+    self.decoder_pred = dense(self.patch_dim, self.dtype)
 
   def encode(self, images: jax.Array, ids_keep: jax.Array) -> jax.Array:
     """Encodes the visible patches: (B, H, W, C), (B, K) -> (B, 1 + K, D)."""
