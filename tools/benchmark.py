@@ -264,7 +264,14 @@ def parse_args(argv=None):
   parser.add_argument("--mask-ratio", type=float, default=0.75)
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
-  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument(
+    "--dtype",
+    choices=["auto", "float32", "bfloat16"],
+    default="auto",
+    help="compute dtype of both sides; auto: JAX computes as the library does by default "
+    "(model.dtype=auto: bfloat16 on GPUs, TPUs and CPUs with bfloat16 instructions; "
+    "PatchCore's backbone float32), PyTorch in its own default, float32",
+  )
   parser.add_argument(
     "--attention",
     choices=["auto", "einsum", "xla", "cudnn"],

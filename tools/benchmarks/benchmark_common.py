@@ -418,9 +418,10 @@ def timing_words(cfg: dict) -> str:
 
 
 def jax_header(jx: dict) -> str:
-  return f"JAX {jx['jax']} (jaxlib {jx['jaxlib']}, flax {jx['flax']}) on {jx['devices']}" + (
-    f", XLA_FLAGS={jx['xla_flags']!r}" if jx["xla_flags"] else ""
-  )
+  return (
+    f"JAX {jx['jax']} (jaxlib {jx['jaxlib']}, flax {jx['flax']}) on {jx['devices']}, "
+    f"{jx.get('dtype', '?')}"
+  ) + (f", XLA_FLAGS={jx['xla_flags']!r}" if jx["xla_flags"] else "")
 
 
 def torch_header(pt: dict, how: str) -> str:

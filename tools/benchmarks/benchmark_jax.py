@@ -45,14 +45,13 @@ class JaxSide:
 
   def __init__(self, args, arch: dict, flops_per_item: float):
     import jax
-    import jax.numpy as jnp
 
-    from maeday_jax import models, parallel
+    from maeday_jax import model_builder, models, parallel
     from maeday_jax.checkpoints import state_dict
 
     self.jax, self.args, self.arch = jax, args, arch
     self.flops_per_item = flops_per_item
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = model_builder.compute_dtype(args.dtype)
     self.model = models.create(
       args.arch, dtype=dtype, mask_ratio=args.mask_ratio, attention=args.attention
     )
@@ -116,7 +115,7 @@ class JaxSide:
       "flax": flax.__version__,
       "devices": [str(d) for d in jax.devices()],
       "device_kind": jax.devices()[0].device_kind,
-      "dtype": self.args.dtype,
+      "dtype": jax.numpy.dtype(self.model.dtype).name,
       "attention": models_attention(self.model),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       **self.compile_times,

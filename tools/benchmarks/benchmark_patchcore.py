@@ -495,7 +495,7 @@ class TorchPatchcore(TorchSide):
       "device": self.args.torch_device,
       "device_name": torch.cuda.get_device_name(self.device) if self.cuda else None,
       "tf32": "convolutions" if self.cuda else False,
-      "dtype": self.args.dtype,
+      "dtype": "bfloat16" if self.args.dtype == "bfloat16" else "float32",
       "first_fit_s": self.first_fit_s,
       "first_iteration_s": self.first[mode],
       **fit_stats(self.fit_wall, self.fit_cpu),
@@ -546,7 +546,8 @@ class JaxPatchcore(JaxSide):
     if differ:
       raise RuntimeError(f"The benchmark's PatchCore settings disagree with maeday_jax: {differ}")
 
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    # The library's PatchCore runs its backbone in float32 unless told otherwise.
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     state = random_resnet_state_dict(arch, args.seed)
     self.model, variables = backbones.from_state_dict(
       state, source="benchmark weights", dtype=dtype

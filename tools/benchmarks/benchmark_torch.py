@@ -116,7 +116,7 @@ class TorchSide:
       "device": args.torch_device,
       "device_name": torch.cuda.get_device_name(self.device) if self.cuda else None,
       "tf32": self.cuda,
-      "dtype": args.dtype,
+      "dtype": "bfloat16" if args.dtype == "bfloat16" else "float32",
       "attention": best,
       "attention_runs": runs,
       **runs[best],
