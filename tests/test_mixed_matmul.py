@@ -102,6 +102,19 @@ def test_dense_layers_and_their_gradients_multiply_into_float32_on_cpus():
   assert products["flax"] == ["bf16 x bf16 -> bf16"] * 3
 
 
+def test_no_product_of_a_bfloat16_block_returns_bfloat16_on_cpus():
+  """A transformer block, forward and backward: the dense layers multiply bfloat16 into
+  float32 and attention runs in float32 (XLA:CPU would convert its bfloat16 operands)."""
+  block = vit_layers.Block(num_heads=2, dtype=BF16)
+  x = jnp.ones((2, 5, 16), jnp.float32)
+  params = block.init(jax.random.key(0), x)
+  grad = jax.grad(lambda p, x: jnp.sum(block.apply(p, x) ** 2), argnums=(0, 1))
+  products = _products(grad, params, x)
+  assert products.count("bf16 x bf16 -> f32") == 3 * 4  # qkv, proj, fc1, fc2
+  assert products.count("f32 x f32 -> f32") == 3 * 2  # the two attention products
+  assert len(products) == 3 * 6
+
+
 def test_only_half_precision_on_cpus_takes_this_path():
   assert mixed_matmul.applies(BF16, backend="cpu")
   assert mixed_matmul.applies(jnp.float16, backend="cpu")

@@ -9,8 +9,11 @@ out: every product of the forward and backward pass takes half-precision operand
 accumulates in float32 and rounds its result once, as GPU and TPU matrix units do (the
 cotangent is rounded to the operands' dtype first, as in any bfloat16 training).
 
-Models use it only for half-precision compute dtypes on CPUs (`for_dtype`); float32
-products, and every product on accelerators, stay plain `jnp.einsum` / `lax.dot_general`.
+The models' dense layers use it for half-precision compute dtypes on CPUs
+(`dense_dot_general_for`, `vit_layers.dense`; LoRA's low-rank products too); float32
+products, and every product on accelerators, stay plain `lax.dot_general`. Batched
+products (attention) are not run on the bfloat16 instructions by XLA:CPU at all: there
+attention computes in float32 (`vit_layers`).
 """
 
 from __future__ import annotations

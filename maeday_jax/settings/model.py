@@ -10,8 +10,9 @@ from ml_collections import config_dict
 # `model.checkpoint` value that means "randomly initialised weights of `model.variant`"
 # (MAE pre-training from scratch, smoke tests).
 RANDOM_WEIGHTS = "random"
-# Compute dtypes; 'auto' = bfloat16 on GPUs and TPUs, float32 on CPUs (parameters,
-# LayerNorm statistics, the softmax and the error maps are float32 in every case).
+# Compute dtypes; 'auto' = bfloat16 on GPUs, TPUs and CPUs with bfloat16 instructions,
+# float32 on other CPUs (`model_builder.compute_dtype`; parameters, LayerNorm statistics,
+# the softmax and the error maps are float32 in every case).
 DTYPES = ("auto", "float32", "bfloat16")
 # How attention is computed (`models.resolve_attention`): 'auto' = explicit einsums on
 # CPUs, cuDNN's fused kernel on GPUs in half precision, XLA's fusion otherwise.
@@ -51,8 +52,8 @@ def model_config(
       the checkpoint's value. With 'random' they override the variant; with a checkpoint
       `num_heads` / `decoder_num_heads` set the head counts (not in the tensor shapes)
       and the others must agree with the checkpoint.
-    dtype: compute dtype: 'auto' (default: bfloat16 on GPUs and TPUs, float32 on CPUs),
-      'float32' or 'bfloat16'.
+    dtype: compute dtype: 'auto' (default: bfloat16 on GPUs, TPUs and CPUs with bfloat16
+      instructions, float32 on other CPUs), 'float32' or 'bfloat16'.
     attention: 'auto' (default), 'einsum', 'xla' or 'cudnn' (`ATTENTION_IMPLEMENTATIONS`);
       every choice computes the same function, at different speeds per backend.
     cache_dir: download/conversion cache ('' = $MAEDAY_CACHE_DIR or ~/.cache/maeday_jax).
