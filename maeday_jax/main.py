@@ -3,9 +3,17 @@
 Every job is an importable `run(config, workdir)` function; this file only parses flags.
 """
 
+import sys
+
+from maeday_jax import huge_pages
+
+if __name__ == "__main__":
+  # First of all: the command may start again, once, with huge pages for XLA's large
+  # buffers (`huge_pages`), before the imports below cost their second or two.
+  huge_pages.reexec_with_huge_pages()
+
 import importlib
 import logging
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging

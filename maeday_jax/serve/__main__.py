@@ -130,4 +130,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from maeday_jax import huge_pages
+
+  huge_pages.reexec_with_huge_pages()  # Before JAX starts (see `maeday_jax.huge_pages`).
   sys.exit(main())

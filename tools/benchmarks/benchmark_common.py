@@ -35,6 +35,9 @@ SIDE_ARGS = ("arch", "batch", "steps", "warmup", "dtype", "seed", "torch_device"
 # The worker's single JSON result line starts with this, so that library chatter on
 # stdout cannot be mistaken for it.
 RESULT_PREFIX = "MAEDAY_BENCHMARK_RESULT "
+# glibc's tunable for transparent huge pages on malloc's large blocks, with which the JAX
+# side runs (`maeday_jax.huge_pages.TUNABLE`; this module must not import maeday_jax).
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 # The architectures of `maeday_jax.models.VARIANTS`, spelled out here because the PyTorch
 # worker must not import `maeday_jax`; the JAX side checks that the two agree.
@@ -360,6 +363,22 @@ def torch_importable() -> bool:
   return all(importlib.util.find_spec(m) is not None for m in ("torch", "timm", "safetensors"))
 
 
+def torch_environment(environ, huge_pages: bool) -> dict[str, str]:
+  """The PyTorch worker's environment: this one, less the malloc tunable that the JAX side
+  runs with (`maeday_jax.huge_pages`), so that PyTorch runs as it does by default, unless
+  `huge_pages` (`--torch-huge-pages`) gives it the same."""
+  env = dict(environ)
+  kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+  if not huge_pages:
+    kept = [t for t in kept if not t.startswith("glibc.malloc.hugetlb=")]
+  elif HUGE_PAGES_TUNABLE not in kept:
+    kept.append(HUGE_PAGES_TUNABLE)
+  env.pop("GLIBC_TUNABLES", None)
+  if kept:
+    env["GLIBC_TUNABLES"] = ":".join(kept)
+  return env
+
+
 class TorchProcess:
   """`benchmark.py --torch-worker` under another interpreter, read line by line.
 
@@ -376,7 +395,11 @@ class TorchProcess:
     log(f"[torch] {' '.join(cmd)}")
     # stderr (progress) goes straight through; stdout carries the result lines.
     self.proc = subprocess.Popen(
-      cmd, stdin=subprocess.PIPE if serve else subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+      cmd,
+      stdin=subprocess.PIPE if serve else subprocess.DEVNULL,
+      stdout=subprocess.PIPE,
+      text=True,
+      env=torch_environment(os.environ, getattr(args, "torch_huge_pages", False)),
     )
     self.chatter: list[str] = []
 
@@ -417,17 +440,22 @@ def timing_words(cfg: dict) -> str:
   )
 
 
+def _tunables(side: dict) -> str:
+  return f", GLIBC_TUNABLES={side['glibc_tunables']}" if side.get("glibc_tunables") else ""
+
+
 def jax_header(jx: dict) -> str:
   return (
     f"JAX {jx['jax']} (jaxlib {jx['jaxlib']}, flax {jx['flax']}) on {jx['devices']}, "
-    f"{jx.get('dtype', '?')}"
+    f"{jx.get('dtype', '?')}{_tunables(jx)}"
   ) + (f", XLA_FLAGS={jx['xla_flags']!r}" if jx["xla_flags"] else "")
 
 
 def torch_header(pt: dict, how: str) -> str:
   dev = pt["device"] + (f" ({pt['device_name']})" if pt.get("device_name") else "")
   return (
-    f"PyTorch {pt['torch']} (timm {pt.get('timm', '?')}) on {dev}, {pt['threads']} threads, "
+    f"PyTorch {pt['torch']} (timm {pt.get('timm', '?')}) on {dev}, {pt['threads']} threads"
+    f"{_tunables(pt)}, "
     f"{how}, {pt['attention']} attention (the faster of {'/'.join(pt['attention_runs'])})"
   )
 

@@ -118,6 +118,7 @@ class JaxSide:
       "dtype": jax.numpy.dtype(self.model.dtype).name,
       "attention": models_attention(self.model),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       **self.compile_times,
       **step_stats(self.wall, self.cpu, self.args.batch, self.flops_per_item),
       **self.extra_summary(),

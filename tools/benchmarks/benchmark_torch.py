@@ -117,6 +117,7 @@ class TorchSide:
       "device_name": torch.cuda.get_device_name(self.device) if self.cuda else None,
       "tf32": self.cuda,
       "dtype": "bfloat16" if args.dtype == "bfloat16" else "float32",
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "attention": best,
       "attention_runs": runs,
       **runs[best],
