@@ -5,12 +5,12 @@ Every job is an importable `run(config, workdir)` function; this file only parse
 
 import sys
 
-from maeday_jax import huge_pages
+from maeday_jax import cpu_memory
 
 if __name__ == "__main__":
-  # First of all: the command may start again, once, with huge pages for XLA's large
-  # buffers (`huge_pages`), before the imports below cost their second or two.
-  huge_pages.reexec_with_huge_pages()
+  # First of all: the command may start again, once, with malloc keeping XLA's buffers
+  # between steps (`cpu_memory`), before the imports below cost their second or two.
+  cpu_memory.reexec_with_kept_memory()
 
 import importlib
 import logging

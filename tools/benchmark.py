@@ -340,10 +340,10 @@ def parse_args(argv=None):
   g.add_argument("--torch-attention", choices=["both", "fused", "unfused"], default="both")
   g.add_argument("--torch-threads", type=int, default=0, help="0 = every usable CPU")
   g.add_argument(
-    "--torch-huge-pages",
+    "--torch-same-malloc",
     action="store_true",
-    help="give PyTorch the malloc tunable the JAX side runs with (maeday_jax.huge_pages); "
-    "by default the worker runs without it, as PyTorch does out of the box",
+    help="give PyTorch the malloc tunables the JAX side runs with (maeday_jax.cpu_memory); "
+    "by default the worker runs without them, as PyTorch does out of the box",
   )
   parser.add_argument(
     "--interleave",
@@ -460,8 +460,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   if "--torch-worker" not in sys.argv:  # The worker's interpreter has no maeday_jax.
-    from maeday_jax import huge_pages
+    from maeday_jax import cpu_memory
 
-    # The JAX side runs as the library's commands do (`maeday_jax.huge_pages`).
-    huge_pages.reexec_with_huge_pages()
+    # The JAX side runs as the library's commands do (`maeday_jax.cpu_memory`).
+    cpu_memory.reexec_with_kept_memory()
   sys.exit(main())

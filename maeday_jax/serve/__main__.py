@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from maeday_jax import huge_pages
+  from maeday_jax import cpu_memory
 
-  huge_pages.reexec_with_huge_pages()  # Before JAX starts (see `maeday_jax.huge_pages`).
+  cpu_memory.reexec_with_kept_memory()  # Before JAX starts (see `maeday_jax.cpu_memory`).
   sys.exit(main())

@@ -35,9 +35,9 @@ SIDE_ARGS = ("arch", "batch", "steps", "warmup", "dtype", "seed", "torch_device"
 # The worker's single JSON result line starts with this, so that library chatter on
 # stdout cannot be mistaken for it.
 RESULT_PREFIX = "MAEDAY_BENCHMARK_RESULT "
-# glibc's tunable for transparent huge pages on malloc's large blocks, with which the JAX
-# side runs (`maeday_jax.huge_pages.TUNABLE`; this module must not import maeday_jax).
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# The prefix of glibc's malloc tunables, which the JAX side runs with
+# (`maeday_jax.cpu_memory`; this module must not import maeday_jax).
+MALLOC_TUNABLES = "glibc.malloc."
 
 # The architectures of `maeday_jax.models.VARIANTS`, spelled out here because the PyTorch
 # worker must not import `maeday_jax`; the JAX side checks that the two agree.
@@ -363,17 +363,15 @@ def torch_importable() -> bool:
   return all(importlib.util.find_spec(m) is not None for m in ("torch", "timm", "safetensors"))
 
 
-def torch_environment(environ, huge_pages: bool) -> dict[str, str]:
-  """The PyTorch worker's environment: this one, less the malloc tunable that the JAX side
-  runs with (`maeday_jax.huge_pages`), so that PyTorch runs as it does by default, unless
-  `huge_pages` (`--torch-huge-pages`) gives it the same."""
+def torch_environment(environ, same_malloc: bool) -> dict[str, str]:
+  """The PyTorch worker's environment: this one, less the malloc tunables that the JAX
+  side runs with (`maeday_jax.cpu_memory`), so that PyTorch runs as it does by default,
+  unless `same_malloc` (`--torch-same-malloc`) keeps them."""
   env = dict(environ)
-  kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-  if not huge_pages:
-    kept = [t for t in kept if not t.startswith("glibc.malloc.hugetlb=")]
-  elif HUGE_PAGES_TUNABLE not in kept:
-    kept.append(HUGE_PAGES_TUNABLE)
-  env.pop("GLIBC_TUNABLES", None)
+  if same_malloc:
+    return env
+  kept = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t]
+  kept = [t for t in kept if not t.startswith(MALLOC_TUNABLES)]
   if kept:
     env["GLIBC_TUNABLES"] = ":".join(kept)
   return env
@@ -399,7 +397,7 @@ class TorchProcess:
       stdin=subprocess.PIPE if serve else subprocess.DEVNULL,
       stdout=subprocess.PIPE,
       text=True,
-      env=torch_environment(os.environ, getattr(args, "torch_huge_pages", False)),
+      env=torch_environment(os.environ, getattr(args, "torch_same_malloc", False)),
     )
     self.chatter: list[str] = []
 
