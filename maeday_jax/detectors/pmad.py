@@ -241,6 +241,7 @@ class Pmad(Detector):
   def fit(self, normals, key) -> None:
     import jax
 
+    from maeday_jax import tiling as tiles
     from maeday_jax.pmad import training
     from maeday_jax.pretrain import inputs
 
@@ -260,8 +261,6 @@ class Pmad(Detector):
 
       images = tiling_native.tiles_of(images, tiling, tiling.model_size)
     elif tiling is not None:
-      from maeday_jax import tiling as tiles
-
       images = tiles.cut_arrays(images, tiling)
     extra = list(self.settings.get("extra_data", [])) or normals.extra_data
     with tempfile.TemporaryDirectory() as scratch:
@@ -269,8 +268,6 @@ class Pmad(Detector):
       self._load_features(self._train_features(normals.data, extra, workdir))
       path = section.reconstructor
       if not path:
-        from maeday_jax import tiling as tiles
-
         tiles.warn_if_training_reads_differ(
           tiling, section.train.get("load_short_side", 0), "pmad.train.load_short_side"
         )
