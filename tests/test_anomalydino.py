@@ -202,3 +202,18 @@ def test_bad_settings_are_refused():
     detectors.create(_config(rotations=(0, 45)))
   with pytest.raises(ConfigError, match="anomalydino.masking"):
     detectors.registry.get("anomalydino").validate(_config(masking="sometimes"))
+
+
+def test_fits_after_the_first_compile_nothing(compile_counter):
+  """A second fit, and a fit of another detector on the same DINOv2 (the next category of
+  an evaluation), reuse the first fit's compiled token step."""
+  config = _config(rotations=(0, 90), masking="false")
+  first, second = detectors.create(config), detectors.create(config)
+  second.build()  # Its random weights' initialiser compiles here (a checkpoint would not).
+  before = len(compile_counter)
+  first.fit(detectors.NormalImages.from_arrays(_images(2, 0)), None)
+  compiled = len(compile_counter)
+  assert compiled > before
+  first.fit(detectors.NormalImages.from_arrays(_images(2, 1)), None)
+  second.fit(detectors.NormalImages.from_arrays(_images(2, 2)), None)
+  assert len(compile_counter) == compiled, compile_counter[compiled:]

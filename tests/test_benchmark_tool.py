@@ -10,12 +10,14 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
 # The entry point, and the task modules beside it (it puts their folder on the path too).
 sys.path[:0] = [str(TOOLS), str(TOOLS / "benchmarks")]
 import benchmark  # noqa: E402
+import benchmark_anomalydino  # noqa: E402
 import benchmark_finetune  # noqa: E402
 import benchmark_patchcore  # noqa: E402
 
@@ -81,6 +83,47 @@ def test_patchcore_sides_agree(tmp_path):
   assert result["score_max_rel_diff"] < 1e-4
 
 
+# The tiny DINOv2 at 112 px: 8 x 8 patches; the check at its training size, 56 px (4 x 4).
+ANOMALYDINO_ARGS = (
+  "--task", "anomalydino", "--batch", "8", "--image-size", "112", "--shots", "2",
+  "--steps", "1", "--warmup", "0",
+)  # fmt: skip
+
+
+def test_anomalydino_task(tmp_path, capsys):
+  result = _run(tmp_path, *ANOMALYDINO_ARGS, arch="dinov2_test")
+  jx, work = result["jax"], result["work"]
+  # 2 shots x 4 rotations x 64 patches of 48-D; the check's bank 2 x 4 x 16.
+  assert work["bank_rows"] == 512 and work["patches_per_image"] == 64
+  assert jx["bank_shape"] == [512, 48] and jx["check_bank_shape"] == [128, 48]
+  assert len(jx["scores"]) == 8 and len(jx["check_scores"]) == benchmark_anomalydino.CHECK_IMAGES
+  # Cosine distances of unit vectors: in [0, 2], and above 0 for unseen random images.
+  assert all(0 < s <= 2 for s in jx["scores"] + jx["check_scores"])
+  assert jx["fit_median_s"] > 0 and jx["dtype"] == "float32"
+  report = capsys.readouterr().out
+  assert "bank 512 x 48" in report and "backbone dinov2_test: 48-D, 3 blocks" in report
+
+
+@pytest.mark.skipif(not os.access(TORCH_PYTHON, os.X_OK), reason=f"no {TORCH_PYTHON}")
+def test_anomalydino_sides_agree(tmp_path):
+  """The library's detector against anomalib's computation on the independent PyTorch
+  DINOv2: the same bank shapes and image scores, at 112 px (positions resized) as well."""
+  torch = ("--interleave", "--torch-python", TORCH_PYTHON, "--torch-model", "plain")
+  result = _run(tmp_path, *ANOMALYDINO_ARGS, arch="dinov2_test", torch=torch)
+  jx, pt = result["jax"], result["pytorch"]
+  assert result["same_inputs"] and pt["implementation"].startswith("plain PyTorch")
+  assert pt["bank_shape"] == jx["bank_shape"] and pt["check_bank_shape"] == jx["check_bank_shape"]
+  assert result["score_max_rel_diff"] < 1e-4
+  np.testing.assert_allclose(jx["scores"], pt["scores"], rtol=1e-4)
+
+
+def test_anomalydino_flop_count():
+  # The DeiT paper's count for DeiT-S (ViT-S/16, 224 px, 196 patches): 4.6 G
+  # multiply-adds (fvcore's "FLOPs"), attention products included.
+  arch = dict(benchmark.DINO_ARCHS["dinov2_vits14"], patch_size=16)
+  assert benchmark_anomalydino.backbone_flops(arch, 224) / 2e9 == pytest.approx(4.6, rel=0.01)
+
+
 def test_patchcore_flop_count():
   # torchvision's published multiply-adds of the whole networks: 11.4 G and 1.81 G.
   for name, gmacs in (("wide_resnet50_2", 11.4), ("resnet18", 1.81)):
@@ -97,6 +140,11 @@ def test_bad_arguments_are_refused():
   with pytest.raises(SystemExit):
     benchmark.parse_args(["--task", "patchcore", "--coreset-ratio", "0"])
   assert benchmark.parse_args(["--task", "patchcore"]).arch == "wide_resnet50_2"
+  with pytest.raises(SystemExit):  # not a multiple of DINOv2's 14-px patches
+    benchmark.parse_args(["--task", "anomalydino", "--image-size", "450"])
+  with pytest.raises(SystemExit):  # a ResNet for AnomalyDINO
+    benchmark.parse_args(["--task", "anomalydino", "--arch", "resnet18"])
+  assert benchmark.parse_args(["--task", "anomalydino"]).arch == "dinov2_vits14"
   assert benchmark.parse_args([]).arch == "base"
 
 

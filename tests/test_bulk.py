@@ -111,6 +111,36 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_scored(folder_run):
   # Loading the model and compiling come before the first scores, within the run.
   assert 0 < summary["startup_seconds"] == summary["processes"][0]["startup_seconds"]
   assert summary["startup_seconds"] < summary["wall_seconds"] + 60
+  process = summary["processes"][0]
+  assert 0 <= process["input_wait_seconds"] <= process["seconds"]
+  assert 0 <= summary["input_share"] == process["input_share"] <= 1
+
+
+def test_a_run_held_up_by_its_input_says_so(tmp_path, job_config, monkeypatch, caplog):
+  """The time spent waiting for batches is measured where the job waits: a reader that
+  takes 1.5 s per batch of 8 (a slow disk) shows as most of the scoring time, with a warning
+  naming what to change; the shares are the recorded waits over the recorded seconds."""
+  images = tmp_path / "images"
+  for i in range(24):
+    data_makers.write_image(images / f"{i:02d}.png", "rgb")
+  read_batches = engine.reader.read_batches
+
+  def slow(*args, **kwargs):
+    for batch in read_batches(*args, **kwargs):
+      time.sleep(1.5)
+      yield batch
+
+  monkeypatch.setattr(engine.reader, "read_batches", slow)
+  config = job_config("score", "runlocal", data={"path": images}, batch_size=8, **RUN)
+  summary = score_job.run(config, tmp_path / "work")
+  process = summary["processes"][0]
+  assert process["input_wait_seconds"] >= 3 * 1.5
+  assert process["input_share"] == pytest.approx(
+    process["input_wait_seconds"] / process["seconds"], abs=1e-3
+  )
+  assert summary["input_share"] > engine.INPUT_BOUND_SHARE
+  assert "Raise --config.data.num_workers (now 2)" in caplog.text
+  assert engine.input_bound_warning(1.0, 10.0, 4) is None  # 10 %: nothing to say.
 
 
 def test_each_host_has_one_progress_line_that_a_log_file_can_read():

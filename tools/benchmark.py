@@ -17,16 +17,23 @@ both sides):
   (`--shots` (1) images -> a memory bank of `--coreset-ratio` (0.1) of their patch
   embeddings) and the scoring of `--batch` (8) images. PyTorch runs anomalib's
   `PatchcoreModel` when the `--torch-python` interpreter has anomalib, otherwise the same
-  computation in plain PyTorch (`--torch-patchcore`). Image scores with the full bank
+  computation in plain PyTorch (`--torch-model`). Image scores with the full bank
   (coreset ratio 1.0) must agree between the sides. Reported besides: the fit time, the
   bank size and each side's peak memory.
+- `--task anomalydino` (`benchmark_anomalydino.py`): AnomalyDINO on DINOv2 (`--arch
+  dinov2_vits14`, the default for this task; dinov2_vitb14; the tiny dinov2_test) at
+  `--image-size` (448): the fit (`--shots` (1) images at 4 rotations -> a bank of their
+  patch tokens) and the scoring of `--batch` (8) images. PyTorch runs anomalib's
+  `AnomalyDINOModel` when the `--torch-python` interpreter has anomalib, otherwise the same
+  computation in plain PyTorch (`--torch-model`). Image scores at the backbone's training
+  size must agree between the sides.
 - `--task bulk` (`benchmark_bulk.py`, JAX only, its own options): the bulk scoring job
   (`configs/score.py`) end to end on a synthetic folder, for the tiny and `small` models
   with 1 and 2 processes, and the input pipeline alone.
 - `--task input` (`benchmark_input.py`, no model, its own options): the input pipeline
   (decode, resize, normalise) per CPU core, and the cores one accelerator needs.
-- `--task anomalydino`, `--task musc` (`benchmark_dino.py`, JAX only, its own options):
-  the DINOv2 detectors' scoring speed and peak memory; MuSc against its group size.
+- `--task musc` (`benchmark_musc.py`, JAX only, its own options): MuSc's scoring speed
+  and peak memory against its group size.
 - `--task serve` (`benchmark_serve.py`, JAX only, its own options): the scoring service
   (`maeday_jax.serve`) on loopback: requests/s and p50/p99 latency under concurrent load.
 - `--task pmad` (`benchmark_pmad.py`, JAX only, its own options): PMAD's reconstructor
@@ -52,6 +59,8 @@ CPU (the commands behind the README's figures):
         --interleave --torch-python /work/venv-torch/bin/python
     python tools/benchmark.py --task patchcore --arch wide_resnet50_2 --shots 1 --batch 8 \\
         --steps 3 --warmup 1 --interleave --torch-python /work/venv-anomalib/bin/python
+    python tools/benchmark.py --task anomalydino --batch 8 --steps 3 --warmup 1 \\
+        --interleave --torch-python /work/venv-anomalib/bin/python
 
 By default PyTorch runs all its steps first, then JAX. `--interleave` keeps both alive
 and alternates single steps (the order flipping every round), so that a shared machine's
@@ -76,8 +85,8 @@ default: all masks in one vmapped pass, B x N reconstructions at once like the P
 side; k: a loop over chunks of k masks, which bounds memory) and XLA flags through the
 environment (`XLA_FLAGS=...`). PyTorch tries fused (`F.scaled_dot_product_attention`)
 and unfused (explicit softmax) attention and reports the faster one unless
-`--torch-attention` picks one (the MAE tasks; PatchCore has no attention). For PatchCore on
-GPU/TPU see `benchmark_patchcore.py`.
+`--torch-attention` picks one (the MAE tasks; PatchCore and AnomalyDINO run one eager
+PyTorch model). For PatchCore and AnomalyDINO on GPU/TPU see their modules.
 
 Timings on shared machines are noisy: the report includes the load average at the start
 and the end, every step's wall and process CPU time, and the medians are what the ratio
@@ -97,6 +106,7 @@ import sys
 # another interpreter, finds them the same way).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
 
+import benchmark_anomalydino  # noqa: E402
 import benchmark_finetune  # noqa: E402
 import benchmark_patchcore  # noqa: E402
 import benchmark_zero_shot  # noqa: E402
@@ -131,22 +141,41 @@ TASKS = {
     benchmark_patchcore.JaxPatchcore,
     benchmark_patchcore.TorchPatchcore,
   ),
+  "anomalydino": (
+    benchmark_anomalydino,
+    benchmark_anomalydino.JaxAnomalyDino,
+    benchmark_anomalydino.TorchAnomalyDino,
+  ),
 }
-DEFAULT_BATCH = {"zero_shot": 8, "finetune": 32, "patchcore": 8}
+DEFAULT_BATCH = {"zero_shot": 8, "finetune": 32, "patchcore": 8, "anomalydino": 8}
 TITLES = {
   "zero_shot": "zero-shot scoring",
   "finetune": "few-shot LoRA fine-tuning",
   "patchcore": "PatchCore fit and scoring",
+  "anomalydino": "AnomalyDINO fit and scoring",
 }
+DINO_ARCHS = benchmark_anomalydino.DINO_ARCHS
 # The architectures each task runs (`--arch`), and its default one.
-ARCH_TABLES = {"zero_shot": ARCHS, "finetune": ARCHS, "patchcore": RESNET_ARCHS}
-DEFAULT_ARCH = {"zero_shot": "base", "finetune": "base", "patchcore": "wide_resnet50_2"}
+ARCH_TABLES = {
+  "zero_shot": ARCHS,
+  "finetune": ARCHS,
+  "patchcore": RESNET_ARCHS,
+  "anomalydino": DINO_ARCHS,
+}
+DEFAULT_ARCH = {
+  "zero_shot": "base",
+  "finetune": "base",
+  "patchcore": "wide_resnet50_2",
+  "anomalydino": "dinov2_vits14",
+}
 
 
 def torch_modes(args) -> list[str]:
-  """The PyTorch runs the worker times: the attention paths of the MAE, or PatchCore's one."""
-  if args.task == "patchcore":
-    return list(benchmark_patchcore.TORCH_MODES)
+  """The PyTorch runs the worker times: the attention paths of the MAE, or the one eager
+  run of a memory-bank method (`TORCH_MODES` of its module)."""
+  modes = getattr(TASKS[args.task][0], "TORCH_MODES", None)
+  if modes is not None:
+    return list(modes)
   return ["unfused", "fused"] if args.torch_attention == "both" else [args.torch_attention]
 
 
@@ -228,7 +257,7 @@ def report(result: dict) -> str:
   """The human-readable summary printed at the end."""
   cfg, arch, mach = result["config"], result["arch"], result["machine"]
   task = TASKS[cfg["task"]][0]
-  arch_line = task.arch_line if cfg["task"] == "patchcore" else _mae_arch_line
+  arch_line = getattr(task, "arch_line", _mae_arch_line)
   lines = [
     f"MAEDAY {TITLES[cfg['task']]} benchmark, {result['timestamp_utc']}",
     f"machine: {mach['cpu_model']}, {mach['cpu_count']} CPUs "
@@ -251,15 +280,16 @@ def parse_args(argv=None):
   )
   parser.add_argument(
     "--arch",
-    choices=sorted({*ARCHS, *RESNET_ARCHS}),
+    choices=sorted({*ARCHS, *RESNET_ARCHS, *DINO_ARCHS}),
     default=None,
-    help="MAE (zero_shot, finetune; default base) or ResNet (patchcore; default wide_resnet50_2)",
+    help="MAE (zero_shot, finetune; default base), ResNet (patchcore; default "
+    "wide_resnet50_2) or DINOv2 (anomalydino; default dinov2_vits14)",
   )
   parser.add_argument(
     "--batch",
     type=int,
     default=None,
-    help="images (zero_shot, 8; patchcore, 8 scored) or copies (finetune, 32)",
+    help="images (zero_shot, 8; patchcore and anomalydino, 8 scored) or copies (finetune, 32)",
   )
   parser.add_argument("--mask-ratio", type=float, default=0.75)
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
@@ -300,12 +330,13 @@ def parse_args(argv=None):
   g.add_argument(
     "--torch-mask-chunk", type=int, default=0, help="masks per forward pass (0 = all at once)"
   )
-  g = parser.add_argument_group("finetune, patchcore")
+  g = parser.add_argument_group("finetune, patchcore, anomalydino")
   g.add_argument(
     "--shots",
     type=int,
     default=1,
-    help="normal images: repeated into the batch (finetune), the bank's images (patchcore)",
+    help="normal images: repeated into the batch (finetune), the bank's images (patchcore, "
+    "anomalydino)",
   )
   g.add_argument("--rank", type=int, default=32, help="LoRA rank")
   g.add_argument(
@@ -321,12 +352,21 @@ def parse_args(argv=None):
   g.add_argument(
     "--coreset-ratio", type=float, default=0.1, help="share of the embeddings the bank keeps"
   )
+  g = parser.add_argument_group("patchcore, anomalydino")
   g.add_argument(
+    "--torch-model",
     "--torch-patchcore",
     choices=["auto", "anomalib", "plain"],
     default="auto",
-    help="PyTorch side: anomalib's PatchcoreModel (auto: when importable and it knows the "
-    "backbone) or the same computation in plain PyTorch",
+    help="PyTorch side: anomalib's model (auto: when importable and it knows the backbone) "
+    "or the same computation in plain PyTorch",
+  )
+  g = parser.add_argument_group("anomalydino")
+  g.add_argument(
+    "--image-size",
+    type=int,
+    default=benchmark_anomalydino.DEFAULT_IMAGE_SIZE,
+    help="square input, a multiple of the DINOv2's 14-px patches",
   )
   g = parser.add_argument_group("sides")
   g.add_argument("--no-jax", action="store_true", help="PyTorch only")
@@ -373,6 +413,9 @@ def parse_args(argv=None):
     parser.error("--coreset-ratio must be in (0, 1].")
   if args.task == "patchcore" and benchmark_patchcore.bank_rows(args.shots, args.coreset_ratio) < 1:
     parser.error("--coreset-ratio keeps no embedding of the shots: raise it or --shots.")
+  patch = ARCH_TABLES[args.task][args.arch].get("patch_size", 1)
+  if args.task == "anomalydino" and (args.image_size < patch or args.image_size % patch):
+    parser.error(f"--image-size {args.image_size} is not a multiple of the {patch}-px patches.")
   return args
 
 
@@ -383,8 +426,9 @@ def _torch_python(args) -> str | None:
   python = args.torch_python
   if python and not (shutil.which(python) or os.access(python, os.X_OK)):
     raise SystemExit(f"--torch-python {python}: no such executable.")
-  if args.task == "patchcore":
-    importable, needed = modules_importable(benchmark_patchcore.TORCH_MODULES), "torch"
+  modules = getattr(TASKS[args.task][0], "TORCH_MODULES", None)
+  if modules is not None:
+    importable, needed = modules_importable(modules), "/".join(modules)
   else:
     importable, needed = torch_importable(), "torch/timm"
   if python is None and importable:
@@ -399,13 +443,10 @@ def _torch_python(args) -> str | None:
 OWN_TOOLS = {
   "bulk": "benchmark_bulk",
   "input": "benchmark_input",
-  "anomalydino": "benchmark_dino",
-  "musc": "benchmark_dino",
+  "musc": "benchmark_musc",
   "serve": "benchmark_serve",
   "pmad": "benchmark_pmad",
 }
-# Tools that serve several tasks are told which.
-_TOOL_TASK_ARG = {"benchmark_dino"}
 
 
 def _own_tool(argv) -> tuple[str, list[str]] | None:
@@ -413,11 +454,10 @@ def _own_tool(argv) -> tuple[str, list[str]] | None:
   argv = list(sys.argv[1:] if argv is None else argv)
   for i, arg in enumerate(argv):
     for task, module in OWN_TOOLS.items():
-      told = ["--task", task] if module in _TOOL_TASK_ARG else []
       if arg == f"--task={task}":
-        return module, told + argv[:i] + argv[i + 1 :]
+        return module, argv[:i] + argv[i + 1 :]
       if arg == "--task" and argv[i + 1 : i + 2] == [task]:
-        return module, told + argv[:i] + argv[i + 2 :]
+        return module, argv[:i] + argv[i + 2 :]
   return None
 
 

@@ -145,6 +145,12 @@ def draw_top_pictures(workdir, listing: Listing, top: list[tuple[float, int]]) -
   return drawn
 
 
+def _input_share(records) -> float | None:
+  """The processes' time waiting for input over their scoring time (None before any)."""
+  seconds = sum(r.seconds for r in records)
+  return round(sum(r.input_wait_seconds for r in records) / seconds, 4) if seconds > 0 else None
+
+
 def merge(
   workdir: str | os.PathLike,
   listing: Listing,
@@ -265,10 +271,14 @@ def merge(
         "images": r.images,
         "seconds": round(r.seconds, 3),
         "images_per_second": round(r.images / r.seconds, 3) if r.seconds > 0 else None,
+        "input_wait_seconds": round(r.input_wait_seconds, 3),
+        "input_share": round(r.input_wait_seconds / r.seconds, 4) if r.seconds > 0 else None,
         "startup_seconds": r.startup_seconds,
       }
       for r in records
     ],
+    # Of all processes' scoring time, the share spent waiting for the input pipeline.
+    "input_share": _input_share(records),
     "wall_seconds": round(wall_seconds, 3),
     # The slowest process's time to its first scores, in the latest run that scored.
     "startup_seconds": max(
@@ -296,13 +306,14 @@ def merge(
   )
   rates = [p["images_per_second"] for p in summary["processes"] if p["images_per_second"]]
   log.info(
-    "Scored %d of %d images (%d skipped) on %d process(es), %.1f images/s per process, "
-    "in %.1f s: %s",
+    "Scored %d of %d images (%d skipped) on %d process(es), %.1f images/s per process "
+    "(%.0f %% of the time waiting for input), in %.1f s: %s",
     images,
     len(listing),
     len(skipped),
     process_count,
     float(np.mean(rates)) if rates else 0.0,
+    100 * (summary["input_share"] or 0.0),
     wall_seconds,
     workdir / SCORES_FILE,
   )

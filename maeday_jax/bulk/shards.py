@@ -77,6 +77,9 @@ class Progress:
   parts: int = 0
   images: int = 0
   seconds: float = 0.0
+  # Of `seconds`, those spent waiting for the input pipeline (reading, decoding, resizing)
+  # with nothing to hand to the device. 0 in records of older versions.
+  input_wait_seconds: float = 0.0
   # From the start of the latest run that scored here to its first scores on this process
   # (loading the model and compiling included). None in records of older versions.
   startup_seconds: float | None = None

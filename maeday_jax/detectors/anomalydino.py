@@ -16,6 +16,7 @@ The artifact stores the bank, and DINOv2's weights unless they are the public ch
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -116,6 +117,24 @@ def require_patch_multiple(
     )
 
 
+def layer_tokens(model, layer: int, params, images):
+  """(B, h, w, C) patch tokens of a DINOv2 (`model`, `params`) at block `layer`, through
+  the final norm."""
+  from maeday_jax.models import features
+
+  net = features.DinoV2Features(model, params)
+  return next(iter(net.patch_tokens(images, layers=(layer,), norm=True).values()))
+
+
+@functools.cache
+def _compiled_tokens(model, layer: int):
+  """`layer_tokens` jitted once per architecture and layer for the whole process: every
+  fit (each category of an evaluation) reuses its compilation."""
+  import jax
+
+  return jax.jit(functools.partial(layer_tokens, model, layer))
+
+
 class AnomalyDino(Detector):
   """Cosine kNN of DINOv2 patch tokens to the shots' tokens; top-1 % mean image score."""
 
@@ -173,11 +192,7 @@ class AnomalyDino(Detector):
   def _tokens(self, params, images):
     """Patch tokens (B, h, w, C) of the chosen layer through the final norm: what the
     foreground masks are computed on (their threshold is on this scale)."""
-    import dataclasses
-
-    net = dataclasses.replace(self._net, params=params)
-    layer = int(self.settings.anomalydino.layer)
-    return next(iter(net.patch_tokens(images, layers=(layer,), norm=True).values()))
+    return layer_tokens(self._net.model, int(self.settings.anomalydino.layer), params, images)
 
   def _features(self, params, images):
     """The tokens L2-normalised (B, h, w, C): what the memory bank compares."""
@@ -204,7 +219,8 @@ class AnomalyDino(Detector):
     views = np.concatenate(
       [np.rot90(shots, int(r) // 90 % 4, axes=(1, 2)) for r in section.rotations]
     )
-    tokens = jax.jit(self._tokens)(self.state["dinov2"], jnp.asarray(views))
+    layer = int(section.layer)
+    tokens = _compiled_tokens(self._net.model, layer)(self.state["dinov2"], jnp.asarray(views))
     rows = np.asarray(nearest_neighbors.l2_normalize(tokens)).reshape(-1, tokens.shape[-1])
     if self._masking:
       masks = np.asarray(jax.jit(foreground.foreground_masks)(tokens)).reshape(-1)

@@ -8,7 +8,8 @@ For each model (`test`: the tiny 32 px unit-test MAE; `small`: 5.5M parameters a
 by the bulk job (`maeday_jax.jobs.score.run`) in fresh Python processes that find each
 other through `jax.distributed` on 127.0.0.1 (one CPU device each). Reported: wall time
 of the whole job (listing, compilation, scoring, commits, merge), images/s end to end,
-and each process's steady images/s from `summary.json`. The input pipeline alone
+each process's steady images/s from `summary.json`, and the share of the scoring time the
+job waited for its input pipeline (`input_share`). The input pipeline alone
 (decoding and resizing the same files with `maeday_jax.bulk.reader`) is timed first.
 On a machine with accelerators, run it there (one process per host, `--distributed`)
 with a real checkpoint instead; this tool measures what one CPU machine does.
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
         workdir = pathlib.Path(tmp) / f"work_{variant}_{count}"
         result = _run_job(folder, workdir, variant, args.num_masks, count)
         per_process = [p.get("images_per_second") for p in result["summary"]["processes"]]
+        input_share = result["summary"].get("input_share")
         rate = args.images / result["wall_s"]
         figures["jobs"].append(
           {
@@ -132,11 +134,13 @@ def main(argv=None) -> int:
             "wall_s": result["wall_s"],
             "images_per_second": rate,
             "per_process": per_process,
+            "input_share": input_share,
           }
         )
         print(
           f"  {variant}, {count} process(es): {result['wall_s']:.1f} s wall, "
-          f"{rate:.2f} images/s end to end; per process: {json.dumps(per_process)}"
+          f"{rate:.2f} images/s end to end; per process: {json.dumps(per_process)}; "
+          f"waiting for input {100 * (input_share or 0):.1f} % of the scoring time"
         )
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))

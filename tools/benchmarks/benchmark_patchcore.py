@@ -61,48 +61,41 @@ multiple of their number) and the coreset rows over the same mesh.
 from __future__ import annotations
 
 import os
-import statistics
 
+import benchmark_bank
 import numpy as np
+from benchmark_bank import BLUR_SIGMA, BLUR_SIZE, JaxBankSide, TorchBankSide, blurred_map, nchw
 from benchmark_common import (
   RESNET_EXPANSION,
   RESNET_NUM_CLASSES,
   SIDE_ARGS,
-  agreement,
   arrays_digest,
   import_reference,
-  inputs_warning,
-  jax_header,
   log,
-  machine_info,
-  peak_rss_bytes,
   random_resnet_state_dict,
   resnet_stage_channels,
-  step_stats,
-  timed,
   timing_words,
 )
-from benchmark_jax import JaxSide, data_mesh
-from benchmark_torch import TorchSide, torch_device
+from benchmark_jax import data_mesh
+
+# What `benchmark.py` asks of a task module besides its sides: the memory-bank frame's.
+compare = benchmark_bank.compare
+TORCH_MODES = benchmark_bank.TORCH_MODES
 
 IMAGE_SIZE = 224
 LAYERS = ("layer2", "layer3")
 # anomalib's PatchCore: `PatchcoreModel(num_neighbors=9)`, `KCenterGreedy`'s
-# `SparseRandomProjection(eps=0.9)`, `AnomalyMapGenerator(sigma=4)` (33 taps).
+# `SparseRandomProjection(eps=0.9)` (its `AnomalyMapGenerator`: `benchmark_bank`).
 NUM_NEIGHBORS = 9
 PROJECTION_EPS = 0.9
-BLUR_SIGMA = 4.0
-BLUR_SIZE = 2 * int(4.0 * BLUR_SIGMA + 0.5) + 1
 # The coreset ratio of the agreement check: every embedding is kept.
 CHECK_CORESET_RATIO = 1.0
 # Architectures anomalib's timm feature extractor can build (test_wide is ours alone).
 ANOMALIB_ARCHS = ("wide_resnet50_2", "resnet18")
-# The worker's single PyTorch run (there is no attention path to choose), and the
-# modules the default `--torch-python` (this interpreter) must have for it.
-TORCH_MODES = ("eager",)
+# The modules the default `--torch-python` (this interpreter) must have for the worker.
 TORCH_MODULES = ("torch",)
 # What the PyTorch worker needs from the command line.
-WORKER_ARGS = (*SIDE_ARGS, "shots", "coreset_ratio", "torch_patchcore")
+WORKER_ARGS = (*SIDE_ARGS, "shots", "coreset_ratio", "torch_model")
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,35 +184,9 @@ def make_inputs(shots: int, batch: int, seed: int, size: int = IMAGE_SIZE):
   return train, test
 
 
-def fit_stats(wall: list[float], cpu: list[float]) -> dict:
-  """Median-based figures of the timed fits."""
-  return {
-    "fit_times_s": wall,
-    "fit_cpu_times_s": cpu,
-    "fit_median_s": statistics.median(wall),
-    "fit_min_s": min(wall),
-    "fit_cpu_median_s": statistics.median(cpu),
-  }
-
-
-def compare(jx: dict, pt: dict) -> dict:
-  """How closely the sides' check scores agree, and the fit time ratio."""
-  return {
-    **agreement(jx, pt, "check_scores", "score_max_rel_diff"),
-    "fit_ratio_jax_over_torch": pt["fit_median_s"] / jx["fit_median_s"],
-  }
-
-
 # ----------------------------------------------------------------------------------------
 # PyTorch side (runs in the worker subprocess: no JAX, no maeday_jax).
 # ----------------------------------------------------------------------------------------
-
-
-def _gaussian_kernel_1d(torch, size: int, sigma: float):
-  """anomalib's (kornia's) normalised 1-D Gaussian of `size` taps."""
-  x = torch.arange(size, dtype=torch.float32) - size // 2
-  gauss = torch.exp(-x.pow(2.0) / (2 * sigma**2))
-  return gauss / gauss.sum()
 
 
 class _PlainPatchcore:
@@ -242,8 +209,6 @@ class _PlainPatchcore:
     net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     self.net = net.to(device).eval()
     self.pool = torch.nn.AvgPool2d(3, 1, 1)  # count_include_pad=True, the default
-    taps = _gaussian_kernel_1d(torch, BLUR_SIZE, BLUR_SIGMA)
-    self.blur_kernel = torch.outer(taps, taps)[None, None].to(device)
     self.generator = torch.Generator(device="cpu")
     self.bank = None
 
@@ -321,10 +286,7 @@ class _PlainPatchcore:
     distances = torch.cdist(features.unsqueeze(1), bank[support])
     weights = (1 - F.softmax(distances.squeeze(1), 1))[..., 0]
     scores = weights * score
-    # AnomalyMapGenerator: nearest-neighbour upsampling, then the 33 x 33 blur.
-    maps = F.interpolate(patch_scores.reshape(batch, 1, h, w), size=images.shape[-2:])
-    radius = BLUR_SIZE // 2
-    maps = F.conv2d(F.pad(maps, (radius, radius, radius, radius), mode="reflect"), self.blur_kernel)
+    maps = blurred_map(torch, patch_scores.reshape(batch, 1, h, w), tuple(images.shape[-2:]))
     return scores, maps
 
   @property
@@ -381,70 +343,40 @@ class _AnomalibPatchcore:
     return tuple(self.model.memory_bank.shape)
 
 
-class TorchPatchcore(TorchSide):
-  """PatchCore in PyTorch: anomalib's `PatchcoreModel`, or its computation in plain torch.
-
-  `TorchSide`'s constructor builds the MAE reference; this one sets up threads, the device
-  and the ResNet instead, then times fits and scoring steps apart.
-  """
+class TorchPatchcore(TorchBankSide):
+  """PatchCore in PyTorch: anomalib's `PatchcoreModel`, or its computation in plain torch."""
 
   def __init__(self, args, arch: dict):
     # The progress bar of anomalib's coreset loop would fill the log.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    import torch
-
-    self.torch, self.args, self.arch = torch, args, arch
+    super().__init__(args)
+    torch = self.torch
+    self.arch = arch
     self.flops_per_item = describe_work(args, arch)["per_image"]
-    self.device, self.cuda = torch_device(torch, args)
     if self.cuda:
       # As XLA on GPUs: TF32 convolutions; distances in full float32 (maeday_jax's HIGHEST).
       torch.backends.cudnn.allow_tf32 = True
       torch.backends.cuda.matmul.allow_tf32 = False
-    self.autocast = lambda: torch.autocast(
-      self.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"
-    )
-    self.modes = list(TORCH_MODES)
-    self.first: dict[str, float] = {}
-    self.times = {m: ([], []) for m in self.modes}
-    self.fit_wall: list[float] = []
-    self.fit_cpu: list[float] = []
     state = random_resnet_state_dict(arch, args.seed)
     self.impl = self._implementation(state)
     log(f"[torch] PatchCore: {self.impl.name}")
-    self.shots_np, self.images_np = make_inputs(args.shots, args.batch, args.seed)
-    self.digest = arrays_digest(self.shots_np, self.images_np, *state.values())
-    to_nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(self.device)
-    self.shots, self.images = to_nchw(self.shots_np), to_nchw(self.images_np)
-    self.scores = None
+    shots, images = make_inputs(args.shots, args.batch, args.seed)
+    self.digest = arrays_digest(shots, images, *state.values())
+    self.shots, self.images = nchw(torch, shots, self.device), nchw(torch, images, self.device)
 
   def _implementation(self, state: dict):
-    """anomalib's model if `--torch-patchcore` and the environment allow, else plain torch."""
-    torch, choice, name = self.torch, self.args.torch_patchcore, self.args.arch
-    if choice != "plain" and name in ANOMALIB_ARCHS:
-      try:
-        return _AnomalibPatchcore(torch, name, state, self.device, self.autocast)
-      except ImportError as e:
-        if choice == "anomalib":
-          raise SystemExit(f"--torch-patchcore anomalib: anomalib is not importable ({e}).") from e
-        log(f"[torch] anomalib not importable ({e}): plain PyTorch PatchCore instead.")
-    elif choice == "anomalib":
-      raise SystemExit(f"--torch-patchcore anomalib: anomalib has no {name!r} backbone.")
-    return _PlainPatchcore(torch, self.arch, state, self.device, self.autocast)
-
-  def set_attention(self, mode: str) -> None:
-    """No attention here: one eager run."""
-
-  def _sync(self) -> None:
-    if self.cuda:
-      self.torch.cuda.synchronize()
+    """anomalib's `PatchcoreModel` if `--torch-model` and the environment allow, else plain."""
+    torch, arch = self.torch, self.args.arch
+    return benchmark_bank.choose_implementation(
+      self.args,
+      "PatchCore",
+      ANOMALIB_ARCHS,
+      lambda: _AnomalibPatchcore(torch, arch, state, self.device, self.autocast),
+      lambda: _PlainPatchcore(torch, self.arch, state, self.device, self.autocast),
+    )
 
   def _fit(self, ratio: float | None = None) -> None:
     self.impl.fit(self.shots, self.args.coreset_ratio if ratio is None else ratio)
-    self._sync()
-
-  def _score(self) -> None:
-    with self.torch.inference_mode():
-      self.scores, _ = self.impl.score(self.images)
     self._sync()
 
   def _check(self) -> list[float]:
@@ -456,74 +388,15 @@ class TorchPatchcore(TorchSide):
     self._fit()
     return scores
 
-  def prepare(self, mode: str) -> None:
-    """First fit and scoring (timed apart: one-time allocations), the warm-up steps, the
-    check."""
-    self.first_fit_s, _ = timed(self._fit)
-    wall, _ = timed(self._score)
-    self.first[mode] = wall
-    log(f"[torch] first fit {self.first_fit_s:.2f} s, first scoring {wall:.2f} s")
-    for i in range(self.args.warmup):
-      fit_wall, _ = timed(self._fit)
-      wall, _ = timed(self._score)
-      log(f"[torch] warmup {i + 1}/{self.args.warmup}: fit {fit_wall:.2f} s, scoring {wall:.2f} s")
-    self.check_scores = self._check()
-    log(f"[torch] check scores {self.check_scores}")
-
-  def step(self, mode: str) -> tuple[float, float]:
-    fit_wall, fit_cpu = timed(self._fit)
-    wall, cpu = timed(self._score)
-    self.fit_wall.append(fit_wall)
-    self.fit_cpu.append(fit_cpu)
-    walls, cpus = self.times[mode]
-    walls.append(wall)
-    cpus.append(cpu)
-    log(
-      f"[torch] step {len(walls)}/{self.args.steps}: fit {fit_wall:.2f} s (CPU {fit_cpu:.2f} s), "
-      f"scoring {wall:.2f} s (CPU {cpu:.2f} s)"
-    )
-    return fit_wall + wall, fit_cpu + cpu
-
-  def summary(self) -> dict:
-    torch = self.torch
-    mode = self.modes[0]
-    result = {
-      "side": "pytorch",
-      "torch": torch.__version__,
-      "implementation": self.impl.name,
-      "threads": torch.get_num_threads(),
-      "device": self.args.torch_device,
-      "device_name": torch.cuda.get_device_name(self.device) if self.cuda else None,
-      "tf32": "convolutions" if self.cuda else False,
-      "dtype": "bfloat16" if self.args.dtype == "bfloat16" else "float32",
-      "first_fit_s": self.first_fit_s,
-      "first_iteration_s": self.first[mode],
-      **fit_stats(self.fit_wall, self.fit_cpu),
-      **step_stats(*self.times[mode], self.args.batch, self.flops_per_item),
-      "bank_shape": list(self.impl.bank_shape),
-      "check_bank_shape": list(self.check_bank_shape),
-      "check_scores": self.check_scores,
-      "scores": self.scores.float().cpu().numpy().tolist(),
-      "inputs_digest": self.digest,
-      "peak_rss_bytes": peak_rss_bytes(),
-      "machine": machine_info(),
-    }
-    if self.cuda:
-      result["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
-    return result
-
 
 # ----------------------------------------------------------------------------------------
 # JAX side.
 # ----------------------------------------------------------------------------------------
 
 
-class JaxPatchcore(JaxSide):
-  """`maeday_jax.patchcore.fit` and the compiled `patchcore.make_scorer` step.
-
-  `JaxSide`'s constructor builds the MAE; this one builds the ResNet from the benchmark
-  weights (`backbones.from_state_dict`) and times fits and scoring steps apart.
-  """
+class JaxPatchcore(JaxBankSide):
+  """`maeday_jax.patchcore.fit` and the compiled `patchcore.make_scorer` step, the
+  backbone built from the benchmark weights (`backbones.from_state_dict`)."""
 
   def __init__(self, args, arch: dict):
     import jax
@@ -531,11 +404,8 @@ class JaxPatchcore(JaxSide):
 
     from maeday_jax import backbones, parallel, patchcore
 
-    self.jax, self.args, self.arch = jax, args, arch
-    self.patchcore, self.parallel = patchcore, parallel
-    self.flops_per_item = describe_work(args, arch)["per_image"]
-    self.compile_times: dict[str, float] = {}
-    self.wall, self.cpu, self.fit_wall, self.fit_cpu = [], [], [], []
+    super().__init__(args, describe_work(args, arch)["per_image"])
+    self.arch, self.patchcore, self.parallel = arch, patchcore, parallel
     expected = dict(
       layers=(patchcore.LAYERS, LAYERS),
       num_neighbors=(patchcore.NUM_NEIGHBORS, NUM_NEIGHBORS),
@@ -559,29 +429,23 @@ class JaxPatchcore(JaxSide):
       )
     self.mesh = mesh = data_mesh(args.batch)
     self.variables = parallel.replicate(jax.tree.map(jnp.asarray, variables), mesh)
-    self.shots_np, self.images_np = make_inputs(args.shots, args.batch, args.seed)
-    self.digest = arrays_digest(self.shots_np, self.images_np, *state.values())
-    self.shots = jnp.asarray(self.shots_np)
-    self.images = parallel.shard_batch(self.images_np, mesh)
+    shots, images = make_inputs(args.shots, args.batch, args.seed)
+    self.digest = arrays_digest(shots, images, *state.values())
+    self.shots = jnp.asarray(shots)
+    self.images = parallel.shard_batch(images, mesh)
     self.key = jax.random.key(args.seed)
     self.scorer = patchcore.make_scorer(self.model, mesh)
-    self.bank = self.scores = None
-
-    self.first_fit_s, _ = timed(self._fit)
-    log(f"[jax] first fit (with its compilation) {self.first_fit_s:.2f} s")
-    compiled = self.compile(lambda: self.scorer.lower(self.state, self.images))
-
-    def run():
-      _, self.scores = jax.block_until_ready(compiled(self.state, self.images))
-
-    self._run = run
-    self._warm_up()
-    self.check_scores, self.check_bank_shape = self._check()
-    log(f"[jax] check scores {self.check_scores}")
+    self._fit()  # The scorer is lowered for a bank of the timed shape.
+    self.compiled = self.compile(lambda: self.scorer.lower(self.state, self.images))
+    self.start()
 
   @property
   def state(self):
     return (self.variables, self.bank)
+
+  @property
+  def bank_shape(self) -> tuple[int, ...]:
+    return tuple(self.bank.rows.shape)
 
   def _fit(self, ratio: float | None = None) -> None:
     """A bank from the shots, placed on every device, as `maeday_jax`'s few-shot run does."""
@@ -590,63 +454,21 @@ class JaxPatchcore(JaxSide):
     bank = patchcore.fit(self.model, self.variables, self.shots, self.key, coreset_ratio=ratio)
     self.bank = jax.block_until_ready(self.parallel.replicate(bank, self.mesh))
 
-  def _warm_up(self) -> None:
-    wall, _ = timed(self._run)
-    self.compile_times["first_run_s"] = wall
-    scorer = ("lower_s", "compile_s", "first_run_s")
-    self.compile_times["first_call_s"] = sum(self.compile_times[k] for k in scorer)
-    log(f"[jax] first scoring {wall:.2f} s")
-    for i in range(self.args.warmup):
-      fit_wall, _ = timed(self._fit)
-      wall, _ = timed(self._run)
-      log(f"[jax] warmup {i + 1}/{self.args.warmup}: fit {fit_wall:.2f} s, scoring {wall:.2f} s")
+  def _run(self) -> None:
+    _, self.scores = self.jax.block_until_ready(self.compiled(self.state, self.images))
 
   def _check(self) -> tuple[list[float], tuple[int, ...]]:
     """Image scores with the full bank (ratio 1.0; the jitted scorer, another bank shape)."""
     self._fit(CHECK_CORESET_RATIO)
-    shape = tuple(self.bank.rows.shape)
+    shape = self.bank_shape
     _, scores = self.jax.block_until_ready(self.scorer(self.state, self.images))
     self._fit()
     return np.asarray(scores, np.float64).tolist(), shape
-
-  def step(self) -> tuple[float, float]:
-    fit_wall, fit_cpu = timed(self._fit)
-    wall, cpu = timed(self._run)
-    self.fit_wall.append(fit_wall)
-    self.fit_cpu.append(fit_cpu)
-    self.wall.append(wall)
-    self.cpu.append(cpu)
-    log(
-      f"[jax] step {len(self.wall)}/{self.args.steps}: fit {fit_wall:.2f} s (CPU {fit_cpu:.2f} s), "
-      f"scoring {wall:.2f} s (CPU {cpu:.2f} s)"
-    )
-    return fit_wall + wall, fit_cpu + cpu
-
-  def extra_summary(self) -> dict:
-    out = {
-      "first_fit_s": self.first_fit_s,
-      **fit_stats(self.fit_wall, self.fit_cpu),
-      "bank_shape": list(self.bank.rows.shape),
-      "check_bank_shape": list(self.check_bank_shape),
-      "check_scores": self.check_scores,
-      "scores": np.asarray(self.scores, np.float64).tolist(),
-      "inputs_digest": self.digest,
-      "peak_rss_bytes": peak_rss_bytes(),
-    }
-    stats = [d.memory_stats() for d in self.jax.local_devices()]
-    if all(stats):
-      out["device_peak_bytes"] = [int(s.get("peak_bytes_in_use", 0)) for s in stats]
-      out["device_limit_bytes"] = [int(s.get("bytes_limit", 0)) for s in stats]
-    return out
 
 
 # ----------------------------------------------------------------------------------------
 # Report.
 # ----------------------------------------------------------------------------------------
-
-
-def _mib(n: int | None) -> str:
-  return "?" if n is None else f"{n / 2**20:,.0f} MiB"
 
 
 def arch_line(cfg: dict, arch: dict) -> str:
@@ -657,30 +479,10 @@ def arch_line(cfg: dict, arch: dict) -> str:
   )
 
 
-def _side_lines(run: dict, work: dict) -> list[str]:
-  fit_flops = work["per_fit"] / run["fit_median_s"] / 1e9
-  rows, dim = run["bank_shape"]
-  memory = f"peak RSS {_mib(run.get('peak_rss_bytes'))}"
-  if "device_peak_bytes" in run:
-    peaks = run["device_peak_bytes"]
-    peaks = peaks if isinstance(peaks, list) else [peaks]
-    memory += ", device peak " + " / ".join(_mib(p) for p in peaks)
-  return [
-    f"  fit: {run['fit_median_s']:.3f} s (median; min {run['fit_min_s']:.3f}; CPU "
-    f"{run['fit_cpu_median_s']:.3g} s), {fit_flops:.1f} GFLOP/s; first fit "
-    f"{run['first_fit_s']:.2f} s; bank {rows} x {dim}",
-    f"  scoring: {run['step_median_s']:.3f} s per batch (median; min {run['step_min_s']:.3f})"
-    f" -> {run['images_per_s']:.3f} images/s ({1 / run['images_per_s']:.4g} s/image), "
-    f"{run['gflops_per_s']:.1f} GFLOP/s; CPU {run['step_cpu_median_s']:.3g} s/batch",
-    f"  memory: {memory}",
-  ]
-
-
 def report_lines(result: dict) -> list[str]:
   """The PatchCore part of the printed summary (after the machine and backbone)."""
   cfg, work = result["config"], result["work"]
-  jx, pt = result.get("jax"), result.get("pytorch")
-  lines = [
+  work_lines = [
     f"work per step: fit on {cfg['shots']} shot(s) ({work['candidates']} embeddings of "
     f"{work['embedding_dim']}-D, coreset ratio {cfg['coreset_ratio']} on a "
     f"{work['projected_dim']}-D projection -> {work['bank_rows']} rows), then score "
@@ -690,33 +492,9 @@ def report_lines(result: dict) -> list[str]:
     f"{work['backbone_per_image'] / 1e9:.4g} GFLOP per image, fit {work['per_fit'] / 1e9:.4g} "
     f"GFLOP, scoring {work['per_image'] / 1e9:.4g} GFLOP per image",
   ]
-  if jx:
-    lines += [
-      jax_header(jx) + ", patchcore.fit + make_scorer (compiled)",
-      *_side_lines(jx, work),
-      f"  compile (scoring): trace+lower {jx['lower_s']:.2f} s + compile {jx['compile_s']:.2f}"
-      f" s; first call incl. compile {jx['first_call_s']:.2f} s; the first fit (with its "
-      f"compilation) is the one above",
-    ]
-  if pt:
-    dev = pt["device"] + (f" ({pt['device_name']})" if pt.get("device_name") else "")
-    lines += [
-      f"PyTorch {pt['torch']} on {dev}, {pt['threads']} threads: {pt['implementation']}",
-      *_side_lines(pt, work),
-      f"  first scoring {pt['first_iteration_s']:.2f} s",
-    ]
-  if "ratio_jax_over_torch" in result:
-    fit, scoring = result["fit_ratio_jax_over_torch"], result["ratio_jax_over_torch"]
-    lines.append(
-      f"ratio JAX / PyTorch (speed): fit {fit:.3f} ({'JAX' if fit >= 1 else 'PyTorch'} "
-      f"faster), scoring {scoring:.3f} ({'JAX' if scoring >= 1 else 'PyTorch'} faster); CPU "
-      f"seconds per scoring batch PyTorch / JAX: {result['cpu_time_ratio_torch_over_jax']:.3f}"
-    )
-  if "score_max_rel_diff" in result:
-    rows, dim = jx["check_bank_shape"]
-    lines.append(
-      f"check (coreset ratio {CHECK_CORESET_RATIO}: bank of all {rows} x {dim} embeddings): "
-      f"image scores JAX vs PyTorch max relative difference {result['score_max_rel_diff']:.2e}"
-      + inputs_warning(result)
-    )
-  return lines
+  return benchmark_bank.report_lines(
+    result,
+    work_lines,
+    "patchcore.fit + make_scorer (compiled)",
+    f"coreset ratio {CHECK_CORESET_RATIO}: every embedding kept",
+  )

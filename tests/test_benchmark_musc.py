@@ -1,4 +1,4 @@
-"""`tools/benchmark.py --task anomalydino|musc` runs and reports (tiny DINOv2)."""
+"""`tools/benchmark.py --task musc` runs and reports (tiny DINOv2)."""
 
 import json
 import subprocess
@@ -29,9 +29,7 @@ def _run(*args) -> list[dict]:
   return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def test_anomalydino_and_musc_tasks_report_speed_and_memory():
-  (dino,) = _run("--task", "anomalydino", "--batch", "8")
-  assert dino["task"] == "anomalydino" and dino["bank_rows"] == 4 * 16
-  assert dino["images_per_second"] > 0 and dino["host_peak_rss_mib"] > 0
+def test_musc_task_reports_speed_and_memory():
   rows = _run("--task=musc", "--groups", "8,16")
   assert [r["group"] for r in rows] == [8, 16] and all(r["step_seconds"] > 0 for r in rows)
+  assert all(r["host_peak_rss_mib"] > 0 and r["images_per_second"] > 0 for r in rows)
