@@ -1,8 +1,8 @@
-"""MAEDAY speed: the JAX port against the PyTorch reference, same machine, same work.
+"""maeday_jax's speed against PyTorch's (reference models, anomalib), same machine, same work.
 
-Three tasks, each run by JAX and (optionally) by an independent PyTorch implementation
-on the same random weights (official key layout, generated from `--seed` by NumPy on
-both sides):
+Four tasks, each run by JAX and (optionally) by an independent PyTorch implementation
+or anomalib's own model, on the same random weights (official key layout, generated from
+`--seed` by NumPy on both sides), and tools of their own:
 
 - `--task zero_shot` (default; `benchmark_zero_shot.py`): score B images (`--batch`, 8)
   under N = 32 random masks: reconstruction, blurred squared error, mean, max. The two
