@@ -8,12 +8,15 @@
 `score_split` streams the split in fixed-size global batches (each process feeds its own
 shard), scores them with one compiled data-parallel step, and keeps what the reports need:
 names, labels and scores per image, and the pixel-metric tables (never every map). Each
-scored map is handed to `on_map` (for example to write it to disk) as it arrives.
+scored map is handed to `on_map` (for example to write it to disk) as it arrives. The time
+spent waiting for the input pipeline is measured (`ScoredSplit.input_wait_seconds`), and a
+split held up by its input for more than a quarter of the time says so (`input_wait`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +29,7 @@ from tqdm.auto import tqdm
 from maeday_jax import (
   batch_step,
   data,
+  input_wait,
   memory_budget,
   metrics,
   parallel,
@@ -41,6 +45,7 @@ from maeday_jax.weight_files import CheckpointError
 # resolution) and the (height, width) of the image it came from.
 MapCallback = Callable[[str, np.ndarray, tuple[int, int]], None]
 
+log = logging.getLogger("maeday_jax")
 THRESHOLD_METHODS = ("auto", "f1", "percentile", "fixed", "none")
 
 
@@ -247,6 +252,8 @@ class ScoredSplit:
   result: reports.CategoryResult
   indices: np.ndarray  # Split index of each scored example.
   seconds: float
+  # Of `seconds`, those spent waiting for the input pipeline (`input_wait`).
+  input_wait_seconds: float = 0.0
 
 
 def score_split(
@@ -275,8 +282,8 @@ def score_split(
     dynamic_ncols=True,
     disable=not progress,
   )
-  with bar:
-    for batch in data.batches(
+  batches = input_wait.TimedIterator(
+    data.batches(
       split,
       local_batch,
       scoring.image_size,
@@ -284,7 +291,10 @@ def score_split(
       prefetch=scoring.prefetch,
       original_masks=scoring.eval_original_max_side if pixel_metrics else 0,
       aspect=scoring.aspect,
-    ):
+    )
+  )
+  with bar:
+    for batch in batches:
       valid = batch["valid"]
       maps, batch_scores = _score_batch(scoring, batch["image"], valid)
       _check_finite(scoring, batch, maps, batch_scores, valid)
@@ -304,6 +314,9 @@ def score_split(
           accumulator.add(maps[labelled], batch["mask"][labelled])
       bar.update(int(valid.sum()))
   seconds = time.perf_counter() - start
+  message = input_wait.input_bound_warning(batches.waited, seconds, scoring.num_workers)
+  if message:
+    log.warning("%s: %s", split, message)
   result = reports.CategoryResult(
     category=split.category,
     file_names=names,
@@ -311,7 +324,7 @@ def score_split(
     scores=np.asarray(scores, np.float64),
     pixels=accumulator if has_mask else None,
   )
-  return ScoredSplit(result, np.asarray(indices, np.int64), seconds)
+  return ScoredSplit(result, np.asarray(indices, np.int64), seconds, batches.waited)
 
 
 def gather_scored(scored: ScoredSplit) -> ScoredSplit:
@@ -329,6 +342,7 @@ def gather_scored(scored: ScoredSplit) -> ScoredSplit:
     "scores": result.scores,
     "file_names": np.asarray(result.file_names, dtype=str),
     "seconds": np.float64(scored.seconds),
+    "input_wait_seconds": np.float64(scored.input_wait_seconds),
   }
   if result.pixels is not None:
     local.update({f"pixels.{k}": v for k, v in result.pixels.to_arrays().items()})
@@ -354,9 +368,10 @@ def gather_scored(scored: ScoredSplit) -> ScoredSplit:
     pixels=pixels,
     seed=result.seed,
   )
-  # The split took as long as its slowest process.
+  # The split took as long as its slowest process; the input held up the most held-up one.
   seconds = max(float(p["seconds"]) for p in parts)
-  return ScoredSplit(gathered, indices[order], seconds)
+  waited = max(float(p["input_wait_seconds"]) for p in parts)
+  return ScoredSplit(gathered, indices[order], seconds, waited)
 
 
 def choose_threshold(

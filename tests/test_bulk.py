@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maeday_jax import metrics
+from maeday_jax import input_wait, metrics
 from maeday_jax.bulk import engine, maps_store, progress_line, source
 from maeday_jax.config_errors import ConfigError
 from maeday_jax.jobs import score as score_job
@@ -138,9 +138,9 @@ def test_a_run_held_up_by_its_input_says_so(tmp_path, job_config, monkeypatch, c
   assert process["input_share"] == pytest.approx(
     process["input_wait_seconds"] / process["seconds"], abs=1e-3
   )
-  assert summary["input_share"] > engine.INPUT_BOUND_SHARE
+  assert summary["input_share"] > input_wait.INPUT_BOUND_SHARE
   assert "Raise --config.data.num_workers (now 2)" in caplog.text
-  assert engine.input_bound_warning(1.0, 10.0, 4) is None  # 10 %: nothing to say.
+  assert input_wait.input_bound_warning(1.0, 10.0, 4) is None  # 10 %: nothing to say.
 
 
 def test_each_host_has_one_progress_line_that_a_log_file_can_read():

@@ -33,8 +33,8 @@ Each host shows one progress line for its shard (`progress_line`: images done / 
 images/s, time left; on one host that is the whole run). The input pipeline (`reader`:
 worker threads decode and resize ahead of the device) should never hold the device up:
 each process measures the time it waited for the next batch, the summary gives its share
-of the scoring time, and a run that waited more than `INPUT_BOUND_SHARE` of it says so
-with what to change.
+of the scoring time, and a run that waited more than a quarter of it says so
+with what to change (`input_wait`).
 
 All processes commit at the same global batch counts (every `commit_every` batches and at
 the end): the map shard (when maps are kept) and the part are written under a temporary
@@ -82,7 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maeday_jax import batch_step, parallel
+from maeday_jax import batch_step, input_wait, parallel
 from maeday_jax.bulk import lock, maps_store, reader
 from maeday_jax.bulk.merge import (
   INDEX_FILE,
@@ -136,24 +136,6 @@ __all__ = [
   "picture_name",
   "score_listing",
 ]
-
-
-# Above this share of the scoring time spent waiting for input, the run says that the
-# input pipeline, not the model, sets its pace.
-INPUT_BOUND_SHARE = 0.25
-
-
-def input_bound_warning(waited: float, seconds: float, num_workers: int) -> str | None:
-  """What to say when the input pipeline held the device up for more than
-  `INPUT_BOUND_SHARE` of a run's `seconds` (None otherwise)."""
-  if seconds <= 0 or waited / seconds <= INPUT_BOUND_SHARE:
-    return None
-  return (
-    f"The input pipeline set this run's pace: the device waited for images "
-    f"{100 * waited / seconds:.0f} % of the scoring time ({waited:.1f} of {seconds:.1f} s). "
-    f"Raise --config.data.num_workers (now {num_workers}) where CPU cores are free, or read "
-    f"the images from faster storage."
-  )
 
 
 def group_batch_size(group_size: int, device_count: int) -> int:
@@ -368,8 +350,7 @@ def _score(
   row_maps: list[np.ndarray] = []  # With `maps`: the rows' maps, in row order.
   skipped: list[dict] = []
   scored = 0
-  waited = 0.0  # Waiting for the input since the last commit; `run_waited`: this run's.
-  run_waited = 0.0
+  committed_wait = 0.0  # Of `batches.waited`, what the last commit recorded.
   failure: tuple[int, str] | None = None  # (listing position, message) of the first.
   run_started = last = time.perf_counter()
   bar = host_progress(len(shard), start * record.batch_size, jax.process_index(), count, show=show)
@@ -436,7 +417,7 @@ def _score(
         commit(done)
 
   def commit(done: int) -> None:
-    nonlocal scored, last, waited
+    nonlocal scored, last, committed_wait
     if rows:
       if maps != "none":  # Before the part and the record: both count it.
         store.write_maps(record.parts, np.stack(row_maps), [r[1] for r in rows], maps)
@@ -447,33 +428,30 @@ def _score(
     record.next_position = min(len(shard), done * record.batch_size)
     record.images += scored
     record.seconds += now - last
-    record.input_wait_seconds += waited
+    record.input_wait_seconds += batches.waited - committed_wait
+    committed_wait = batches.waited
     record.skipped.extend(skipped)
     store.write(record)  # After the part: the record never counts a missing part.
     rows.clear()
     row_maps.clear()
     skipped.clear()
-    scored, last, waited = 0, now, 0.0
+    scored, last = 0, now
 
   pending = None
-  batches = reader.read_batches(
-    paths,
-    record.batch_size,
-    scoring.image_size,
-    first_batch=start,
-    stop_batch=total,
-    num_workers=scoring.num_workers,
-    prefetch=scoring.prefetch,
-    aspect=scoring.aspect,
+  batches = input_wait.TimedIterator(
+    reader.read_batches(
+      paths,
+      record.batch_size,
+      scoring.image_size,
+      first_batch=start,
+      stop_batch=total,
+      num_workers=scoring.num_workers,
+      prefetch=scoring.prefetch,
+      aspect=scoring.aspect,
+    )
   )
   with bar:
-    while True:
-      asked = time.perf_counter()
-      batch = next(batches, None)
-      wait = time.perf_counter() - asked
-      waited, run_waited = waited + wait, run_waited + wait
-      if batch is None:
-        break
+    for batch in batches:
       device_maps, device_scores = batch_step.dispatch(
         scoring.score_fn,
         scoring.replicated,
@@ -490,6 +468,7 @@ def _score(
       pending = (batch, device_maps, device_scores)
     if pending is not None:
       finish(*pending)
-  message = input_bound_warning(run_waited, time.perf_counter() - run_started, scoring.num_workers)
+  elapsed = time.perf_counter() - run_started
+  message = input_wait.input_bound_warning(batches.waited, elapsed, scoring.num_workers)
   if message:
     log.warning(message)

@@ -211,6 +211,8 @@ def run_category(
     "images": len(scored.indices),
     "seconds": scored.seconds,
     "images_per_second": len(scored.indices) / max(scored.seconds, 1e-9),
+    "input_wait_seconds": scored.input_wait_seconds,
+    "input_share": scored.input_wait_seconds / max(scored.seconds, 1e-9),
   }
   metrics = reports.category_metrics(scored.result)
   return CategoryOutcome(scored.result, metrics, threshold, notes, timing, splits)
