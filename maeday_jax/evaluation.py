@@ -15,6 +15,7 @@ split held up by its input for more than a quarter of the time says so (`input_w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -293,7 +294,8 @@ def score_split(
       aspect=scoring.aspect,
     )
   )
-  with bar:
+  # Closed however the loop ends: the decoding threads stop with it.
+  with bar, contextlib.closing(batches):
     for batch in batches:
       valid = batch["valid"]
       maps, batch_scores = _score_batch(scoring, batch["image"], valid)
@@ -368,9 +370,9 @@ def gather_scored(scored: ScoredSplit) -> ScoredSplit:
     pixels=pixels,
     seed=result.seed,
   )
-  # The split took as long as its slowest process; the input held up the most held-up one.
-  seconds = max(float(p["seconds"]) for p in parts)
-  waited = max(float(p["input_wait_seconds"]) for p in parts)
+  # The split took as long as its slowest process, and waited for input as long as it did.
+  slowest = max(parts, key=lambda p: float(p["seconds"]))
+  seconds, waited = float(slowest["seconds"]), float(slowest["input_wait_seconds"])
   return ScoredSplit(gathered, indices[order], seconds, waited)
 
 

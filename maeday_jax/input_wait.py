@@ -4,16 +4,20 @@ The loaders (`bulk.reader`, `data.batches`) decode and resize in worker threads 
 the device; the loop that consumes their batches should never wait for one. The time it
 does wait is measured where it waits:
 
-    batches = input_wait.TimedIterator(reader.read_batches(...))
-    for batch in batches:
-      ...
+    with contextlib.closing(input_wait.TimedIterator(reader.read_batches(...))) as batches:
+      for batch in batches:
+        ...
     message = input_wait.input_bound_warning(batches.waited, seconds, num_workers)
+
+Where the loop overlaps a batch's device work with its wait for the next one (the bulk
+job), that wait is an upper bound of the device's idle time: a loop that waits at all is
+paced by its input, and the device was idle for at most that long.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -38,6 +42,27 @@ class TimedIterator(Iterator[T]):
     finally:
       self.waited += time.perf_counter() - start
 
+  def close(self) -> None:
+    """Closes the source (a generator: its pipeline shuts down now, even when the loop
+    stopped on an error and a traceback still holds this iterator)."""
+    close = getattr(self._items, "close", None)
+    if close is not None:
+      close()
+
+
+def share(waited: float, seconds: float) -> float | None:
+  """`waited` over `seconds`, rounded to 4 places; None without any time."""
+  return round(waited / seconds, 4) if seconds > 0 else None
+
+
+def slowest_share(runs: Sequence[tuple[float, float]]) -> float | None:
+  """The share (`share`) of the run, of (waited, seconds) pairs, that took longest: the
+  one that set the pace of them all (processes of one job)."""
+  if not runs:
+    return None
+  waited, seconds = max(runs, key=lambda run: run[1])
+  return share(waited, seconds)
+
 
 def input_bound_warning(waited: float, seconds: float, num_workers: int) -> str | None:
   """What to say when the input pipeline held the device up for more than
@@ -45,8 +70,8 @@ def input_bound_warning(waited: float, seconds: float, num_workers: int) -> str 
   if seconds <= 0 or waited / seconds <= INPUT_BOUND_SHARE:
     return None
   return (
-    f"The input pipeline set this run's pace: the device waited for images "
-    f"{100 * waited / seconds:.0f} % of the scoring time ({waited:.1f} of {seconds:.1f} s). "
+    f"The input pipeline set this run's pace: scoring waited for decoded images "
+    f"{100 * waited / seconds:.0f} % of the time ({waited:.1f} of {seconds:.1f} s). "
     f"Raise --config.data.num_workers (now {num_workers}) where CPU cores are free, or read "
     f"the images from faster storage."
   )

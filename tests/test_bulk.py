@@ -134,11 +134,10 @@ def test_a_run_held_up_by_its_input_says_so(tmp_path, job_config, monkeypatch, c
   config = job_config("score", "runlocal", data={"path": images}, batch_size=8, **RUN)
   summary = score_job.run(config, tmp_path / "work")
   process = summary["processes"][0]
-  assert process["input_wait_seconds"] >= 3 * 1.5
-  assert process["input_share"] == pytest.approx(
-    process["input_wait_seconds"] / process["seconds"], abs=1e-3
-  )
-  assert summary["input_share"] > input_wait.INPUT_BOUND_SHARE
+  # 3 batches read at 1.5 s each, every commit adding only its own window's wait.
+  assert 3 * 1.5 <= process["input_wait_seconds"] < 3 * 1.5 + 2.0
+  assert process["input_wait_seconds"] <= process["seconds"]
+  assert summary["input_share"] == process["input_share"] > input_wait.INPUT_BOUND_SHARE
   assert "Raise --config.data.num_workers (now 2)" in caplog.text
   assert input_wait.input_bound_warning(1.0, 10.0, 4) is None  # 10 %: nothing to say.
 

@@ -4,6 +4,7 @@ says what to change."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -24,12 +25,36 @@ def test_timed_iterator_sums_the_waits_and_only_them():
     seen.append(item)
     time.sleep(0.1)  # The consumer's own work is not a wait.
   assert seen == [0, 1, 2]
-  assert 0.15 <= batches.waited < 0.15 + 0.1
+  # 0.15 s of waits; counting the consumer's 0.3 s as well would give at least 0.45 s.
+  assert 0.15 <= batches.waited < 0.4
+
+
+def test_closing_shuts_the_source_down_when_the_loop_fails():
+  stopped = []
+
+  def source():
+    try:
+      yield from range(10)
+    finally:
+      stopped.append(True)  # What a reader's pool shutdown runs.
+
+  batches = input_wait.TimedIterator(source())
+  try:
+    with contextlib.closing(batches):
+      for item in batches:
+        if item == 2:
+          raise ValueError("a non-finite map")
+  except ValueError:
+    pass
+  assert stopped == [True]  # Although `batches` still holds the generator.
 
 
 def test_the_warning_says_when_and_what():
   assert input_wait.input_bound_warning(2.0, 10.0, 4) is None  # 20 %
   assert input_wait.input_bound_warning(0.0, 0.0, 4) is None
+  assert input_wait.share(1.0, 4.0) == 0.25 and input_wait.share(1.0, 0.0) is None
+  # The slowest process (most seconds) sets the job's share: 3 of 12 s, not 9 of 10.
+  assert input_wait.slowest_share([(9.0, 10.0), (3.0, 12.0)]) == 0.25
   message = input_wait.input_bound_warning(3.0, 10.0, 4)
   assert "30 %" in message and "(3.0 of 10.0 s)" in message
   assert "--config.data.num_workers (now 4)" in message

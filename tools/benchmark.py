@@ -413,6 +413,11 @@ def parse_args(argv=None):
     parser.error("--coreset-ratio must be in (0, 1].")
   if args.task == "patchcore" and benchmark_patchcore.bank_rows(args.shots, args.coreset_ratio) < 1:
     parser.error("--coreset-ratio keeps no embedding of the shots: raise it or --shots.")
+  if args.task == "anomalydino" and args.dtype == "bfloat16":
+    parser.error(
+      "--task anomalydino --dtype bfloat16: maeday_jax's DINOv2 detectors compute in "
+      "float32; use --dtype auto or float32."
+    )
   patch = ARCH_TABLES[args.task][args.arch].get("patch_size", 1)
   if args.task == "anomalydino" and (args.image_size < patch or args.image_size % patch):
     parser.error(f"--image-size {args.image_size} is not a multiple of the {patch}-px patches.")

@@ -32,7 +32,8 @@ On disk, under the work directory:
 Each host shows one progress line for its shard (`progress_line`: images done / total,
 images/s, time left; on one host that is the whole run). The input pipeline (`reader`:
 worker threads decode and resize ahead of the device) should never hold the device up:
-each process measures the time it waited for the next batch, the summary gives its share
+each process measures the time it waited for the next batch (while the device may still
+work on the one before: an upper bound of the device's idle time), the summary gives its share
 of the scoring time, and a run that waited more than a quarter of it says so
 with what to change (`input_wait`).
 
@@ -71,6 +72,7 @@ importable from here as well.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -450,7 +452,8 @@ def _score(
       aspect=scoring.aspect,
     )
   )
-  with bar:
+  # Closed however the loop ends: the decoding threads stop with it, before the lock goes.
+  with bar, contextlib.closing(batches):
     for batch in batches:
       device_maps, device_scores = batch_step.dispatch(
         scoring.score_fn,

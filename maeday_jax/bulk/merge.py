@@ -39,7 +39,7 @@ import pathlib
 
 import numpy as np
 
-from maeday_jax import atomic_files, metrics, pictures
+from maeday_jax import atomic_files, input_wait, metrics, pictures
 from maeday_jax.bulk import maps_store, source
 from maeday_jax.bulk.shards import ShardStore, part_name
 from maeday_jax.bulk.source import Listing, output_name
@@ -143,12 +143,6 @@ def draw_top_pictures(workdir, listing: Listing, top: list[tuple[float, int]]) -
     pictures.save_overlay(path, image, loaded[name])
     drawn.append({"rank": rank, "file": output_name(name), "score": score, "picture": str(path)})
   return drawn
-
-
-def _input_share(records) -> float | None:
-  """The processes' time waiting for input over their scoring time (None before any)."""
-  seconds = sum(r.seconds for r in records)
-  return round(sum(r.input_wait_seconds for r in records) / seconds, 4) if seconds > 0 else None
 
 
 def merge(
@@ -272,13 +266,13 @@ def merge(
         "seconds": round(r.seconds, 3),
         "images_per_second": round(r.images / r.seconds, 3) if r.seconds > 0 else None,
         "input_wait_seconds": round(r.input_wait_seconds, 3),
-        "input_share": round(r.input_wait_seconds / r.seconds, 4) if r.seconds > 0 else None,
+        "input_share": input_wait.share(r.input_wait_seconds, r.seconds),
         "startup_seconds": r.startup_seconds,
       }
       for r in records
     ],
-    # Of all processes' scoring time, the share spent waiting for the input pipeline.
-    "input_share": _input_share(records),
+    # The slowest process's share of its scoring time spent waiting for its input.
+    "input_share": input_wait.slowest_share([(r.input_wait_seconds, r.seconds) for r in records]),
     "wall_seconds": round(wall_seconds, 3),
     # The slowest process's time to its first scores, in the latest run that scored.
     "startup_seconds": max(

@@ -15,7 +15,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maeday_jax import data, evaluation, parallel, pictures, reports, thresholds, zero_shot
+from maeday_jax import (
+  data,
+  evaluation,
+  input_wait,
+  parallel,
+  pictures,
+  reports,
+  thresholds,
+  zero_shot,
+)
 from maeday_jax.checkpoints import CheckpointError
 from maeday_jax.data import names
 from maeday_jax.jobs.outputs import (
@@ -212,7 +221,7 @@ def run_category(
     "seconds": scored.seconds,
     "images_per_second": len(scored.indices) / max(scored.seconds, 1e-9),
     "input_wait_seconds": scored.input_wait_seconds,
-    "input_share": scored.input_wait_seconds / max(scored.seconds, 1e-9),
+    "input_share": input_wait.share(scored.input_wait_seconds, scored.seconds),
   }
   metrics = reports.category_metrics(scored.result)
   return CategoryOutcome(scored.result, metrics, threshold, notes, timing, splits)

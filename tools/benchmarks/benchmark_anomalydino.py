@@ -67,6 +67,7 @@ from benchmark_jax import data_mesh
 # What `benchmark.py` asks of a task module besides its sides: the memory-bank frame's.
 compare = benchmark_bank.compare
 TORCH_MODES = benchmark_bank.TORCH_MODES
+TORCH_MODULES = benchmark_bank.TORCH_MODULES
 
 # The official DINOv2 models the benchmark runs, in the fields of both
 # `maeday_jax.models.dinov2.DinoV2` (the JAX side checks they agree) and
@@ -94,8 +95,6 @@ DEFAULT_IMAGE_SIZE = 448
 ROTATIONS = (0, 90, 180, 270)
 TOP_FRACTION = 0.01
 CHECK_IMAGES = 2
-# The modules the default `--torch-python` (this interpreter) must have for the worker.
-TORCH_MODULES = ("torch",)
 # What the PyTorch worker needs from the command line.
 WORKER_ARGS = (*SIDE_ARGS, "shots", "image_size", "torch_model")
 
@@ -252,6 +251,12 @@ class _AnomalibAnomalyDino:
     import anomalib
     from anomalib.models.image.anomaly_dino import torch_model
 
+    if not hasattr(torch_model, "TimmFeatureExtractor"):
+      # Other anomalib versions build the backbone otherwise: plain PyTorch instead.
+      raise ImportError(
+        f"anomalib {anomalib.__version__}'s AnomalyDINO has no timm backbone to load the "
+        f"benchmark weights into (written for anomalib 2.7)"
+      )
     self.torch = torch
     self.name = f"anomalib {anomalib.__version__} AnomalyDINOModel"
     pretrained = torch_model.TimmFeatureExtractor
@@ -363,11 +368,6 @@ class JaxAnomalyDino(JaxBankSide):
     from maeday_jax.models import dinov2
 
     super().__init__(args, describe_work(args, arch)["per_image"])
-    if args.dtype == "bfloat16":
-      raise SystemExit(
-        "--task anomalydino --dtype bfloat16: maeday_jax's DINOv2 detectors compute in "
-        "float32; use --dtype auto or float32."
-      )
     variant = args.arch.removeprefix("dinov2_")
     library = dinov2.architecture(dinov2.create(variant))
     differ = {k: (library.get(k), v) for k, v in arch.items() if library.get(k) != v}
@@ -394,7 +394,7 @@ class JaxAnomalyDino(JaxBankSide):
     self.mesh = mesh = data_mesh(args.batch)
     self.images, self.ids = parallel.shard_batch((images, image_ids(images)), mesh)
     self.key = self.detector.scoring_key()
-    self._fit()  # The step is lowered for this bank's shape.
+    self.first_fit()  # The scoring step is lowered for this bank's shape.
     step = scoring.compile_step(self.detector, mesh, args.batch)
     self.compiled = self.compile(lambda: step.lower(self.state, self.images, self.ids, self.key))
     self.start()

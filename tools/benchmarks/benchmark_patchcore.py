@@ -18,7 +18,7 @@ The JAX side runs `maeday_jax.patchcore.fit` (the bank) and the compiled, data-p
 from `maeday_jax.backbones.from_state_dict`. The PyTorch side runs anomalib's
 `PatchcoreModel(backbone=..., layers=["layer2", "layer3"], pre_trained=False)` with the
 same weights loaded into its timm feature extractor when anomalib can be imported in the
-`--torch-python` interpreter and knows the architecture (`--torch-patchcore auto`, the
+`--torch-python` interpreter and knows the architecture (`--torch-model auto`, the
 default; `anomalib` insists on it): the fit is its training-mode forward (which stores
 the embeddings) plus `subsample_embedding(ratio)` (anomalib's `KCenterGreedy`), the
 scoring its eval-mode forward. Otherwise (`plain`, and always for test_wide) the worker
@@ -81,6 +81,7 @@ from benchmark_jax import data_mesh
 # What `benchmark.py` asks of a task module besides its sides: the memory-bank frame's.
 compare = benchmark_bank.compare
 TORCH_MODES = benchmark_bank.TORCH_MODES
+TORCH_MODULES = benchmark_bank.TORCH_MODULES
 
 IMAGE_SIZE = 224
 LAYERS = ("layer2", "layer3")
@@ -92,8 +93,6 @@ PROJECTION_EPS = 0.9
 CHECK_CORESET_RATIO = 1.0
 # Architectures anomalib's timm feature extractor can build (test_wide is ours alone).
 ANOMALIB_ARCHS = ("wide_resnet50_2", "resnet18")
-# The modules the default `--torch-python` (this interpreter) must have for the worker.
-TORCH_MODULES = ("torch",)
 # What the PyTorch worker needs from the command line.
 WORKER_ARGS = (*SIDE_ARGS, "shots", "coreset_ratio", "torch_model")
 
@@ -435,7 +434,7 @@ class JaxPatchcore(JaxBankSide):
     self.images = parallel.shard_batch(images, mesh)
     self.key = jax.random.key(args.seed)
     self.scorer = patchcore.make_scorer(self.model, mesh)
-    self._fit()  # The scorer is lowered for a bank of the timed shape.
+    self.first_fit()  # The scoring step is lowered for this bank's shape.
     self.compiled = self.compile(lambda: self.scorer.lower(self.state, self.images))
     self.start()
 
