@@ -226,6 +226,10 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_scores(tmp_path, job_co
   resumed, expected = _rows(workdir), _rows(tmp_path / "reference_work")
   assert resumed == expected  # Same files, same order, identical scores, no duplicates.
   assert [r["file"] for r in resumed] == names and summary["images"] == len(names)
+  # The input waits add up over the runs, as the scoring seconds do, never beyond them.
+  waits = [record["input_wait_seconds"], second["input_wait_seconds"]]
+  process = summary["processes"][0]
+  assert 0 <= waits[0] <= waits[1] <= process["input_wait_seconds"] <= process["seconds"]
   with open(workdir / "maps_index.csv", newline="") as f:
     index = list(csv.DictReader(f))
   assert [e["file"] for e in index] == names  # Every image's map once, none of the stale.
