@@ -286,6 +286,38 @@ def test_changed_inputs_are_refused_even_after_the_run_finished(images, tmp_path
   assert fresh["images"] == 21
 
 
+@pytest.mark.parametrize(
+  ("name", "content", "reason"),
+  [
+    ("progress.json", b'{"process_index": 0, "trunc', "Unterminated string"),
+    ("progress.json", b"[]", "a JSON list, not an object"),
+    ("progress.json", None, "seconds is 'fast'"),  # Valid JSON, a field edited.
+    ("part_0.csv", b"garbage\x00\xff\n1,2\n", "a row without index, file, score, label"),
+    ("part_0.csv", b"index,file,score,label\nx,a.png,0.5,\n", "invalid literal for int()"),
+    ("maps_0.npz", b"\x80\x04K\x01.", "not a maps archive"),  # A pickle: never loaded.
+  ],
+)
+def test_damaged_committed_files_are_one_error_naming_the_file(
+  images, tmp_path, job_config, name, content, reason
+):
+  """A record, part or maps file that was edited or damaged after a finished run: the
+  rerun stops with one error naming the file and what to do, never a traceback."""
+  config = _config(job_config, images, outputs={"maps": "uint8"})
+  workdir = tmp_path / "work"
+  score_job.run(config, workdir)
+  path = workdir / "shards/process_0" / name
+  if content is None:
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "seconds": "fast"}))
+  else:
+    path.write_bytes(content)
+  with pytest.raises(ConfigError) as refused:
+    score_job.run(config, workdir)
+  message = str(refused.value)
+  assert message.startswith(f"{path}: not what this job committed (") and reason in message
+  assert "edited or damaged" in message and "move the work directory aside" in message
+
+
 def test_manifest_labels_changed_mid_run(images, tmp_path, job_config, monkeypatch):
   """Committed rows keep their label or the rerun is refused; labels of rows not yet
   committed are read from the manifest as it is now: never a mix."""

@@ -36,12 +36,13 @@ import json
 import logging
 import os
 import pathlib
+import zipfile
 
 import numpy as np
 
 from maeday_jax import atomic_files, input_wait, metrics, pictures
 from maeday_jax.bulk import maps_store, source
-from maeday_jax.bulk.shards import ShardStore, part_name
+from maeday_jax.bulk.shards import ShardStore, damaged, part_name
 from maeday_jax.bulk.source import Listing, output_name
 from maeday_jax.checkpoints import CheckpointError
 from maeday_jax.data.images import read_image
@@ -162,7 +163,8 @@ def merge(
   an image). `scores.parquet` is written only when `pyarrow` can be imported.
 
   Raises:
-    RuntimeError: the parts do not account for every listed image exactly once.
+    ConfigError: the committed files (records, parts, maps) do not account for every
+      listed image exactly once: edited or damaged.
     CheckpointError: a committed score is not finite (parts of an older version).
   """
   workdir = pathlib.Path(workdir)
@@ -193,16 +195,24 @@ def merge(
         part = store.part_rows(number)
         if maps != "none":
           shard = store.maps_path(number)
-          listed = maps_store.shard_files(shard)
+          try:
+            listed = maps_store.shard_files(shard)
+          except OSError as e:
+            raise damaged(shard, e) from None
+          # Not NumPy's own words: they would suggest unpickling the file.
+          except (ValueError, KeyError, zipfile.BadZipFile):
+            raise damaged(shard, "not a maps archive") from None
           if listed != [row["file"] for row in part]:
-            raise RuntimeError(f"{shard}: its maps are not those of {part_name(number)}.")
+            raise damaged(shard, f"its maps are not those of {part_name(number)}")
           relative = str(shard.relative_to(workdir))
           index_entries.extend((output_name(name), relative, r) for r, name in enumerate(listed))
         columns: dict[str, list] = {name: [] for name in header}
         for row in part:
           position = int(row["index"])
           if position <= previous:
-            raise RuntimeError(f"{store.folder}: row {row['file']!r} is out of order or repeated.")
+            raise damaged(
+              store.folder / part_name(number), f"row {row['file']!r} is out of order or repeated"
+            )
           previous = position
           score = float(row["score"])
           name = output_name(row["file"])
@@ -241,8 +251,8 @@ def merge(
   ]
   unreadable = sum(len(r.skipped) for r in records)
   if images + unreadable != len(listing):
-    raise RuntimeError(
-      f"{workdir}: {images} scored and {unreadable} skipped images, but {len(listing)} listed."
+    raise damaged(
+      workdir / "shards", f"{images} scored and {unreadable} skipped images, {len(listing)} listed"
     )
   summary = {
     "source": output_name(listing.source),

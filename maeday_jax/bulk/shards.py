@@ -93,11 +93,53 @@ class Progress:
 
   @classmethod
   def from_dict(cls, payload: dict) -> Progress:
+    """The record of a `to_dict` payload (fields of newer versions ignored, of older ones
+    defaulted).
+
+    Raises:
+      ValueError: not such a payload (a field missing or of the wrong type).
+    """
+    if not isinstance(payload, dict):
+      kind = {list: "list", str: "string", type(None): "null"}.get(type(payload), "number")
+      raise ValueError(f"a JSON {kind}, not an object")
     fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in payload.items() if k in fields})
+    kept = {k: v for k, v in payload.items() if k in fields}
+    try:
+      record = cls(**kept)
+    except TypeError as e:  # A required field missing.
+      raise ValueError(str(e).removeprefix(f"{cls.__name__}.__init__() ")) from None
+    for name, kinds in _FIELD_TYPES.items():
+      value = getattr(record, name)
+      if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{name} is {value!r}")
+    for entry in record.skipped:
+      if not isinstance(entry, dict) or not all(
+        isinstance(entry.get(key), str) for key in ("file", "path", "reason")
+      ):
+        raise ValueError(f"a skipped entry is {entry!r}")
+    return record
 
   def to_dict(self) -> dict:
     return {**dataclasses.asdict(self), "done": self.done}
+
+
+# What each field of a record may hold (None only where the field may be absent).
+_FIELD_TYPES = {
+  "process_index": int,
+  "process_count": int,
+  "fingerprint": dict,
+  "batch_size": int,
+  "num_batches": int,
+  "group_size": int,
+  "next_batch": int,
+  "next_position": int,
+  "parts": int,
+  "images": int,
+  "seconds": (int, float),
+  "input_wait_seconds": (int, float),
+  "startup_seconds": (int, float, type(None)),
+  "skipped": list,
+}
 
 
 class ShardStore:
@@ -111,10 +153,17 @@ class ShardStore:
     return self.folder / PROGRESS_FILE
 
   def read(self) -> Progress | None:
-    """The committed record, or None before the first run wrote one."""
+    """The committed record, or None before the first run wrote one.
+
+    Raises:
+      ConfigError: the file is not a record this version reads (edited or damaged).
+    """
     if not self.progress_path.is_file():
       return None
-    return Progress.from_dict(json.loads(self.progress_path.read_text()))
+    try:
+      return Progress.from_dict(json.loads(self.progress_path.read_bytes()))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+      raise damaged(self.progress_path, e) from None
 
   def write(self, progress: Progress) -> None:
     """Replaces the record atomically."""
@@ -164,14 +213,39 @@ class ShardStore:
         path.unlink(missing_ok=True)
 
   def part_rows(self, number: int) -> list[dict]:
-    """The rows of the `number`-th committed part."""
-    with open(self.folder / part_name(number), newline="", **PART_ENCODING) as f:
-      return list(csv.DictReader(f))
+    """The rows of the `number`-th committed part.
+
+    Raises:
+      ConfigError: the part is missing, or edited or damaged (a column missing, an index
+        or score that is not a number).
+    """
+    path = self.folder / part_name(number)
+    try:
+      with open(path, newline="", **PART_ENCODING) as f:
+        rows = list(csv.DictReader(f))
+      for row in rows:
+        missing = [c for c in PART_COLUMNS[:4] if row.get(c) is None]
+        if missing:
+          raise ValueError(f"a row without {', '.join(missing)}")
+        int(row["index"]), float(row["score"])
+        if row.get("size"):
+          int(row["size"]), int(row["mtime_ns"])
+    except (OSError, ValueError, TypeError, csv.Error) as e:
+      raise damaged(path, e) from None
+    return rows
 
   def rows(self, progress: Progress) -> Iterator[dict]:
     """The committed rows, in commit order."""
     for number in range(progress.parts):
       yield from self.part_rows(number)
+
+
+def damaged(path: pathlib.Path, why) -> ConfigError:
+  """The error for a committed file (record, part, maps) that was edited or damaged."""
+  return ConfigError(
+    f"{path}: not what this job committed ({why}); it was edited or damaged. Restore it "
+    f"to resume, or move the work directory aside to score everything again."
+  )
 
 
 def mismatch(progress: Progress, listing: Listing, new: Progress) -> str:
