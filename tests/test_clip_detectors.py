@@ -273,3 +273,18 @@ def test_allowed_same_dataset_fit_is_recorded_as_not_zero_shot(aux_folder):
   record = detector.record()
   assert record["zero_shot"] is False and record["aux_data"]["path"] == aux_folder["path"]
   assert record["training"]["steps"] == 1 and record["training"]["images"] == 8
+
+
+def test_few_shot_banks_compile_once_per_clip_and_layers(few_shot, shots, compile_counter):
+  """The shots' banks of every fit (each category of an evaluation) reuse one compiled
+  step; what it computes is the unjitted `shot_banks`."""
+  model, layers, params = few_shot._net.model, few_shot.layers, few_shot.state["clip"]
+  april_gan._compiled_banks.cache_clear()
+  first = april_gan._compiled_banks(model, layers)(params, shots)
+  compiled = len(compile_counter)
+  assert compiled >= 1
+  april_gan._compiled_banks(model, layers)(params, shots[::-1] * 0.5)
+  assert len(compile_counter) == compiled, compile_counter[compiled:]
+  np.testing.assert_allclose(first, few_shot.state["banks"], rtol=1e-6)
+  unjitted = april_gan.shot_banks(model, layers, params, shots)
+  np.testing.assert_allclose(first, unjitted, rtol=1e-5, atol=1e-6)

@@ -39,6 +39,7 @@ tells it which dataset is evaluated.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -307,6 +308,30 @@ def train_adapters(
   return state["params"], history, start
 
 
+def shot_banks(model, layers, params, shots):
+  """(stages, K * h * w, width) L2-normalised raw patch tokens of the shots, through the
+  CLIP `model` with `params`, at `layers`."""
+  import jax.numpy as jnp
+
+  from maeday_jax import nearest_neighbors
+  from maeday_jax.models import features
+
+  net = features.ClipFeatures(model, params)
+  tokens = net.patch_tokens(zs.imagenet_to_clip(shots), layers=layers)
+  return jnp.stack(
+    [nearest_neighbors.l2_normalize(tokens[i]).reshape(-1, tokens[i].shape[-1]) for i in layers]
+  )
+
+
+@functools.cache
+def _compiled_banks(model, layers: tuple[int, ...]):
+  """`shot_banks` jitted once per CLIP and layers for the whole process: each category's
+  few-shot fit reuses its compilation."""
+  import jax
+
+  return jax.jit(functools.partial(shot_banks, model, layers))
+
+
 class AprilGan(zs.ClipZeroShot):
   """CLIP + per-layer linear adapters trained on an auxiliary masked dataset (+ shots)."""
 
@@ -398,21 +423,8 @@ class AprilGan(zs.ClipZeroShot):
       shots, _ = normals.images(self.input_size)
       if len(shots) == 0:
         raise ConfigError("--config.april_gan.few_shot: no shots; set --config.shots=k >= 1.")
-      self.state["banks"] = jax.jit(self._banks)(self.state["clip"], jnp.asarray(shots))
-
-  def _banks(self, params, shots):
-    """(stages, K * h * w, width) L2-normalised raw patch tokens of the shots."""
-    import jax.numpy as jnp
-
-    from maeday_jax import nearest_neighbors
-
-    tokens = self._with(params).patch_tokens(zs.imagenet_to_clip(shots), layers=self.layers)
-    return jnp.stack(
-      [
-        nearest_neighbors.l2_normalize(tokens[i]).reshape(-1, tokens[i].shape[-1])
-        for i in self.layers
-      ]
-    )
+      banks = _compiled_banks(self._net.model, self.layers)
+      self.state["banks"] = banks(self.state["clip"], jnp.asarray(shots))
 
   def step_signature(self):
     chunk = int(self.settings.april_gan.chunk_size)
