@@ -15,9 +15,7 @@ split held up by its input for more than a quarter of the time says so (`input_w
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +44,6 @@ from maeday_jax.weight_files import CheckpointError
 # resolution) and the (height, width) of the image it came from.
 MapCallback = Callable[[str, np.ndarray, tuple[int, int]], None]
 
-log = logging.getLogger("maeday_jax")
 THRESHOLD_METHODS = ("auto", "f1", "percentile", "fixed", "none")
 
 
@@ -283,19 +280,16 @@ def score_split(
     dynamic_ncols=True,
     disable=not progress,
   )
-  batches = input_wait.TimedIterator(
-    data.batches(
-      split,
-      local_batch,
-      scoring.image_size,
-      num_workers=scoring.num_workers,
-      prefetch=scoring.prefetch,
-      original_masks=scoring.eval_original_max_side if pixel_metrics else 0,
-      aspect=scoring.aspect,
-    )
+  read = data.batches(
+    split,
+    local_batch,
+    scoring.image_size,
+    num_workers=scoring.num_workers,
+    prefetch=scoring.prefetch,
+    original_masks=scoring.eval_original_max_side if pixel_metrics else 0,
+    aspect=scoring.aspect,
   )
-  # Closed however the loop ends: the decoding threads stop with it.
-  with bar, contextlib.closing(batches):
+  with bar, input_wait.watched(read, scoring.num_workers, str(split)) as batches:
     for batch in batches:
       valid = batch["valid"]
       maps, batch_scores = _score_batch(scoring, batch["image"], valid)
@@ -316,9 +310,6 @@ def score_split(
           accumulator.add(maps[labelled], batch["mask"][labelled])
       bar.update(int(valid.sum()))
   seconds = time.perf_counter() - start
-  message = input_wait.input_bound_warning(batches.waited, seconds, scoring.num_workers)
-  if message:
-    log.warning("%s: %s", split, message)
   result = reports.CategoryResult(
     category=split.category,
     file_names=names,

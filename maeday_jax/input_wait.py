@@ -2,12 +2,12 @@
 
 The loaders (`bulk.reader`, `data.batches`) decode and resize in worker threads ahead of
 the device; the loop that consumes their batches should never wait for one. The time it
-does wait is measured where it waits:
+does wait is measured where it waits, and a loop that waited too long says so:
 
-    with contextlib.closing(input_wait.TimedIterator(reader.read_batches(...))) as batches:
+    with input_wait.watched(reader.read_batches(...), num_workers) as batches:
       for batch in batches:
         ...
-    message = input_wait.input_bound_warning(batches.waited, seconds, num_workers)
+    batches.waited   # seconds
 
 Where the loop overlaps a batch's device work with its wait for the next one (the bulk
 job), that wait is an upper bound of the device's idle time: a loop that waits at all is
@@ -16,10 +16,13 @@ paced by its input, and the device was idle for at most that long.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
+log = logging.getLogger("maeday_jax")
 T = TypeVar("T")
 
 # Above this share of the scoring time spent waiting for input, a run says that the
@@ -48,6 +51,22 @@ class TimedIterator(Iterator[T]):
     close = getattr(self._items, "close", None)
     if close is not None:
       close()
+
+
+@contextlib.contextmanager
+def watched(items: Iterable[T], num_workers: int, where: str = "") -> Iterator[TimedIterator[T]]:
+  """`items` as a `TimedIterator`, closed however the block ends (a generator's pipeline
+  shuts down with it); a block that ends normally having waited for more than
+  `INPUT_BOUND_SHARE` of its time logs `input_bound_warning` (after `where: `)."""
+  batches = TimedIterator(items)
+  start = time.perf_counter()
+  try:
+    yield batches
+  finally:
+    batches.close()
+  message = input_bound_warning(batches.waited, time.perf_counter() - start, num_workers)
+  if message:
+    log.warning("%s%s", f"{where}: " if where else "", message)
 
 
 def share(waited: float, seconds: float) -> float | None:

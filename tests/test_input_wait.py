@@ -4,7 +4,6 @@ says what to change."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -29,7 +28,7 @@ def test_timed_iterator_sums_the_waits_and_only_them():
   assert 0.15 <= batches.waited < 0.4
 
 
-def test_closing_shuts_the_source_down_when_the_loop_fails():
+def test_a_watched_source_is_shut_down_when_the_loop_fails():
   stopped = []
 
   def source():
@@ -38,9 +37,8 @@ def test_closing_shuts_the_source_down_when_the_loop_fails():
     finally:
       stopped.append(True)  # What a reader's pool shutdown runs.
 
-  batches = input_wait.TimedIterator(source())
   try:
-    with contextlib.closing(batches):
+    with input_wait.watched(source(), num_workers=1) as batches:
       for item in batches:
         if item == 2:
           raise ValueError("a non-finite map")

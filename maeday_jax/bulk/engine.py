@@ -72,7 +72,6 @@ importable from here as well.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -354,7 +353,7 @@ def _score(
   scored = 0
   committed_wait = 0.0  # Of `batches.waited`, what the last commit recorded.
   failure: tuple[int, str] | None = None  # (listing position, message) of the first.
-  run_started = last = time.perf_counter()
+  last = time.perf_counter()
   bar = host_progress(len(shard), start * record.batch_size, jax.process_index(), count, show=show)
 
   def check_finite(batch: reader.Batch, finite: np.ndarray) -> None:
@@ -440,20 +439,18 @@ def _score(
     scored, last = 0, now
 
   pending = None
-  batches = input_wait.TimedIterator(
-    reader.read_batches(
-      paths,
-      record.batch_size,
-      scoring.image_size,
-      first_batch=start,
-      stop_batch=total,
-      num_workers=scoring.num_workers,
-      prefetch=scoring.prefetch,
-      aspect=scoring.aspect,
-    )
+  read = reader.read_batches(
+    paths,
+    record.batch_size,
+    scoring.image_size,
+    first_batch=start,
+    stop_batch=total,
+    num_workers=scoring.num_workers,
+    prefetch=scoring.prefetch,
+    aspect=scoring.aspect,
   )
   # Closed however the loop ends: the decoding threads stop with it, before the lock goes.
-  with bar, contextlib.closing(batches):
+  with bar, input_wait.watched(read, scoring.num_workers) as batches:
     for batch in batches:
       device_maps, device_scores = batch_step.dispatch(
         scoring.score_fn,
@@ -471,7 +468,3 @@ def _score(
       pending = (batch, device_maps, device_scores)
     if pending is not None:
       finish(*pending)
-  elapsed = time.perf_counter() - run_started
-  message = input_wait.input_bound_warning(batches.waited, elapsed, scoring.num_workers)
-  if message:
-    log.warning(message)

@@ -30,11 +30,13 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import pathlib
+import typing
 from collections.abc import Iterator
 
 import numpy as np
@@ -108,7 +110,7 @@ class Progress:
       record = cls(**kept)
     except TypeError as e:  # A required field missing.
       raise ValueError(str(e).removeprefix(f"{cls.__name__}.__init__() ")) from None
-    for name, kinds in _FIELD_TYPES.items():
+    for name, kinds in _field_types().items():
       value = getattr(record, name)
       if isinstance(value, bool) or not isinstance(value, kinds):
         raise ValueError(f"{name} is {value!r}")
@@ -123,23 +125,15 @@ class Progress:
     return {**dataclasses.asdict(self), "done": self.done}
 
 
-# What each field of a record may hold (None only where the field may be absent).
-_FIELD_TYPES = {
-  "process_index": int,
-  "process_count": int,
-  "fingerprint": dict,
-  "batch_size": int,
-  "num_batches": int,
-  "group_size": int,
-  "next_batch": int,
-  "next_position": int,
-  "parts": int,
-  "images": int,
-  "seconds": (int, float),
-  "input_wait_seconds": (int, float),
-  "startup_seconds": (int, float, type(None)),
-  "skipped": list,
-}
+@functools.cache
+def _field_types() -> dict[str, tuple[type, ...]]:
+  """What each field of a `Progress` may hold, from its annotation (JSON writes a whole
+  float as an int, so a float field takes ints too)."""
+  kinds = {}
+  for name, hint in typing.get_type_hints(Progress).items():
+    allowed = tuple(typing.get_origin(k) or k for k in (typing.get_args(hint) or (hint,)))
+    kinds[name] = allowed + ((int,) if float in allowed else ())
+  return kinds
 
 
 class ShardStore:
