@@ -73,14 +73,22 @@ def test_patchcore_task(tmp_path, capsys):
   assert "bank 78 x 96" in report and "backbone test_wide" in report
 
 
-@pytest.mark.skipif(not os.access(TORCH_PYTHON, os.X_OK), reason=f"no {TORCH_PYTHON}")
-def test_patchcore_sides_agree(tmp_path):
-  torch = ("--interleave", "--torch-python", TORCH_PYTHON, "--torch-patchcore", "plain")
-  result = _run(tmp_path, *PATCHCORE_ARGS, arch="test_wide", torch=torch)
+def _plain_sides_agree(tmp_path, args, arch: str, model_flag: str) -> tuple[dict, dict]:
+  """A memory-bank task against its plain-PyTorch side, interleaved: the same inputs, bank
+  shapes and check scores (to 1e-4); (JAX, PyTorch) results."""
+  torch = ("--interleave", "--torch-python", TORCH_PYTHON, model_flag, "plain")
+  result = _run(tmp_path, *args, arch=arch, torch=torch)
   jx, pt = result["jax"], result["pytorch"]
   assert result["same_inputs"] and pt["implementation"].startswith("plain PyTorch")
   assert pt["bank_shape"] == jx["bank_shape"] and pt["check_bank_shape"] == jx["check_bank_shape"]
   assert result["score_max_rel_diff"] < 1e-4
+  return jx, pt
+
+
+@pytest.mark.skipif(not os.access(TORCH_PYTHON, os.X_OK), reason=f"no {TORCH_PYTHON}")
+def test_patchcore_sides_agree(tmp_path):
+  # The flag's old name, kept as an alias.
+  _plain_sides_agree(tmp_path, PATCHCORE_ARGS, "test_wide", "--torch-patchcore")
 
 
 # The tiny DINOv2 at 112 px: 8 x 8 patches; the check at its training size, 56 px (4 x 4).
@@ -108,12 +116,7 @@ def test_anomalydino_task(tmp_path, capsys):
 def test_anomalydino_sides_agree(tmp_path):
   """The library's detector against anomalib's computation on the independent PyTorch
   DINOv2: the same bank shapes and image scores, at 112 px (positions resized) as well."""
-  torch = ("--interleave", "--torch-python", TORCH_PYTHON, "--torch-model", "plain")
-  result = _run(tmp_path, *ANOMALYDINO_ARGS, arch="dinov2_test", torch=torch)
-  jx, pt = result["jax"], result["pytorch"]
-  assert result["same_inputs"] and pt["implementation"].startswith("plain PyTorch")
-  assert pt["bank_shape"] == jx["bank_shape"] and pt["check_bank_shape"] == jx["check_bank_shape"]
-  assert result["score_max_rel_diff"] < 1e-4
+  jx, pt = _plain_sides_agree(tmp_path, ANOMALYDINO_ARGS, "dinov2_test", "--torch-model")
   np.testing.assert_allclose(jx["scores"], pt["scores"], rtol=1e-4)
 
 

@@ -182,12 +182,16 @@ def describe_work(args, arch: dict) -> dict:
   }
 
 
-def make_inputs(shots: int, batch: int, seed: int, size: int):
-  """Seeded shots (K, S, S, 3) and test images (B, S, S, 3) ~ N(0, 1), normalised space."""
-  rng = np.random.default_rng([seed, 11, size])
-  train = rng.standard_normal((shots, size, size, 3), dtype=np.float32)
-  test = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
-  return train, test
+def make_inputs(args, arch: dict, state: dict) -> tuple[tuple[np.ndarray, ...], str]:
+  """(shots, images, check shots, check images) of both sides: seeded, at `--image-size`
+  and at the backbone's training size; and the digest of them and the weights `state`."""
+  timed = benchmark_bank.seeded_images(
+    args.shots, args.batch, args.image_size, args.seed, 11, args.image_size
+  )
+  size = arch["img_size"]
+  check = benchmark_bank.seeded_images(args.shots, CHECK_IMAGES, size, args.seed, 11, size)
+  inputs = (*timed, *check)
+  return inputs, arrays_digest(*inputs, *state.values())
 
 
 def rotated_views(shots: np.ndarray) -> np.ndarray:
@@ -333,9 +337,7 @@ class TorchAnomalyDino(TorchBankSide):
       lambda: _PlainAnomalyDino(torch, arch, state, self.device, self.autocast),
     )
     log(f"[torch] AnomalyDINO: {self.impl.name}")
-    shots, images = make_inputs(args.shots, args.batch, args.seed, args.image_size)
-    check_shots, check_images = make_inputs(args.shots, CHECK_IMAGES, args.seed, arch["img_size"])
-    self.digest = arrays_digest(shots, images, check_shots, check_images, *state.values())
+    (shots, images, check_shots, check_images), self.digest = make_inputs(args, arch, state)
     self.shots = nchw(torch, rotated_views(shots), self.device)
     self.images = nchw(torch, images, self.device)
     self.check_views = nchw(torch, rotated_views(check_shots), self.device)
@@ -384,10 +386,7 @@ class JaxAnomalyDino(JaxBankSide):
     self.weights = os.path.join(self._folder.name, f"{args.arch}_benchmark.safetensors")
     state = random_dinov2_state_dict(arch, args.seed)
     save_file(state, self.weights)
-    shots, images = make_inputs(args.shots, args.batch, args.seed, args.image_size)
-    check_shots, check_images = make_inputs(args.shots, CHECK_IMAGES, args.seed, arch["img_size"])
-    self.digest = arrays_digest(shots, images, check_shots, check_images, *state.values())
-    self.check_inputs = (check_shots, check_images)
+    (shots, images, *self.check_inputs), self.digest = make_inputs(args, arch, state)
 
     self.detector = self._detector(args.image_size)
     self.normals = self._normals(shots)

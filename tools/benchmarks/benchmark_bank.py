@@ -60,6 +60,15 @@ def compare(jx: dict, pt: dict) -> dict:
   }
 
 
+def seeded_images(shots: int, batch: int, size: int, *stream: int):
+  """Seeded shots (K, S, S, 3) and test images (B, S, S, 3) ~ N(0, 1), in normalised
+  space, the same in every process for one `stream` of seeds."""
+  rng = np.random.default_rng(list(stream))
+  train = rng.standard_normal((shots, size, size, 3), dtype=np.float32)
+  test = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
+  return train, test
+
+
 def nchw(torch, images: np.ndarray, device):
   """(B, H, W, C) NumPy -> (B, C, H, W) torch tensor on `device`."""
   return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)

@@ -175,12 +175,9 @@ def describe_work(args, arch: dict) -> dict:
   }
 
 
-def make_inputs(shots: int, batch: int, seed: int, size: int = IMAGE_SIZE):
-  """Seeded shots (K, H, W, 3) and test images (B, H, W, 3) ~ N(0, 1), normalised space."""
-  rng = np.random.default_rng([seed, 7])
-  train = rng.standard_normal((shots, size, size, 3), dtype=np.float32)
-  test = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
-  return train, test
+def make_inputs(shots: int, batch: int, seed: int):
+  """Seeded shots (K, H, W, 3) and test images (B, H, W, 3) at `IMAGE_SIZE`."""
+  return benchmark_bank.seeded_images(shots, batch, IMAGE_SIZE, seed, 7)
 
 
 # ----------------------------------------------------------------------------------------
